@@ -1,0 +1,23 @@
+# sidpipe: Selectively Informative Description (SID) personalization experiments, end to end.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "rules/report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/models.smk"
+include: "rules/references.smk"
+include: "rules/experiments.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

@@ -1,0 +1,98 @@
+# Validation, tables, wildcard constraints and input functions shared by every stage.
+import json
+from pathlib import Path
+
+from sidpipe.config import (
+    all_arm_subjects,
+    expand_experiments,
+    load_prompts,
+    load_subjects,
+    tiny_model_keys,
+    validate_config,
+)
+from sidpipe.references import list_reference_images
+
+SCHEMA_DIR = Path(workflow.basedir) / "rules" / "schemas"
+CONFIG_SOURCE = ", ".join(map(str, workflow.overwrite_configfiles)) or "config.yaml"
+
+validate_config(config, CONFIG_SOURCE, SCHEMA_DIR)
+SUBJECTS = {
+    row["subject"]: row
+    for row in load_subjects(config["subjects"], config, schema_dir=SCHEMA_DIR)
+}
+PROMPTS = load_prompts(
+    config["prompts"], config, {row["kind"] for row in SUBJECTS.values()}
+)
+EXPERIMENTS = expand_experiments(config, list(SUBJECTS))
+ARM_SUBJECTS = all_arm_subjects(config, list(SUBJECTS))
+DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
+TINY_MODELS = tiny_model_keys(config)
+
+NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
+
+
+wildcard_constraints:
+    subject="|".join(SUBJECTS),
+    dataset=NAME,
+    method=NAME,
+    descriptions=NAME,
+    inference=NAME,
+
+
+def subject_images(wildcards):
+    """Reference files of a subject: listed one by one for local folders (so editing one image
+    reruns its subject), the dataset manifest for downloaded ones."""
+    row = SUBJECTS[wildcards.subject]
+    if row["source"] != "local":
+        return [f"resources/{row['source']}.manifest.csv"]
+    files = list_reference_images(Path(row["images"]))
+    masks = [p.with_name(f"{p.stem}.mask.png") for p in files]
+    return [str(p) for p in files + [m for m in masks if m.exists()]]
+
+
+def model_input(key):
+    """The folder of a model the workflow builds (tiny demo models), else nothing to wait for."""
+    return "results/models/tiny" if key in TINY_MODELS else []
+
+
+def tokenizer_corpus_files():
+    """Texts the tiny tokenizer learns from: the prompts and the subjects' descriptions."""
+    files = [config["prompts"], config["subjects"]]
+    for row in SUBJECTS.values():
+        candidate = Path(row["images"]) / "descriptions.yaml"
+        if row["source"] == "local" and candidate.exists():
+            files.append(str(candidate))
+    return files
+
+
+def arms_table_rows():
+    """One row per experiment, arm and subject: the grid the later stages run."""
+    return [
+        {
+            "experiment": experiment,
+            "arm": arm.name,
+            "method": arm.method,
+            "algorithm": config["methods"][arm.method]["algorithm"],
+            "descriptions": arm.descriptions,
+            "inference": arm.inference,
+            "subject": subject,
+            "class": row["class"],
+            "kind": row["kind"],
+            "method_settings": json.dumps(
+                config["methods"][arm.method], sort_keys=True
+            ),
+        }
+        for experiment, pairs in EXPERIMENTS.items()
+        for arm, subject in pairs
+        for row in [SUBJECTS[subject]]
+    ]
+
+
+def all_targets():
+    targets = [
+        "results/references/summary.csv",
+        "results/experiments/arms.csv",
+    ]
+    if TINY_MODELS:
+        targets.append("results/models/tiny")
+    return targets

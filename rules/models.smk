@@ -1,0 +1,20 @@
+rule build_tiny_models:
+    input:
+        corpus=tokenizer_corpus_files(),
+    output:
+        directory("results/models/tiny"),
+    log:
+        "results/logs/build_tiny_models/build_tiny_models.log",
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=10,
+    params:
+        seed=config.get("tiny_models", {}).get("seed", 0),
+        resolution=config.get("tiny_models", {}).get("resolution", 64),
+        identifier=config["identifier"],
+        classes=sorted({row["class"] for row in SUBJECTS.values()}),
+    script:
+        "../workflow_scripts/build_tiny_models.py"

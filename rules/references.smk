@@ -1,0 +1,49 @@
+rule prepare_references:
+    input:
+        subject_images,
+    output:
+        manifest="results/references/{subject}/manifest.csv",
+    log:
+        "results/logs/prepare_references/{subject}.log",
+    benchmark:
+        "results/benchmarks/prepare_references/{subject}.tsv"
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=20,
+    params:
+        images=lambda wildcards: SUBJECTS[wildcards.subject]["images"],
+        resolution=config["references"]["resolution"],
+        min_images=config["references"]["min_images"],
+        max_pixels=config["references"].get("max_pixels", 40_000_000),
+    script:
+        "../workflow_scripts/prepare_references.py"
+
+
+rule summarize_references:
+    input:
+        manifests=expand("results/references/{subject}/manifest.csv", subject=SUBJECTS),
+    output:
+        report(
+            "results/references/summary.csv",
+            caption="report/references_summary.rst",
+            category="References and masks",
+            labels={"table": "prepared reference images"},
+        ),
+    log:
+        "results/logs/summarize_references/summarize_references.log",
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=1000,
+        runtime=5,
+    params:
+        subjects=[
+            {k: row[k] for k in ("subject", "class", "kind", "source")}
+            for row in SUBJECTS.values()
+        ],
+    script:
+        "../workflow_scripts/summarize_references.py"

@@ -1,0 +1,274 @@
+"""Experiment configuration: schema validation, the subjects table, prompts and arms.
+
+Every error names the file, the key path (or table row and column) and what was expected, so a
+researcher can fix a config without reading this code.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from sidpipe.io import SidpipeError
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rules" / "schemas"
+TINY_MODELS_DIR = "results/models/tiny"
+
+
+class ConfigError(SidpipeError):
+    """The config or a table it points to is invalid."""
+
+
+@dataclass(frozen=True, order=True)
+class Arm:
+    """One trained-and-evaluated configuration: method x description set x inference setting."""
+
+    method: str
+    descriptions: str
+    inference: str = "standard"
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.descriptions}/{self.inference}"
+
+
+def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict:
+    with open(schema_dir / f"{name}.schema.yaml") as handle:
+        return yaml.safe_load(handle)
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """A short human sentence for one schema violation."""
+    where = _key_path(error.absolute_path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{where}: unknown key {', '.join(map(repr, extra))}{hint}"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    if error.validator == "propertyNames":
+        return f"{where}: name {error.instance!r} is not allowed: {error.message}"
+    expected = schema.get("description") or json.dumps(
+        {k: v for k, v in schema.items() if k != "description"}
+    )
+    return f"{where}: {error.instance!r} is invalid ({error.message}); expected {expected}"
+
+
+def validate_against_schema(data: Any, schema: dict, source: str) -> None:
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = "\n  ".join(_describe(e) for e in errors)
+        raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
+
+
+def expand_experiments(config: dict, subjects: list[str]) -> dict[str, list[tuple[Arm, str]]]:
+    """Each experiment's grids expanded to (arm, subject) pairs, in config order, deduplicated.
+
+    A grid without `subjects` runs on every subject of the table.
+    """
+    experiments: dict[str, list[tuple[Arm, str]]] = {}
+    for name, grids in config["experiments"].items():
+        pairs: list[tuple[Arm, str]] = []
+        for index, grid in enumerate(grids):
+            unknown = sorted(set(grid.get("subjects", [])) - set(subjects))
+            if unknown:
+                raise ConfigError(
+                    f"experiments.{name}[{index}].subjects: unknown subject(s) "
+                    f"{', '.join(unknown)} (not in the subjects table)"
+                )
+            for method in grid["methods"]:
+                for descriptions in grid["descriptions"]:
+                    for inference in grid.get("inference", ["standard"]):
+                        for subject in grid.get("subjects", subjects):
+                            pair = (Arm(method, descriptions, inference), subject)
+                            if pair not in pairs:
+                                pairs.append(pair)
+        experiments[name] = pairs
+    return experiments
+
+
+def all_arm_subjects(config: dict, subjects: list[str]) -> list[tuple[Arm, str]]:
+    """Every (arm, subject) job of all experiments, each once: shared arms run once."""
+    return sorted(
+        {pair for pairs in expand_experiments(config, subjects).values() for pair in pairs}
+    )
+
+
+def _check_references(config: dict, source: str) -> None:
+    """Names used in experiments, description sets and inference settings must be defined."""
+    problems = []
+
+    def check(kind: str, value: str, where: str) -> None:
+        defined = config.get(kind) or {}
+        if value not in defined:
+            problems.append(
+                f"{where}: unknown {kind[:-1] if kind != 'descriptions' else 'description set'} "
+                f"{value!r} (defined under `{kind}`: {', '.join(sorted(defined)) or 'none'})"
+            )
+
+    for name, grids in config["experiments"].items():
+        for index, grid in enumerate(grids):
+            for key, kind in (("methods", "methods"), ("descriptions", "descriptions")):
+                for value in grid[key]:
+                    check(kind, value, f"experiments.{name}[{index}].{key}")
+            for value in grid.get("inference", []):
+                check("inference", value, f"experiments.{name}[{index}].inference")
+    for name, entry in config["descriptions"].items():
+        if entry["case"] > 1 and "vlm" not in entry:
+            problems.append(f"descriptions.{name}: case {entry['case']} needs a `vlm`")
+        if "vlm" in entry:
+            check("vlms", entry["vlm"], f"descriptions.{name}.vlm")
+    for name, entry in config["inference"].items():
+        if "negative_prompt_from" in entry:
+            check(
+                "descriptions",
+                entry["negative_prompt_from"],
+                f"inference.{name}.negative_prompt_from",
+            )
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def validate_config(config: dict, source: str = "config", schema_dir: Path = SCHEMA_DIR) -> dict:
+    """Validate a loaded config against the schema and its cross-references; return it."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: expected a YAML mapping at the top level")
+    validate_against_schema(config, load_schema("config", schema_dir), source)
+    _check_references(config, source)
+    return config
+
+
+def load_config(path: str | Path, schema_dir: Path = SCHEMA_DIR) -> dict:
+    with open(path) as handle:
+        return validate_config(yaml.safe_load(handle), str(path), schema_dir)
+
+
+def load_subjects(
+    path: str | Path, config: dict, base_dir: str | Path = ".", schema_dir: Path = SCHEMA_DIR
+) -> list[dict[str, str]]:
+    """Read and validate the subjects table; relative image folders resolve against base_dir.
+
+    Folders of `local` subjects must exist now; those of downloaded subjects appear when their
+    dataset is fetched, so only their dataset name is checked.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"subjects table {path} does not exist (config key `subjects`)")
+    schema = load_schema("subjects", schema_dir)
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        rows = [{k: (v or "").strip() for k, v in row.items()} for row in reader]
+        header = reader.fieldnames or []
+    missing_cols = [c for c in schema["required"] if c not in header]
+    if missing_cols:
+        raise ConfigError(
+            f"{path}: missing column(s) {', '.join(missing_cols)}; the header must be "
+            f"tab-separated: {chr(9).join(schema['required'])}"
+        )
+    problems, seen = [], {}
+    datasets = config.get("datasets") or {}
+    for line, row in enumerate(rows, start=2):
+        if None in row:
+            problems.append(f"line {line}: more fields than columns (tabs inside a value?)")
+            continue
+        for error in jsonschema.Draft202012Validator(schema).iter_errors(row):
+            problems.append(f"line {line}: " + _describe(error))
+        name = row.get("subject", "")
+        if name in seen:
+            problems.append(f"line {line}: duplicate subject {name!r} (first on line {seen[name]})")
+        seen.setdefault(name, line)
+        if row.get("source") == "local":
+            folder = Path(base_dir) / row.get("images", "")
+            if not folder.is_dir():
+                problems.append(
+                    f"line {line}: subject {name!r}: image folder {folder} does not exist "
+                    "(column `images`, relative to the working directory)"
+                )
+        elif row.get("source") and row["source"] not in datasets:
+            problems.append(
+                f"line {line}: subject {name!r}: source {row['source']!r} is neither 'local' "
+                f"nor a dataset under `datasets` ({', '.join(sorted(datasets)) or 'none'})"
+            )
+    if not rows:
+        problems.append("no subjects")
+    if problems:
+        raise ConfigError(f"{path}: invalid subjects table:\n  " + "\n  ".join(problems))
+    return rows
+
+
+def load_prompts(path: str | Path, config: dict, kinds: set[str]) -> dict[str, list[str]]:
+    """The evaluation prompt templates per subject kind, checked for count and placeholders."""
+    with open(path) as handle:
+        prompts = yaml.safe_load(handle)
+    need = config["sampling"]["prompts_per_subject"]
+    problems = []
+    for kind in sorted(kinds):
+        templates = (prompts or {}).get(kind)
+        if not isinstance(templates, list) or len(templates) < need:
+            count = len(templates) if isinstance(templates, list) else 0
+            problems.append(
+                f"kind {kind!r}: {count} prompts, but sampling.prompts_per_subject is {need}"
+            )
+            continue
+        for index, template in enumerate(templates[:need]):
+            if "{token}" not in template or "{class}" not in template:
+                problems.append(f"{kind}[{index}]: {template!r} lacks {{token}} or {{class}}")
+    if problems:
+        raise ConfigError(f"{path}: invalid prompts:\n  " + "\n  ".join(problems))
+    return {kind: prompts[kind][:need] for kind in kinds}
+
+
+def tiny_model_keys(config: dict) -> dict[str, str]:
+    """Model settings that point at the tiny models this workflow builds itself."""
+    return {
+        key: value
+        for key, value in config["models"].items()
+        if value.startswith(TINY_MODELS_DIR + "/")
+    }
+
+
+def tokenizer_corpus(files: list[str | Path], classes: list[str], identifier: str) -> list[str]:
+    """Training texts for the tiny demo tokenizer, deterministic for the same inputs.
+
+    Prompt templates are filled with every class and the identifier; YAML files contribute
+    every string they hold (descriptions with [V] replaced by the identifier); TSVs their cells.
+    """
+    texts: set[str] = set()
+
+    def strings(node: Any):
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+
+    for file in map(Path, files):
+        if file.suffix in {".yaml", ".yml"}:
+            with open(file) as handle:
+                for text in strings(yaml.safe_load(handle)):
+                    for cls in classes if "{class}" in text else [None]:
+                        filled = text.replace("{token}", identifier).replace("[V]", identifier)
+                        texts.add(filled.replace("{class}", cls) if cls else filled)
+        else:
+            with open(file, newline="") as handle:
+                texts.update(" ".join(row) for row in csv.reader(handle, delimiter="\t"))
+    return sorted(texts)

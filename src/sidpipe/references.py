@@ -1,0 +1,398 @@
+"""Stage `prepare_references`: validate a subject's reference photos and make square RGB PNGs.
+
+Every source image is opened defensively (size checked before any pixel is decoded, animated
+and truncated files refused), EXIF-rotated, converted to 8-bit RGB, centre-cropped to a square
+and resized. An optional binary mask `<stem>.mask.png` next to an image gets the same geometry.
+Outputs and `manifest.csv` are written through `atomic_dir`, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import struct
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from sidpipe.io import SidpipeError, atomic_dir, log, read_csv, sha256_file, write_csv
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+MASK_SUFFIX = ".mask.png"
+MANIFEST_FIELDS = [
+    "subject",
+    "image_id",
+    "path",
+    "sha256",
+    "width",
+    "height",
+    "source_path",
+    "source_sha256",
+    "source_width",
+    "source_height",
+    "source_mode",
+    "mask_path",
+]
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
+# Exceptions Pillow's decoders raise for damaged data (struct.error from header parsers).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+_INVALID_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def list_reference_images(source_dir: Path) -> list[Path]:
+    """Return the image files directly inside `source_dir`, sorted by name.
+
+    Provided masks (`*.mask.png`), files without an image suffix (descriptions.yaml, README,
+    .DS_Store) and hidden files (macOS `._photo.jpg` resource forks are not images) are skipped.
+    """
+    source_dir = Path(source_dir)
+    if not source_dir.exists():
+        raise SidpipeError(
+            f"reference folder {source_dir} does not exist; "
+            "create it and put the subject's photos in it, or fix the path in the config"
+        )
+    if not source_dir.is_dir():
+        raise SidpipeError(
+            f"reference folder {source_dir} is not a directory; "
+            "point the config at the folder that holds the subject's photos"
+        )
+    images = [
+        path
+        for path in source_dir.iterdir()
+        if path.is_file()
+        and not path.name.startswith(".")
+        and not path.name.lower().endswith(MASK_SUFFIX)
+        and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return sorted(images, key=lambda path: path.name)
+
+
+@contextlib.contextmanager
+def _pil_limits(max_pixels: int) -> Iterator[None]:
+    """Make Pillow refuse images over `max_pixels` and truncated files, restoring its globals.
+
+    Pillow only warns between MAX_IMAGE_PIXELS and twice that, so the warning becomes an error;
+    setting the global to our limit makes `references.max_pixels` the single knob. Another
+    library may have switched LOAD_TRUNCATED_IMAGES on, which would silently pad with grey.
+    """
+    old_max, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_max, old_truncated
+
+
+def _too_many_pixels(path: Path, pixels: int | str, max_pixels: int) -> SidpipeError:
+    return SidpipeError(
+        f"{path}: image has {pixels} pixels, more than the limit of {max_pixels} set by "
+        "references.max_pixels in the config; downscale the image or raise the limit"
+    )
+
+
+def _bomb_error(path: Path, exc: Exception, max_pixels: int) -> SidpipeError:
+    """Reword Pillow's decompression-bomb error; its own threshold is 2x ours, so omit it."""
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    return _too_many_pixels(path, match.group(1) if match else f"too many ({exc})", max_pixels)
+
+
+def _load_oriented(path: Path, max_pixels: int) -> Image.Image:
+    """Open, validate and fully decode `path`, then apply its EXIF orientation.
+
+    The returned image keeps its original mode and no longer depends on the file.
+    """
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise SidpipeError(
+            f"{path}: cannot read the file ({exc}); check that it exists and is readable"
+        ) from exc
+    # Opening the file ourselves guarantees it is closed even when Image.open raises.
+    with handle, _pil_limits(max_pixels):
+        try:
+            img = Image.open(handle)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb_error(path, exc, max_pixels) from exc
+        except UnidentifiedImageError as exc:
+            raise SidpipeError(
+                f"{path}: not a readable image (Pillow recognises no image format in it); "
+                "re-export it as JPEG or PNG, or move it out of the reference folder"
+            ) from exc
+        except _DECODE_ERRORS as exc:
+            raise SidpipeError(
+                f"{path}: not a readable image ({exc}); re-export it as JPEG or PNG, "
+                "or move it out of the reference folder"
+            ) from exc
+        width, height = img.size
+        # Image.open only parsed the header, so this check runs before any pixel is decoded.
+        if width * height > max_pixels:
+            raise _too_many_pixels(path, f"{width}x{height} = {width * height}", max_pixels)
+        try:
+            frames = getattr(img, "n_frames", 1)
+            animated = getattr(img, "is_animated", False) or frames > 1
+        except _DECODE_ERRORS as exc:
+            raise SidpipeError(
+                f"{path}: truncated or corrupt image ({exc}); re-export or re-download it"
+            ) from exc
+        # MPO (JPEG with extra pictures: phone depth or gain maps) shows its primary picture.
+        if animated and img.format != "MPO":
+            raise SidpipeError(
+                f"{path}: animated images are not supported; export one frame "
+                f"(found {frames} frames) as PNG or JPEG"
+            )
+        try:
+            img.load()
+            # exif_transpose returns a copy, detached from the file handle.
+            return ImageOps.exif_transpose(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _bomb_error(path, exc, max_pixels) from exc
+        except _DECODE_ERRORS as exc:
+            raise SidpipeError(
+                f"{path}: truncated or corrupt image ({exc}); re-export or re-download it"
+            ) from exc
+
+
+def _to_uint8(img: Image.Image) -> Image.Image:
+    """Map a high-bit-depth single-channel image (I;16*, I, F) to mode L.
+
+    16-bit data is divided by 257 so 0..65535 maps exactly onto 0..255. For 32-bit integer and
+    float images the scale follows the data's actual range: [0, 1] floats are scaled by 255,
+    data already in [0, 255] (floats) or [0, 65535] is treated like 8-/16-bit, and anything
+    else (negative values, wider ranges) is stretched linearly from its min..max.
+    """
+    values = np.asarray(img).astype(np.float64)
+    low = float(values.min()) if values.size else 0.0
+    high = float(values.max()) if values.size else 0.0
+    if img.mode in _SIXTEEN_BIT_MODES:
+        scaled = values / 257.0
+    elif img.mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif img.mode == "F" and low >= 0.0 and high <= 255.0:
+        scaled = values
+    elif low >= 0.0 and high <= 65535.0:
+        scaled = values / 257.0
+    elif high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    else:
+        scaled = np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited over white."""
+    source_mode = img.mode
+    try:
+        if img.mode in _SIXTEEN_BIT_MODES or img.mode in {"I", "F"}:
+            img = _to_uint8(img)
+        if img.mode in _ALPHA_MODES or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba)
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+    except ValueError as exc:  # e.g. LAB TIFFs: Pillow has no conversion without a profile
+        raise SidpipeError(
+            f"{path}: colour mode {source_mode} cannot be converted to RGB ({exc}); "
+            "re-export the image as 8-bit RGB"
+        ) from exc
+    # Drop metadata: an embedded ICC profile (e.g. CMYK) would be wrong for the new pixels.
+    rgb.info = {}
+    return rgb
+
+
+def _to_binary_mask(img: Image.Image, path: Path) -> Image.Image:
+    """Convert a mask image of any mode to mode L with values 0 or 255 (>127 is foreground)."""
+    try:
+        if img.mode in _SIXTEEN_BIT_MODES or img.mode in {"I", "F"}:
+            img = _to_uint8(img)
+        gray = img.convert("L")
+    except ValueError as exc:
+        raise SidpipeError(
+            f"{path}: mask mode {img.mode} cannot be read ({exc}); save it as 8-bit grayscale"
+        ) from exc
+    binary = gray.point(lambda value: 255 if value > 127 else 0)
+    binary.info = {}
+    return binary
+
+
+def load_rgb(path: Path, max_pixels: int) -> Image.Image:
+    """Open `path` with all validity checks, apply its EXIF orientation, return 8-bit RGB."""
+    return _to_rgb(_load_oriented(path, max_pixels), Path(path))
+
+
+def center_crop_resize(
+    img: Image.Image, resolution: int, resample: Image.Resampling | int
+) -> Image.Image:
+    """Crop the largest centred square from `img` and resize it to `resolution` squared."""
+    if resolution <= 0:
+        raise SidpipeError(f"resolution must be a positive number of pixels, got {resolution}")
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    # Crop first: resize(box=...) would let the filter read pixels outside the square.
+    square = img.crop((left, top, left + side, top + side))
+    return square.resize((resolution, resolution), resample=resample)
+
+
+def image_id_for(path: Path) -> str:
+    """The manifest id of a source image: its stem with characters outside [A-Za-z0-9_-] -> _."""
+    return _INVALID_ID_CHARS.sub("_", Path(path).stem)
+
+
+def _check_ids(images: list[Path]) -> dict[str, Path]:
+    """Map image ids to sources, refusing ids that clash (also case-insensitively: the PNGs
+    must not overwrite each other on macOS or Windows filesystems)."""
+    seen: dict[str, Path] = {}
+    by_id: dict[str, Path] = {}
+    for path in images:
+        image_id = image_id_for(path)
+        other = seen.get(image_id.lower())
+        if other is not None:
+            other_id = image_id_for(other)
+            clash = (
+                f"both give image id {image_id!r}"
+                if other_id == image_id
+                else f"give image ids {other_id!r} and {image_id!r}, which differ only in case"
+            )
+            raise SidpipeError(
+                f"{other} and {path} {clash} (ids are file stems with characters outside "
+                "[A-Za-z0-9_-] replaced by '_'); rename one of them"
+            )
+        seen[image_id.lower()] = path
+        by_id[image_id] = path
+    return by_id
+
+
+def _prepare_mask(
+    mask_path: Path, source: Path, source_size: tuple[int, int], resolution: int, max_pixels: int
+) -> Image.Image:
+    mask = _load_oriented(mask_path, max_pixels)
+    if mask.size != source_size:
+        raise SidpipeError(
+            f"{mask_path}: mask size {mask.size[0]}x{mask.size[1]} differs from its image "
+            f"{source} ({source_size[0]}x{source_size[1]}, after EXIF orientation); "
+            "re-export the mask at the image's size and orientation, or delete it"
+        )
+    # Thresholding is pointwise and NEAREST only picks pixels, so the order does not matter;
+    # binarising first means resize never sees exotic modes.
+    return center_crop_resize(
+        _to_binary_mask(mask, mask_path), resolution, Image.Resampling.NEAREST
+    )
+
+
+def prepare_references(
+    source_dir: Path,
+    out_dir: Path,
+    subject: str,
+    resolution: int,
+    min_images: int = 3,
+    max_pixels: int = 40_000_000,
+) -> list[dict]:
+    """Write square RGB PNGs, optional binary masks and `manifest.csv` for one subject.
+
+    `out_dir` is created (or replaced) only if every image succeeds. Returns the manifest rows;
+    `source_width`/`source_height` are the source size after EXIF orientation.
+    """
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if resolution <= 0:
+        raise SidpipeError(f"resolution must be a positive number of pixels, got {resolution}")
+    if max_pixels <= 0:
+        raise SidpipeError(
+            f"references.max_pixels must be a positive number of pixels, got {max_pixels}"
+        )
+    images = list_reference_images(source_dir)
+    if not images:
+        raise SidpipeError(
+            f"no reference images in {source_dir}; expected files with suffixes "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))} (masks named *{MASK_SUFFIX} do not count)"
+        )
+    if len(images) < min_images:
+        raise SidpipeError(
+            f"{source_dir}: found {len(images)} reference image(s) but at least {min_images} "
+            "are needed; add more photos of the subject, or lower references.min_images "
+            "in the config"
+        )
+    by_id = _check_ids(images)
+    for mask in sorted(source_dir.glob(f"*{MASK_SUFFIX}")):
+        source_stem = mask.name[: -len(MASK_SUFFIX)]
+        if not any(path.stem == source_stem for path in images):
+            log.warning("%s: mask has no matching image %s.<suffix>; ignored", mask, source_stem)
+
+    rows: list[dict] = []
+    with atomic_dir(out_dir) as tmp:
+        progress = tqdm(by_id.items(), desc=f"references {subject}", unit="img", file=sys.stderr)
+        with progress:
+            for image_id, source in progress:
+                rows.append(_prepare_one(tmp, image_id, source, subject, resolution, max_pixels))
+        write_csv(tmp / "manifest.csv", rows, MANIFEST_FIELDS)
+    return rows
+
+
+def _prepare_one(
+    tmp: Path, image_id: str, source: Path, subject: str, resolution: int, max_pixels: int
+) -> dict:
+    """Write one image (and its mask, if any) into `tmp`; return its manifest row."""
+    oriented = _load_oriented(source, max_pixels)
+    rgb = _to_rgb(oriented, source)
+    out_name = f"{image_id}.png"
+    center_crop_resize(rgb, resolution, Image.Resampling.LANCZOS).save(tmp / out_name, "PNG")
+
+    mask_rel = ""
+    mask_source = source.with_name(source.stem + MASK_SUFFIX)
+    if mask_source.is_file():
+        mask = _prepare_mask(mask_source, source, oriented.size, resolution, max_pixels)
+        mask_rel = f"masks/{image_id}.png"
+        (tmp / "masks").mkdir(exist_ok=True)
+        mask.save(tmp / mask_rel, "PNG")
+
+    width, height = oriented.size
+    log.info(
+        "%s: %s (%dx%d %s) -> %s%s",
+        subject,
+        source,
+        width,
+        height,
+        oriented.mode,
+        out_name,
+        f" + {mask_rel}" if mask_rel else "",
+    )
+    return {
+        "subject": subject,
+        "image_id": image_id,
+        "path": out_name,
+        "sha256": sha256_file(tmp / out_name),
+        "width": resolution,
+        "height": resolution,
+        "source_path": str(source),
+        "source_sha256": sha256_file(source),
+        "source_width": width,
+        "source_height": height,
+        "source_mode": oriented.mode,
+        "mask_path": mask_rel,
+    }
+
+
+def summarize_manifests(
+    manifests: list[str | Path], subjects: list[dict], out_csv: str | Path
+) -> list[dict]:
+    """Gather the subjects' manifests into one tidy table (one row per prepared image)."""
+    info = {row["subject"]: row for row in subjects}
+    fields = ["subject", "class", "kind", "source", *MANIFEST_FIELDS[1:]]
+    rows = []
+    for manifest in manifests:
+        for row in read_csv(manifest):
+            extra = info.get(row["subject"], {})
+            rows.append({**row, **{k: extra.get(k, "") for k in ("class", "kind", "source")}})
+    write_csv(out_csv, rows, fields)
+    log.info("%d images of %d subjects summarised", len(rows), len(manifests))
+    return rows
