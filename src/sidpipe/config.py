@@ -117,9 +117,12 @@ def _check_references(config: dict, source: str) -> None:
     def check(kind: str, value: str, where: str) -> None:
         defined = config.get(kind) or {}
         if value not in defined:
+            what = {"descriptions": "description set", "inference": "inference setting"}.get(
+                kind, kind[:-1]
+            )
             problems.append(
-                f"{where}: unknown {kind[:-1] if kind != 'descriptions' else 'description set'} "
-                f"{value!r} (defined under `{kind}`: {', '.join(sorted(defined)) or 'none'})"
+                f"{where}: unknown {what} {value!r} "
+                f"(defined under `{kind}`: {', '.join(sorted(defined)) or 'none'})"
             )
 
     for name, grids in config["experiments"].items():
@@ -173,7 +176,10 @@ def load_subjects(
     schema = load_schema("subjects", schema_dir)
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
-        rows = [{k: (v or "").strip() for k, v in row.items()} for row in reader]
+        # restkey None collects surplus fields (tabs inside a value): reported below
+        rows = [
+            {k: v if k is None else (v or "").strip() for k, v in row.items()} for row in reader
+        ]
         header = reader.fieldnames or []
     missing_cols = [c for c in schema["required"] if c not in header]
     if missing_cols:

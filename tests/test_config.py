@@ -1,0 +1,200 @@
+"""Config schema, subjects table, prompts and the experiment grid."""
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidpipe.config import (
+    Arm,
+    ConfigError,
+    all_arm_subjects,
+    expand_experiments,
+    load_config,
+    load_prompts,
+    load_subjects,
+    tokenizer_corpus,
+    validate_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = {"config.yaml": REPO, "demo/config.yaml": REPO / "demo"}
+HEADER = "subject\tclass\tkind\timages\tsource\n"
+
+
+@pytest.fixture
+def real():
+    return load_config(REPO / "config.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_shipped_config_validates_with_its_tables(name):
+    config = load_config(REPO / name)
+    base = SHIPPED[name]
+    subjects = load_subjects(base / config["subjects"], config, base_dir=base)
+    prompts = load_prompts(base / config["prompts"], config, {r["kind"] for r in subjects})
+    assert all(len(p) == config["sampling"]["prompts_per_subject"] for p in prompts.values())
+    assert expand_experiments(config, [r["subject"] for r in subjects])
+
+
+def test_real_config_is_the_papers_setup(real):
+    assert real["models"]["base"] == "stabilityai/stable-diffusion-2-1-base"
+    assert real["models"]["clip"] == "openai/clip-vit-base-patch32"
+    assert real["sampling"] | {} == real["sampling"]
+    s = real["sampling"]
+    assert (s["steps"], s["guidance_scale"], s["prompts_per_subject"], s["seeds"]) == (
+        50,
+        7.5,
+        25,
+        20,
+    )
+    subjects = load_subjects(REPO / "subjects.tsv", real, base_dir=REPO)
+    assert len(subjects) == 15
+    paper = yaml.safe_load(open(REPO / "prompts/dreambooth.yaml"))
+    assert len(paper["object"]) == len(paper["live"]) == 25
+    assert {r["kind"] for r in subjects} == {"object", "live"}
+
+
+def test_paper_grid_expands_to_the_expected_arms(real):
+    subjects = [f"s{i}" for i in range(15)]
+    experiments = expand_experiments(real, subjects)
+    arms = {name: sorted({arm for arm, _ in pairs}) for name, pairs in experiments.items()}
+    assert len(arms["main"]) == 8
+    assert {a.descriptions for a in arms["main"]} == {"case1", "sid"}
+    assert [a.descriptions for a in arms["cases"]] == ["case1", "case2", "case4", "sid"]
+    assert {a.descriptions for a in arms["vlms"]} == {"sid", "sid_llava", "sid_blip2"}
+    assert Arm("dreambooth", "case1", "negative_prompt") in arms["alternatives"]
+    assert Arm("dreambooth_masked", "case1") in arms["alternatives"]
+    # main 8 + cases 2 new + vlms 2 new + alternatives 2 new; shared arms run once
+    assert len(all_arm_subjects(real, subjects)) == 14 * 15
+
+
+def test_grid_subjects_restrict_and_unknown_subject_is_rejected(real):
+    config = copy.deepcopy(real)
+    config["experiments"] = {"one": [{"methods": ["svdiff"], "descriptions": ["sid"], "subjects": ["b"]}]}
+    assert expand_experiments(config, ["a", "b"]) == {"one": [(Arm("svdiff", "sid"), "b")]}
+    config["experiments"]["one"][0]["subjects"] = ["zz"]
+    with pytest.raises(ConfigError, match=r"experiments\.one\[0\]\.subjects: unknown subject.*zz"):
+        expand_experiments(config, ["a", "b"])
+
+
+def _broken(real, edit):
+    config = copy.deepcopy(real)
+    edit(config)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(sampling_steps=3), r"<top level>: unknown key 'sampling_steps'"),
+        (
+            lambda c: c["methods"]["dreambooth"].update(stpes=3),
+            r"methods\.dreambooth: unknown key 'stpes' \(allowed: .*steps",
+        ),
+        (
+            lambda c: c["sampling"].update(seeds="twenty"),
+            r"sampling\.seeds: 'twenty' is invalid \('twenty' is not of type 'integer'\)",
+        ),
+        (
+            lambda c: c["sampling"].update(guidance_scale=-1),
+            r"sampling\.guidance_scale: -1 is invalid",
+        ),
+        (lambda c: c["methods"]["svdiff"].update(algorithm="lora"), r"methods\.svdiff\.algorithm"),
+        (lambda c: c.pop("models"), r"'models' is a required property"),
+        (
+            lambda c: c["experiments"]["main"][0]["methods"].append("dreamboot"),
+            r"experiments\.main\[0\]\.methods: unknown method 'dreamboot' \(defined under "
+            r"`methods`: custom_diffusion, dreambooth",
+        ),
+        (
+            lambda c: c["experiments"]["cases"][0]["descriptions"].append("case5"),
+            r"experiments\.cases\[0\]\.descriptions: unknown description set 'case5'",
+        ),
+        (
+            lambda c: c["experiments"]["alternatives"][0]["inference"].append("cfg9"),
+            r"unknown inference setting 'cfg9'",
+        ),
+        (lambda c: c["descriptions"]["sid"].update(vlm="gpt5"), r"descriptions\.sid\.vlm: unknown vlm"),
+        (lambda c: c["descriptions"]["sid"].pop("vlm"), r"descriptions\.sid: case 3 needs a `vlm`"),
+        (
+            lambda c: c["inference"]["negative_prompt"].update(negative_prompt_from="nope"),
+            r"inference\.negative_prompt\.negative_prompt_from: unknown description set 'nope'",
+        ),
+        (lambda c: c["methods"].update({"bad name": c["methods"]["svdiff"]}), r"'bad name'"),
+        (
+            lambda c: c["datasets"]["dreambooth"]["downloads"][0].update(sha256="abc"),
+            r"datasets\.dreambooth\.downloads\[0\]\.sha256",
+        ),
+    ],
+)
+def test_broken_configs_are_rejected_with_the_key_path(real, edit, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        validate_config(_broken(real, edit), "my.yaml")
+    assert str(info.value).startswith("my.yaml: invalid configuration")
+
+
+def test_load_config_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="c.yaml: expected a YAML mapping"):
+        load_config(path)
+
+
+def _table(tmp_path, body, header=HEADER):
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    path = tmp_path / "subjects.tsv"
+    path.write_text(header + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("a\tdog\tlive\timgs\tlocal\na\tcat\tlive\timgs\tlocal\n", r"line 3: duplicate subject 'a' \(first on line 2\)"),
+        ("a/b\tdog\tlive\timgs\tlocal\n", r"line 2: subject: 'a/b' is invalid.*no '/', '\.\.' or spaces"),
+        ("..\tdog\tlive\timgs\tlocal\n", r"line 2: subject: '\.\.' is invalid"),
+        ("my dog\tdog\tlive\timgs\tlocal\n", r"line 2: subject: 'my dog' is invalid"),
+        ("a\tdog\tlive\tmissing_folder\tlocal\n", r"line 2: subject 'a': image folder .*missing_folder does not exist"),
+        ("a\tdog\tanimal\timgs\tlocal\n", r"line 2: kind: 'animal' is invalid"),
+        ("a\tdog\tlive\timgs\tflickr\n", r"source 'flickr' is neither 'local' nor a dataset"),
+        ("a\tdog\tlive\timgs\tlocal\textra\n", r"line 2: more fields than columns"),
+        ("", r"no subjects"),
+    ],
+)
+def test_broken_subject_tables_are_rejected(tmp_path, real, body, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_subjects(_table(tmp_path, body), real, base_dir=tmp_path)
+    assert "subjects.tsv: invalid subjects table" in str(info.value)
+
+
+def test_subject_table_missing_column_and_downloaded_subjects(tmp_path, real):
+    with pytest.raises(ConfigError, match=r"missing column\(s\) source"):
+        load_subjects(_table(tmp_path, "a\tdog\tlive\timgs\n", HEADER.replace("\tsource", "")), real)
+    # a downloaded subject's folder does not exist before its dataset is fetched: accepted
+    rows = load_subjects(_table(tmp_path, "a\tdog\tlive\tnot/yet\tdreambooth\n"), real, tmp_path)
+    assert rows == [{"subject": "a", "class": "dog", "kind": "live", "images": "not/yet", "source": "dreambooth"}]
+
+
+def test_prompts_need_enough_templates_with_placeholders(tmp_path, real):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"object": ["a {token} {class}"] * 25, "live": ["a dog"] * 25}))
+    assert len(load_prompts(path, real, {"object"})["object"]) == 25
+    with pytest.raises(ConfigError, match=r"live\[0\]: 'a dog' lacks"):
+        load_prompts(path, real, {"live"})
+    with pytest.raises(ConfigError, match=r"kind 'style': 0 prompts, but sampling.prompts_per_subject is 25"):
+        load_prompts(path, real, {"style"})
+
+
+def test_tokenizer_corpus_fills_templates_and_descriptions(tmp_path):
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text(yaml.safe_dump({"object": ["a {token} {class} in snow"]}))
+    demo_desc = REPO / "demo/subjects/red_mug/descriptions.yaml"
+    shutil.copy(demo_desc, tmp_path / "d.yaml")
+    corpus = tokenizer_corpus([prompts, tmp_path / "d.yaml"], ["mug", "dog"], "sks")
+    assert "a sks mug in snow" in corpus and "a sks dog in snow" in corpus
+    assert "a sks mug" in corpus
+    assert not any("[V]" in text or "{token}" in text for text in corpus)
+    assert corpus == sorted(corpus) == tokenizer_corpus([prompts, tmp_path / "d.yaml"], ["dog", "mug"], "sks")

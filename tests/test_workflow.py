@@ -1,0 +1,191 @@
+"""The Snakemake DAG: dry-run of the paper grid, lint, the demo end to end, rerun scope."""
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+# Rules that gather over subjects or arms: any change upstream may reschedule them.
+GATHERS = {"all", "summarize_references", "plan_experiments"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    config = workdir / "config.yaml"
+    cmd = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(config), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def scheduled_jobs(workdir: Path) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry-run would execute."""
+    out = snakemake(workdir, "--dry-run").stdout
+    jobs, rule = [], None
+    for line in out.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line.strip()):
+            rule = match.group(1)
+            jobs.append((rule, {}))
+        elif rule and (match := re.match(r"^\s+wildcards: (.*)$", line)):
+            jobs[-1][1].update(kv.split("=", 1) for kv in match.group(1).split(", "))
+    return jobs
+
+
+def copy_demo(dest: Path) -> Path:
+    shutil.copytree(REPO / "demo", dest, ignore=shutil.ignore_patterns("results", ".snakemake"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """The whole demo, run once, as `make demo` runs it (same profile)."""
+    workdir = copy_demo(tmp_path_factory.mktemp("demo") / "demo")
+    snakemake(workdir, "--profile", str(REPO / "demo/profile"))
+    return workdir
+
+
+@pytest.fixture
+def finished_demo(demo_run, tmp_path) -> Path:
+    """A private copy of the finished demo (mtimes and Snakemake metadata kept)."""
+    return Path(shutil.copytree(demo_run, tmp_path / "demo", symlinks=True))
+
+
+def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
+    result = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(REPO), "--dry-run", "--quiet", "rules"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    counts = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE)
+    }
+    assert counts == {
+        "download_dataset": 3,
+        "prepare_references": 15,
+        "summarize_references": 1,
+        "plan_experiments": 1,
+        "all": 1,
+        "total": 21,
+    }
+
+
+@pytest.mark.parametrize("config", ["config.yaml", "demo/config.yaml"])
+def test_lint_is_clean(config):
+    workdir = REPO if config == "config.yaml" else REPO / "demo"
+    result = subprocess.run(
+        [*SNAKEMAKE, "--lint", "--directory", str(workdir), "--configfile", str(REPO / config)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_demo_outputs(demo_run):
+    summary = list(csv.DictReader(open(demo_run / "results/references/summary.csv")))
+    assert Counter(r["subject"] for r in summary) == {"red_mug": 4, "toy_robot": 4, "spotted_dog": 4}
+    for row in summary:
+        image = Image.open(demo_run / "results/references" / row["subject"] / row["path"])
+        assert image.size == (64, 64) and image.mode == "RGB"
+        assert row["mask_path"]  # the demo ships ground-truth masks for every image
+    arms = list(csv.DictReader(open(demo_run / "results/experiments/arms.csv")))
+    assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives"}
+    assert sum(r["experiment"] == "main" for r in arms) == 8 * 3
+    for name in ("sd", "clip", "dino"):
+        assert (demo_run / "results/models/tiny" / name).is_dir()
+    for rule in ("prepare_references", "summarize_references", "plan_experiments"):
+        assert list((demo_run / "results/logs" / rule).glob("*.log")), rule
+    assert scheduled_jobs(demo_run) == []  # a finished run is complete
+
+
+def test_touching_inputs_without_changing_content_schedules_nothing(finished_demo):
+    later = os.stat(finished_demo / "results/references/summary.csv").st_mtime + 100
+    for path in (finished_demo / "subjects").rglob("*"):
+        os.utime(path, (later, later))
+    for name in ("subjects.tsv", "prompts.yaml"):
+        os.utime(finished_demo / name, (later, later))
+    assert scheduled_jobs(finished_demo) == []
+
+
+def test_changing_one_image_reruns_only_that_subject_and_the_gathers(finished_demo):
+    path = finished_demo / "subjects/toy_robot/02.png"
+    pixels = np.array(Image.open(path))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(path)
+    jobs = scheduled_jobs(finished_demo)
+    assert ("prepare_references", {"subject": "toy_robot"}) in jobs
+    for rule, wildcards in jobs:
+        assert rule in GATHERS or wildcards.get("subject") == "toy_robot", (rule, wildcards)
+
+
+def test_changing_one_method_setting_reruns_only_that_method_and_the_gathers(finished_demo):
+    config_path = finished_demo / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["methods"]["svdiff"]["steps"] += 1
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    jobs = scheduled_jobs(finished_demo)
+    assert ("plan_experiments", {}) in jobs
+    for rule, wildcards in jobs:
+        assert rule in GATHERS or wildcards.get("method") == "svdiff", (rule, wildcards)
+
+
+def test_downloaded_subject_through_the_workflow(tmp_path):
+    """A dataset fetched from a local file:// copy feeds prepare_references."""
+    workdir = copy_demo(tmp_path / "w")
+    archive = tmp_path / "mini.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for image in sorted((REPO / "demo/subjects/red_mug").glob("0?.png")):
+            zf.write(image, f"mini-main/dataset/mug/{image.name}")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["datasets"] = {
+        "mini": {
+            "downloads": [
+                {"url": archive.as_uri(), "sha256": None, "extract": True, "strip_components": 1}
+            ]
+        }
+    }
+    config["experiments"] = {"main": config["experiments"]["main"]}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (workdir / "subjects.tsv").write_text(
+        "subject\tclass\tkind\timages\tsource\nmug\tmug\tobject\tresources/mini/dataset/mug\tmini\n"
+    )
+    snakemake(workdir, "--cores", "2", "results/references/summary.csv")
+    manifest = list(csv.DictReader(open(workdir / "resources/mini.manifest.csv")))
+    assert len(manifest) == 4
+    rows = list(csv.DictReader(open(workdir / "results/references/mug/manifest.csv")))
+    assert [r["image_id"] for r in rows] == ["01", "02", "03", "04"]
+    assert "pin it in the config" in (workdir / "results/logs/download_dataset/mini.log").read_text()
+
+
+def test_bad_reference_folder_fails_the_job_without_partial_output(tmp_path):
+    workdir = copy_demo(tmp_path / "w")
+    for extra in ("02", "03", "04"):
+        (workdir / f"subjects/red_mug/{extra}.png").unlink()
+    result = snakemake(
+        workdir, "--cores", "1", "results/references/red_mug/manifest.csv", check=False
+    )
+    assert result.returncode != 0
+    log = (workdir / "results/logs/prepare_references/red_mug.log").read_text()
+    assert "found 1 reference image(s) but at least 3" in log
+    assert not (workdir / "results/references/red_mug").exists() or not any(
+        (workdir / "results/references/red_mug").iterdir()
+    )
