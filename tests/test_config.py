@@ -73,7 +73,9 @@ def test_paper_grid_expands_to_the_expected_arms(real):
 
 def test_grid_subjects_restrict_and_unknown_subject_is_rejected(real):
     config = copy.deepcopy(real)
-    config["experiments"] = {"one": [{"methods": ["svdiff"], "descriptions": ["sid"], "subjects": ["b"]}]}
+    config["experiments"] = {
+        "one": [{"methods": ["svdiff"], "descriptions": ["sid"], "subjects": ["b"]}]
+    }
     assert expand_experiments(config, ["a", "b"]) == {"one": [(Arm("svdiff", "sid"), "b")]}
     config["experiments"]["one"][0]["subjects"] = ["zz"]
     with pytest.raises(ConfigError, match=r"experiments\.one\[0\]\.subjects: unknown subject.*zz"):
@@ -117,7 +119,10 @@ def _broken(real, edit):
             lambda c: c["experiments"]["alternatives"][0]["inference"].append("cfg9"),
             r"unknown inference setting 'cfg9'",
         ),
-        (lambda c: c["descriptions"]["sid"].update(vlm="gpt5"), r"descriptions\.sid\.vlm: unknown vlm"),
+        (
+            lambda c: c["descriptions"]["sid"].update(vlm="gpt5"),
+            r"descriptions\.sid\.vlm: unknown vlm",
+        ),
         (lambda c: c["descriptions"]["sid"].pop("vlm"), r"descriptions\.sid: case 3 needs a `vlm`"),
         (
             lambda c: c["inference"]["negative_prompt"].update(negative_prompt_from="nope"),
@@ -153,11 +158,20 @@ def _table(tmp_path, body, header=HEADER):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("a\tdog\tlive\timgs\tlocal\na\tcat\tlive\timgs\tlocal\n", r"line 3: duplicate subject 'a' \(first on line 2\)"),
-        ("a/b\tdog\tlive\timgs\tlocal\n", r"line 2: subject: 'a/b' is invalid.*no '/', '\.\.' or spaces"),
+        (
+            "a\tdog\tlive\timgs\tlocal\na\tcat\tlive\timgs\tlocal\n",
+            r"line 3: duplicate subject 'a' \(first on line 2\)",
+        ),
+        (
+            "a/b\tdog\tlive\timgs\tlocal\n",
+            r"line 2: subject: 'a/b' is invalid.*no '/', '\.\.' or spaces",
+        ),
         ("..\tdog\tlive\timgs\tlocal\n", r"line 2: subject: '\.\.' is invalid"),
         ("my dog\tdog\tlive\timgs\tlocal\n", r"line 2: subject: 'my dog' is invalid"),
-        ("a\tdog\tlive\tmissing_folder\tlocal\n", r"line 2: subject 'a': image folder .*missing_folder does not exist"),
+        (
+            "a\tdog\tlive\tmissing_folder\tlocal\n",
+            r"line 2: subject 'a': image folder .*missing_folder does not exist",
+        ),
         ("a\tdog\tanimal\timgs\tlocal\n", r"line 2: kind: 'animal' is invalid"),
         ("a\tdog\tlive\timgs\tflickr\n", r"source 'flickr' is neither 'local' nor a dataset"),
         ("a\tdog\tlive\timgs\tlocal\textra\n", r"line 2: more fields than columns"),
@@ -172,10 +186,20 @@ def test_broken_subject_tables_are_rejected(tmp_path, real, body, message):
 
 def test_subject_table_missing_column_and_downloaded_subjects(tmp_path, real):
     with pytest.raises(ConfigError, match=r"missing column\(s\) source"):
-        load_subjects(_table(tmp_path, "a\tdog\tlive\timgs\n", HEADER.replace("\tsource", "")), real)
+        load_subjects(
+            _table(tmp_path, "a\tdog\tlive\timgs\n", HEADER.replace("\tsource", "")), real
+        )
     # a downloaded subject's folder does not exist before its dataset is fetched: accepted
     rows = load_subjects(_table(tmp_path, "a\tdog\tlive\tnot/yet\tdreambooth\n"), real, tmp_path)
-    assert rows == [{"subject": "a", "class": "dog", "kind": "live", "images": "not/yet", "source": "dreambooth"}]
+    assert rows == [
+        {
+            "subject": "a",
+            "class": "dog",
+            "kind": "live",
+            "images": "not/yet",
+            "source": "dreambooth",
+        }
+    ]
 
 
 def test_prompts_need_enough_templates_with_placeholders(tmp_path, real):
@@ -184,7 +208,9 @@ def test_prompts_need_enough_templates_with_placeholders(tmp_path, real):
     assert len(load_prompts(path, real, {"object"})["object"]) == 25
     with pytest.raises(ConfigError, match=r"live\[0\]: 'a dog' lacks"):
         load_prompts(path, real, {"live"})
-    with pytest.raises(ConfigError, match=r"kind 'style': 0 prompts, but sampling.prompts_per_subject is 25"):
+    with pytest.raises(
+        ConfigError, match=r"kind 'style': 0 prompts, but sampling.prompts_per_subject is 25"
+    ):
         load_prompts(path, real, {"style"})
 
 
@@ -197,4 +223,8 @@ def test_tokenizer_corpus_fills_templates_and_descriptions(tmp_path):
     assert "a sks mug in snow" in corpus and "a sks dog in snow" in corpus
     assert "a sks mug" in corpus
     assert not any("[V]" in text or "{token}" in text for text in corpus)
-    assert corpus == sorted(corpus) == tokenizer_corpus([prompts, tmp_path / "d.yaml"], ["dog", "mug"], "sks")
+    assert (
+        corpus
+        == sorted(corpus)
+        == tokenizer_corpus([prompts, tmp_path / "d.yaml"], ["dog", "mug"], "sks")
+    )

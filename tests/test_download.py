@@ -37,7 +37,10 @@ def archive(tmp_path):
 
 def test_zip_is_verified_stripped_and_listed(tmp_path, archive):
     path, digest = archive
-    dest, manifest = tmp_path / "resources/dreambooth", tmp_path / "resources/dreambooth.manifest.csv"
+    dest, manifest = (
+        tmp_path / "resources/dreambooth",
+        tmp_path / "resources/dreambooth.manifest.csv",
+    )
     entry = {"url": path.as_uri(), "sha256": digest, "extract": True, "strip_components": 1}
     rows = fetch_dataset("dreambooth", [entry], dest, manifest)
     assert (dest / "dataset/cat/01.jpg").read_bytes() == b"cat1"
@@ -64,7 +67,9 @@ def test_checksum_mismatch_fails_and_leaves_nothing(tmp_path, archive):
     path, _ = archive
     dest = tmp_path / "resources/dreambooth"
     entry = {"url": path.as_uri(), "sha256": "0" * 64, "extract": True}
-    with pytest.raises(SidpipeError, match=r"checksum mismatch .*datasets\.dreambooth\.downloads\[0\]"):
+    with pytest.raises(
+        SidpipeError, match=r"checksum mismatch .*datasets\.dreambooth\.downloads\[0\]"
+    ):
         fetch_dataset("dreambooth", [entry], dest, tmp_path / "m.csv")
     assert not dest.exists() and not (tmp_path / "m.csv").exists()
     assert list((tmp_path / "resources").iterdir()) == []

@@ -27,7 +27,9 @@ def test_requirements_are_all_pinned_and_exclude_the_replaced_packages():
     ]
     pins = _pins(lines)
     assert len(pins) == len(lines), "every requirement is pinned with =="
-    assert {"diffusers", "transformers", "snakemake", "snakemake-executor-plugin-slurm"} <= set(pins)
+    assert {"diffusers", "transformers", "snakemake", "snakemake-executor-plugin-slurm"} <= set(
+        pins
+    )
     assert pins["snakemake"].startswith("9.")
     assert not FORBIDDEN & set(pins)
 
@@ -49,7 +51,9 @@ def test_installed_environment_has_no_cuda_or_torchvision_wheels():
 
 def test_conda_envs_pin_the_same_versions():
     requirements = _pins((REPO / "requirements.txt").read_text().splitlines())
-    runtime = {k: v for k, v in requirements.items() if not k.startswith(("snakemake", "pytest", "ruff"))}
+    runtime = {
+        k: v for k, v in requirements.items() if not k.startswith(("snakemake", "pytest", "ruff"))
+    }
     runtime.pop("snakefmt")
     for name in ("cpu", "gpu"):
         env = yaml.safe_load((REPO / f"envs/{name}.yaml").read_text())

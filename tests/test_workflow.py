@@ -102,7 +102,11 @@ def test_lint_is_clean(config):
 
 def test_demo_outputs(demo_run):
     summary = list(csv.DictReader(open(demo_run / "results/references/summary.csv")))
-    assert Counter(r["subject"] for r in summary) == {"red_mug": 4, "toy_robot": 4, "spotted_dog": 4}
+    assert Counter(r["subject"] for r in summary) == {
+        "red_mug": 4,
+        "toy_robot": 4,
+        "spotted_dog": 4,
+    }
     for row in summary:
         image = Image.open(demo_run / "results/references" / row["subject"] / row["path"])
         assert image.size == (64, 64) and image.mode == "RGB"
@@ -173,7 +177,9 @@ def test_downloaded_subject_through_the_workflow(tmp_path):
     assert len(manifest) == 4
     rows = list(csv.DictReader(open(workdir / "results/references/mug/manifest.csv")))
     assert [r["image_id"] for r in rows] == ["01", "02", "03", "04"]
-    assert "pin it in the config" in (workdir / "results/logs/download_dataset/mini.log").read_text()
+    assert (
+        "pin it in the config" in (workdir / "results/logs/download_dataset/mini.log").read_text()
+    )
 
 
 def test_bad_reference_folder_fails_the_job_without_partial_output(tmp_path):

@@ -1,0 +1,253 @@
+"""Tiny random models: built deterministically, loaded back through the production loaders."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from PIL import Image
+from transformers import CLIPImageProcessorPil, CLIPTokenizer, ViTImageProcessorPil
+
+from sidpipe.io import SidpipeError, sha256_file
+from sidpipe.models import (
+    SD_SCHEDULER_KWARGS,
+    build_tiny_models,
+    load_clip,
+    load_dino,
+    load_sd_components,
+    load_sd_pipeline,
+    pick_device,
+    torch_dtype,
+    train_clip_tokenizer,
+)
+
+CORPUS = [
+    "a photo of sks dog",
+    "a photo of a dog on the beach",
+    "a sks dog sleeping on a red sofa",
+    "a painting of a cat in the style of van gogh",
+    "the backpack is on the table next to a cup",
+    "a dog running in the park, high quality photo",
+]
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return build_tiny_models(tmp_path_factory.mktemp("models") / "tiny", CORPUS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny: dict[str, str]):
+    pipe = load_sd_pipeline(tiny["sd"], device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _generate(pipe, seed: int) -> Image.Image:
+    return pipe(
+        "a photo of sks dog",
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+
+
+def test_build_is_byte_identical_across_processes(tiny: dict[str, str], tmp_path: Path) -> None:
+    # A second *process*: the BPE trainer's hash maps are seeded per process, so an in-process
+    # rebuild would miss the non-determinism this guards against.
+    script = (
+        "import sys; from pathlib import Path; from sidpipe.models import build_tiny_models; "
+        "build_tiny_models(Path(sys.argv[1]), sys.argv[2:], seed=0)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, "-c", script, str(again), *CORPUS], check=True, env=env)
+    first = _hashes(Path(tiny["sd"]).parent)
+    assert first == _hashes(again)
+    assert {"sd/unet/diffusion_pytorch_model.safetensors", "clip/model.safetensors"} <= set(first)
+    assert not list(Path(tiny["sd"]).parent.parent.glob(".tiny.tmp-*"))  # atomic: no leftovers
+
+
+def test_tiny_models_are_small(tiny: dict[str, str]) -> None:
+    total = sum(p.stat().st_size for p in Path(tiny["sd"]).parent.rglob("*") if p.is_file())
+    assert total < 8_000_000
+
+
+def test_tokenizer_round_trip_identifier_and_truncation(tiny: dict[str, str]) -> None:
+    tok = CLIPTokenizer.from_pretrained(tiny["sd"], subfolder="tokenizer")
+    assert tok.model_max_length == 77
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+    )
+    text = "a photo of sks dog on the beach"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.eos_token_id not in ids[1:-1]  # unk is <|endoftext|>: nothing fell back to it
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(tok("A Photo of SKS Dog").input_ids, skip_special_tokens=True) == (
+        "a photo of sks dog"  # CLIP lowercases
+    )
+    # The identifier was in the corpus: one whole word; unseen words still encode (byte-level).
+    assert tok.tokenize("sks") == ["sks</w>"]
+    for word in ("xqzv", "ünïcödé", "🦓"):
+        pieces = tok(word).input_ids[1:-1]
+        assert pieces and tok.eos_token_id not in pieces
+        assert tok.decode(pieces) == word
+    long = tok("dog " * 200, truncation=True, max_length=tok.model_max_length).input_ids
+    assert len(long) == 77 and long[-1] == tok.eos_token_id
+
+
+def _openai_bpe_ids(tok: CLIPTokenizer, vocab: dict[str, int], merges: list[str], text: str):
+    """Encode like OpenAI's simple_tokenizer.bpe: the last symbol of a word carries '</w>'."""
+    ranks = {tuple(line.split()): i for i, line in enumerate(merges)}
+    backend = tok.backend_tokenizer
+    words = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+    ids = []
+    for word, _ in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = [(ranks.get(pair, 1 << 30), i) for i, pair in enumerate(pairwise(symbols))]
+            rank, i = min(pairs)
+            if rank == 1 << 30:
+                break
+            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+        ids += [vocab[s] for s in symbols]
+    return ids
+
+
+def test_tokenizer_files_match_clip_bpe_conventions(tiny: dict[str, str], tmp_path: Path) -> None:
+    folder = Path(tiny["sd"]) / "tokenizer"
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("#version")
+    # OpenAI layout: 256 byte symbols, the same with </w>, merges, then the two specials.
+    by_id = sorted(vocab, key=vocab.get)
+    assert all(len(t) == 1 for t in by_id[:256])
+    assert by_id[256:512] == [t + "</w>" for t in by_id[:256]]
+    assert by_id[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+
+    tok = CLIPTokenizer.from_pretrained(folder)
+    only_files = tmp_path / "vocab_merges_only"  # the loader's other path: no tokenizer.json
+    only_files.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(folder / name, only_files / name)
+    from_files = CLIPTokenizer.from_pretrained(only_files)
+    for text in [*CORPUS, "Sks dogs, 3 cats & a zebra!"]:
+        ids = tok(text).input_ids
+        assert ids[1:-1] == _openai_bpe_ids(tok, vocab, lines[1:], text)
+        assert from_files(text).input_ids == ids
+
+
+def test_train_clip_tokenizer_standalone(tmp_path: Path) -> None:
+    tok = train_clip_tokenizer(CORPUS, tmp_path / "tok", vocab_size=540)
+    assert len(tok) == 540
+    loaded = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded("a sks dog").input_ids == tok("a sks dog").input_ids
+    with pytest.raises(SidpipeError, match="514"):
+        train_clip_tokenizer(CORPUS, tmp_path / "small", vocab_size=100)
+
+
+def test_pipeline_generates_and_is_seed_reproducible(pipe) -> None:
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.safety_checker is None
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 8
+    first, again, other = (np.asarray(_generate(pipe, s)) for s in (0, 0, 1))
+    assert first.shape == (64, 64, 3)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_scheduler_config_is_stable_diffusions(tiny: dict[str, str]) -> None:
+    config = DDIMScheduler.from_pretrained(tiny["sd"], subfolder="scheduler").config
+    assert {key: config[key] for key in SD_SCHEDULER_KWARGS} == SD_SCHEDULER_KWARGS
+
+
+def test_sd_components_for_training(tiny: dict[str, str]) -> None:
+    parts = load_sd_components(tiny["sd"], device="cpu")
+    assert isinstance(parts.noise_scheduler, DDPMScheduler)
+    assert torch.equal(parts.noise_scheduler.betas, DDIMScheduler(**SD_SCHEDULER_KWARGS).betas)
+    assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
+    latents = parts.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8)
+    ids = parts.tokenizer("a sks dog", padding="max_length", return_tensors="pt").input_ids
+    hidden = parts.text_encoder(ids).last_hidden_state
+    noise = parts.unet(latents, torch.tensor([10]), encoder_hidden_states=hidden).sample
+    assert noise.shape == latents.shape
+
+
+def _images() -> list[Image.Image]:
+    gradient = np.tile(np.linspace(0, 255, 48, dtype=np.uint8), (40, 1))
+    return [
+        Image.new("RGB", (50, 40), (200, 30, 30)),
+        Image.fromarray(np.stack([gradient, gradient[::-1], np.zeros_like(gradient)], axis=-1)),
+    ]
+
+
+def test_clip_embeddings(tiny: dict[str, str]) -> None:
+    model, processor = load_clip(tiny["clip"], device="cpu")
+    assert not model.training
+    assert isinstance(processor.image_processor, CLIPImageProcessorPil)  # works w/o torchvision
+    images = processor(images=_images(), return_tensors="pt")
+    texts = processor(text=["a sks dog", "a red sofa"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        # transformers 5: get_*_features return a ModelOutput; the embedding is pooler_output.
+        image_emb = model.get_image_features(**images).pooler_output
+        text_emb = model.get_text_features(**texts).pooler_output
+    dim = model.config.projection_dim
+    assert images["pixel_values"].shape == (2, 3, 32, 32)
+    assert image_emb.shape == (2, dim) and text_emb.shape == (2, dim)
+    assert not torch.allclose(image_emb[0], image_emb[1])
+    assert not torch.allclose(text_emb[0], text_emb[1])
+
+
+def test_dino_cls_embedding(tiny: dict[str, str]) -> None:
+    model, processor = load_dino(tiny["dino"], device="cpu")
+    assert not model.training and model.pooler is None
+    assert isinstance(processor, ViTImageProcessorPil)
+    inputs = processor(images=_images(), return_tensors="pt")
+    with torch.no_grad():
+        cls = model(**inputs).last_hidden_state[:, 0]
+    assert cls.shape == (2, model.config.hidden_size)
+    assert not torch.allclose(cls[0], cls[1])
+
+
+@pytest.mark.parametrize("loader", [load_sd_pipeline, load_sd_components, load_clip, load_dino])
+def test_missing_folder_error_names_path(loader, tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(SidpipeError, match="no_such_model") as info:
+        loader(str(missing), device="cpu")
+    assert "models." in str(info.value)
+
+
+def test_existing_folder_without_model_is_wrapped(tmp_path: Path) -> None:
+    with pytest.raises(SidpipeError, match=re.escape(str(tmp_path)) + ".*models.clip"):
+        load_clip(str(tmp_path), device="cpu")
+
+
+def test_dtype_and_device() -> None:
+    assert torch_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(SidpipeError, match="float64"):
+        torch_dtype("float64")
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
