@@ -11,6 +11,7 @@ from sidpipe.config import (
     validate_config,
 )
 from sidpipe.references import list_reference_images
+from snakemake.logging import logger
 
 SCHEMA_DIR = Path(workflow.basedir) / "rules" / "schemas"
 CONFIG_SOURCE = ", ".join(map(str, workflow.overwrite_configfiles)) or "config.yaml"
@@ -29,6 +30,14 @@ DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
+
+logger.info(
+    f"Experiment grid: {len(ARM_SUBJECTS)} arm x subject pairs, "
+    f"{len({arm for arm, _ in ARM_SUBJECTS})} arms, {len(SUBJECTS)} subjects"
+)
+for _experiment, _pairs in EXPERIMENTS.items():
+    _arms = sorted({arm.name for arm, _ in _pairs})
+    logger.info(f"  {_experiment}: {', '.join(_arms)}")
 
 
 wildcard_constraints:

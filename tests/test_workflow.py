@@ -72,6 +72,7 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    assert "Experiment grid: 210 arm x subject pairs, 14 arms, 15 subjects" in result.stdout
     counts = {
         m.group(1): int(m.group(2))
         for m in re.finditer(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE)
