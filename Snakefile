@@ -14,6 +14,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/references.smk"
+include: "rules/masks.smk"
 include: "rules/experiments.smk"
 
 

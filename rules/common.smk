@@ -64,6 +64,38 @@ def model_input(key):
     return "results/models/tiny" if key in TINY_MODELS else []
 
 
+def mask_backend(subject):
+    return SUBJECTS[subject].get("mask_backend") or config.get("segmentation", {}).get(
+        "backend", "grounded_sam"
+    )
+
+
+def mask_model_inputs(wildcards):
+    """Grounded-SAM needs the detector and segmenter (built first when they are tiny)."""
+    if mask_backend(wildcards.subject) != "grounded_sam":
+        return []
+    return [
+        path for key in ("grounding_dino", "sam") for path in [model_input(key)] if path
+    ]
+
+
+def segmentation_settings(wildcards):
+    """Arguments of sidpipe.masks.segment_references: config defaults + subject overrides."""
+    row = SUBJECTS[wildcards.subject]
+    settings = dict(config.get("segmentation", {}))
+    settings.pop("backend", None)
+    settings.update(
+        backend=mask_backend(wildcards.subject),
+        class_name=row["class"],
+        text_prompt=row.get("text_prompt") or None,
+        detector=config["models"].get("grounding_dino"),
+        segmenter=config["models"].get("sam"),
+    )
+    if row.get("box_threshold"):
+        settings["box_threshold"] = float(row["box_threshold"])
+    return settings
+
+
 def tokenizer_corpus_files():
     """Texts the tiny tokenizer learns from: the prompts and the subjects' descriptions."""
     files = [config["prompts"], config["subjects"]]
@@ -100,6 +132,7 @@ def arms_table_rows():
 def all_targets():
     targets = [
         "results/references/summary.csv",
+        *expand("results/masks/{subject}/manifest.csv", subject=SUBJECTS),
         "results/experiments/arms.csv",
     ]
     if TINY_MODELS:

@@ -48,7 +48,7 @@ def _images(folder: Path) -> list[Path]:
 def test_subjects_tsv_layout():
     with open(DEMO / "subjects.tsv", newline="") as handle:
         header = handle.readline().rstrip("\n").split("\t")
-    assert header == ["subject", "class", "kind", "images", "source"]
+    assert header == ["subject", "class", "kind", "images", "source", "mask_backend"]
     assert IDS == ["red_mug", "toy_robot", "spotted_dog"]
     for row in SUBJECTS:
         assert row["kind"] in {"object", "live"}

@@ -16,7 +16,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPTokenizer, ViTImageProcessorPil
+from transformers import (
+    BertTokenizer,
+    CLIPImageProcessorPil,
+    CLIPTokenizer,
+    GroundingDinoImageProcessorPil,
+    SamImageProcessorPil,
+    ViTImageProcessorPil,
+)
 
 from sidpipe.io import SidpipeError, sha256_file
 from sidpipe.models import (
@@ -24,10 +31,13 @@ from sidpipe.models import (
     build_tiny_models,
     load_clip,
     load_dino,
+    load_grounding_dino,
+    load_sam,
     load_sd_components,
     load_sd_pipeline,
     pick_device,
     torch_dtype,
+    train_bert_tokenizer,
     train_clip_tokenizer,
 )
 
@@ -83,7 +93,13 @@ def test_build_is_byte_identical_across_processes(tiny: dict[str, str], tmp_path
     subprocess.run([sys.executable, "-c", script, str(again), *CORPUS], check=True, env=env)
     first = _hashes(Path(tiny["sd"]).parent)
     assert first == _hashes(again)
-    assert {"sd/unet/diffusion_pytorch_model.safetensors", "clip/model.safetensors"} <= set(first)
+    assert {
+        "sd/unet/diffusion_pytorch_model.safetensors",
+        "clip/model.safetensors",
+        "grounding_dino/model.safetensors",
+        "grounding_dino/vocab.txt",
+        "sam/model.safetensors",
+    } <= set(first)
     assert not list(Path(tiny["sd"]).parent.parent.glob(".tiny.tmp-*"))  # atomic: no leftovers
 
 
@@ -232,7 +248,81 @@ def test_dino_cls_embedding(tiny: dict[str, str]) -> None:
     assert not torch.allclose(cls[0], cls[1])
 
 
-@pytest.mark.parametrize("loader", [load_sd_pipeline, load_sd_components, load_clip, load_dino])
+def test_bert_tokenizer_has_bert_ids_and_covers_any_ascii(tiny: dict[str, str]) -> None:
+    tok = BertTokenizer.from_pretrained(tiny["grounding_dino"])
+    # GroundingDINO hard-codes these ids ([CLS], [SEP], ".", "?") to split prompts into phrases.
+    ids = tok.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?"])
+    assert ids == [0, 100, 101, 102, 103, 1012, 1029]
+    encoded = tok("A sks Dog. a cat?").input_ids
+    assert encoded[0] == 101 and encoded[-1] == 102 and 1012 in encoded and 1029 in encoded
+    assert tok.tokenize("a sks dog.") == ["a", "sks", "dog", "."]  # corpus words are whole
+    assert tok.tokenize("zebra") == ["z", "##e", "##b", "##r", "##a"]  # unseen: by character
+    assert tok.unk_token_id not in tok("Zebras & 3 #robots!").input_ids
+    lines = (Path(tiny["grounding_dino"]) / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == sorted(tok.get_vocab(), key=tok.get_vocab().get)
+    from_txt = BertTokenizer(vocab=str(Path(tiny["grounding_dino"]) / "vocab.txt"))
+    assert from_txt("a sks dog.").input_ids == tok("a sks dog.").input_ids
+
+
+def test_train_bert_tokenizer_standalone(tmp_path: Path) -> None:
+    tok = train_bert_tokenizer(["Crème brûlée, please", "a toy car"], tmp_path / "tok")
+    assert tok.tokenize("Crème brûlée") == ["creme", "brulee"]  # uncased, accents stripped
+    assert BertTokenizer.from_pretrained(tmp_path / "tok")("a toy car").input_ids == (
+        tok("a toy car").input_ids
+    )
+
+
+def _detect_one(model, processor, image: Image.Image, prompt: str):
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    return inputs, outputs
+
+
+def test_grounding_dino_detects_on_a_single_image(tiny: dict[str, str]) -> None:
+    model, processor = load_grounding_dino(tiny["grounding_dino"], device="cpu")
+    assert not model.training
+    assert isinstance(processor.image_processor, GroundingDinoImageProcessorPil)
+    assert isinstance(processor.tokenizer, BertTokenizer)
+    assert model.config.decoder_layers >= 2 and model.config.text_config.model_type == "bert"
+    # A batch of one: the 4th feature level must be larger than 1x1 for its GroupNorm.
+    inputs, outputs = _detect_one(model, processor, _images()[0], "dog.")
+    assert inputs["pixel_values"].shape[-2:] == (102, 128)  # 50x40: long side capped at 128
+    queries = model.config.num_queries
+    assert outputs.logits.shape[:2] == (1, queries) and outputs.pred_boxes.shape == (1, queries, 4)
+    results = processor.post_process_grounded_object_detection(
+        outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=[(40, 50)]
+    )
+    boxes = results[0]["boxes"]
+    assert boxes.shape == (queries, 4) and len(results[0]["scores"]) == queries
+    assert results[0]["text_labels"] and all(isinstance(t, str) for t in results[0]["text_labels"])
+    assert float(boxes[:, 2].max()) <= 50 + 1e-3 and float(boxes[:, 3].max()) <= 40 + 1e-3
+
+
+def test_sam_segments_a_box(tiny: dict[str, str]) -> None:
+    model, processor = load_sam(tiny["sam"], device="cpu")
+    assert not model.training
+    assert isinstance(processor.image_processor, SamImageProcessorPil)
+    image = _images()[1]  # 48x40
+    inputs = processor(images=[image], input_boxes=[[[5.0, 4.0, 30.0, 36.0]]], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 64, 64)  # long side 64, padded square
+    with torch.no_grad():
+        outputs = model(
+            pixel_values=inputs["pixel_values"],
+            input_boxes=inputs["input_boxes"].float(),
+            multimask_output=True,
+        )
+    assert outputs.pred_masks.shape == (1, 1, 3, 32, 32) and outputs.iou_scores.shape == (1, 1, 3)
+    masks = processor.post_process_masks(
+        outputs.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+    )
+    assert masks[0].shape == (1, 3, 40, 48) and masks[0].dtype == torch.bool
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [load_sd_pipeline, load_sd_components, load_clip, load_dino, load_grounding_dino, load_sam],
+)
 def test_missing_folder_error_names_path(loader, tmp_path: Path) -> None:
     missing = tmp_path / "no_such_model"
     with pytest.raises(SidpipeError, match="no_such_model") as info:
@@ -240,9 +330,20 @@ def test_missing_folder_error_names_path(loader, tmp_path: Path) -> None:
     assert "models." in str(info.value)
 
 
-def test_existing_folder_without_model_is_wrapped(tmp_path: Path) -> None:
-    with pytest.raises(SidpipeError, match=re.escape(str(tmp_path)) + ".*models.clip"):
-        load_clip(str(tmp_path), device="cpu")
+@pytest.mark.parametrize(
+    ("loader", "key"),
+    [(load_clip, "clip"), (load_grounding_dino, "grounding_dino"), (load_sam, "sam")],
+)
+def test_existing_folder_without_model_is_wrapped(loader, key: str, tmp_path: Path) -> None:
+    with pytest.raises(SidpipeError, match=re.escape(str(tmp_path)) + f".*models.{key}"):
+        loader(str(tmp_path), device="cpu")
+
+
+def test_loaders_refuse_the_wrong_model_kind(tiny: dict[str, str]) -> None:
+    with pytest.raises(SidpipeError, match=r"GroundingDINO.*models\.grounding_dino"):
+        load_grounding_dino(tiny["sam"], device="cpu")
+    with pytest.raises(SidpipeError, match=r"SAM.*models\.sam.*model_type 'clip', not 'sam'"):
+        load_sam(tiny["clip"], device="cpu")
 
 
 def test_dtype_and_device() -> None:

@@ -308,12 +308,12 @@ def test_pillow_globals_are_restored(src: Path, out: Path, monkeypatch) -> None:
 # --- masks ---------------------------------------------------------------------------------
 
 
-def test_mask_is_cropped_resized_and_binarised_like_its_image(src: Path, out: Path) -> None:
+def test_mask_is_cropped_and_resized_like_its_image(src: Path, out: Path) -> None:
     bands(60, 40, [RED, GREEN, BLUE]).save(src / "a.png")
-    # Grey levels: 200 (> 127, foreground) on the right half of the centre square
-    # (columns 30..50), 100 (background) elsewhere. The crop keeps columns 10..50.
-    mask = np.full((40, 60), 100, np.uint8)
-    mask[:, 30:] = 200
+    # Foreground on the right half of the centre square (columns 30..50); the crop keeps
+    # columns 10..50.
+    mask = np.zeros((40, 60), np.uint8)
+    mask[:, 30:] = 255
     Image.fromarray(mask).save(src / "a.mask.png")
     solid(src / "b.png")  # no mask
 
@@ -325,6 +325,69 @@ def test_mask_is_cropped_resized_and_binarised_like_its_image(src: Path, out: Pa
     assert set(np.unique(arr).tolist()) == {0, 255}
     assert np.all(arr[:, :10] == 0) and np.all(arr[:, 10:] == 255)
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["a.png"]
+
+
+def _half_mask(values: np.ndarray) -> np.ndarray:
+    """A 16x16 mask with `values[0]` on the left half and `values[1]` on the right half."""
+    arr = np.empty((16, 16), values.dtype)
+    arr[:, :8], arr[:, 8:] = values[0], values[1]
+    return arr
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        Image.fromarray(_half_mask(np.array([0, 1], np.uint8))),  # 0/1 label image
+        Image.fromarray(_half_mask(np.array([0, 255], np.uint8))).convert("1"),
+        Image.fromarray(_half_mask(np.array([0, 255], np.uint8))).convert("RGB"),
+        Image.fromarray(_half_mask(np.array([0, 65535], np.uint16))),  # I;16
+        Image.fromarray(_half_mask(np.array([0.0, 1.0], np.float32))),  # F, as TIFF
+    ],
+    ids=["L-0-1", "1", "RGB-black-white", "I16-0-65535", "F-0-1"],
+)
+def test_black_and_white_masks_in_any_mode_become_0_255(
+    src: Path, out: Path, mask: Image.Image
+) -> None:
+    solid(src / "a.png")
+    # PNG has no float mode; Pillow reads the file by its content, not its suffix.
+    mask.save(src / "a.mask.png", format="TIFF" if mask.mode == "F" else "PNG")
+    run(src, out)
+    arr = pixels(out / "masks" / "a.png")
+    assert np.all(arr[:, :8] == 0) and np.all(arr[:, 8:] == 255)
+
+
+@pytest.mark.parametrize(
+    ("values", "shown"),
+    [
+        (np.array([[100, 200]], np.uint8), "2 distinct values (100, 200)"),  # greys
+        (np.array([[0, 128, 255]], np.uint8), "3 distinct values (0, 128, 255)"),  # soft edge
+        (np.array([[0, 1, 255]], np.uint8), "3 distinct values (0, 1, 255)"),  # mixed conventions
+    ],
+)
+def test_non_binary_mask_is_an_error(src: Path, out: Path, values: np.ndarray, shown) -> None:
+    solid(src / "a.png")
+    Image.fromarray(np.resize(values, (16, 16)).astype(np.uint8)).save(src / "a.mask.png")
+    with pytest.raises(SidpipeError) as info:
+        run(src, out)
+    message = str(info.value)
+    assert "a.mask.png: mask is not black-and-white" in message and shown in message
+    assert "save it as a black-and-white PNG with values 0 and 255" in message
+    assert_clean(out)
+
+
+def test_colour_and_jpeg_masks_are_errors(src: Path, out: Path) -> None:
+    solid(src / "a.png")
+    solid(src / "a.mask.png", RED)  # a red drawing: grey 76 after conversion
+    with pytest.raises(SidpipeError, match=r"a\.mask\.png: mask is not black-and-white"):
+        run(src, out)
+    assert_clean(out)
+    # JPEG blurs a sharp black/white edge into greys.
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 3:11] = 255
+    Image.fromarray(mask).save(src / "a.mask.png", format="JPEG", quality=50)
+    with pytest.raises(SidpipeError, match="distinct values"):
+        run(src, out)
+    assert_clean(out)
 
 
 def test_mask_follows_its_own_exif_orientation(src: Path, out: Path) -> None:

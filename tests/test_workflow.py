@@ -80,10 +80,11 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
     assert counts == {
         "download_dataset": 3,
         "prepare_references": 15,
+        "segment_references": 15,
         "summarize_references": 1,
         "plan_experiments": 1,
         "all": 1,
-        "total": 21,
+        "total": 36,
     }
 
 
@@ -115,9 +116,13 @@ def test_demo_outputs(demo_run):
     arms = list(csv.DictReader(open(demo_run / "results/experiments/arms.csv")))
     assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives"}
     assert sum(r["experiment"] == "main" for r in arms) == 8 * 3
-    for name in ("sd", "clip", "dino"):
+    for subject, backend in [("red_mug", "provided"), ("toy_robot", "grounded_sam")]:
+        masks = list(csv.DictReader(open(demo_run / f"results/masks/{subject}/manifest.csv")))
+        assert [r["backend"] for r in masks] == [backend] * 4
+        assert Image.open(demo_run / f"results/masks/{subject}/overlays.png").width > 0
+    for name in ("sd", "clip", "dino", "grounding_dino", "sam"):
         assert (demo_run / "results/models/tiny" / name).is_dir()
-    for rule in ("prepare_references", "summarize_references", "plan_experiments"):
+    for rule in ("prepare_references", "segment_references", "plan_experiments"):
         assert list((demo_run / "results/logs" / rule).glob("*.log")), rule
     assert scheduled_jobs(demo_run) == []  # a finished run is complete
 

@@ -26,6 +26,8 @@ from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import (
     AutoImageProcessor,
+    AutoTokenizer,
+    BertTokenizer,
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
@@ -33,6 +35,15 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessorPil,
+    GroundingDinoProcessor,
+    PreTrainedConfig,
+    SamConfig,
+    SamImageProcessorPil,
+    SamModel,
+    SamProcessor,
     ViTConfig,
     ViTImageProcessorPil,
     ViTModel,
@@ -175,6 +186,42 @@ def load_dino(model: str, device: str = "auto") -> tuple[ViTModel, ViTImageProce
     return dino.eval().to(dev), processor
 
 
+def _expect_model_type(model: str, expected: str) -> None:
+    """Refuse a checkpoint of another architecture: from_pretrained would only warn and fill
+    the whole model with random weights (a CLIP folder loads "fine" as SAM)."""
+    found = PreTrainedConfig.get_config_dict(model)[0].get("model_type")
+    if found != expected:
+        raise ValueError(f"its config.json is for model_type {found!r}, not {expected!r}")
+
+
+def load_grounding_dino(
+    model: str, device: str = "auto"
+) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
+    """GroundingDINO detector (eval mode) and its processor, with the PIL image backend."""
+    dev = pick_device(device)
+    with _loading("the GroundingDINO detector", model, "grounding_dino"):
+        _expect_model_type(model, "grounding-dino")
+        detector = GroundingDinoForObjectDetection.from_pretrained(model)
+        # Built from its parts, like CLIP's: AutoProcessor would hand `backend` to the tokenizer.
+        processor = GroundingDinoProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(model, backend="pil"),
+            tokenizer=AutoTokenizer.from_pretrained(model),
+        )
+    return detector.eval().to(dev), processor
+
+
+def load_sam(model: str, device: str = "auto") -> tuple[SamModel, SamProcessor]:
+    """SAM (eval mode) and its processor, with the PIL image backend (no torchvision)."""
+    dev = pick_device(device)
+    with _loading("the SAM segmenter", model, "sam"):
+        _expect_model_type(model, "sam")
+        sam = SamModel.from_pretrained(model)
+        processor = SamProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(model, backend="pil")
+        )
+    return sam.eval().to(dev), processor
+
+
 def _byte_alphabet() -> list[str]:
     """The 256 byte-level symbols in GPT-2/CLIP `bytes_to_unicode` order.
 
@@ -245,6 +292,152 @@ def train_clip_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 1000
     return tokenizer
 
 
+# bert-base-uncased's layout of its first 1067 ids. GroundingDINO hard-codes the ids of [CLS],
+# [SEP], "." and "?" (101, 102, 1012, 1029) to split prompts into phrases, so a tiny tokenizer
+# must put them exactly there.
+_BERT_SPECIALS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+_BERT_FIRST_CHAR_ID = 999  # "!"; then printable ASCII without upper case, "." lands on 1012
+
+
+def _bert_base_vocab() -> dict[str, int]:
+    vocab = {"[PAD]": 0, **{f"[unused{i}]": 1 + i for i in range(99)}}
+    vocab.update({k: v for k, v in _BERT_SPECIALS.items() if k != "[PAD]"})
+    vocab.update({f"[unused{i}]": 5 + i for i in range(99, _BERT_FIRST_CHAR_ID - 5)})
+    for char in (chr(c) for c in range(33, 127) if not chr(c).isupper()):
+        vocab[char] = len(vocab)
+    assert (vocab["."], vocab["?"], len(vocab)) == (1012, 1029, 1067)
+    return vocab
+
+
+def train_bert_tokenizer(texts: list[str], out_dir: Path, max_length: int = 32) -> BertTokenizer:
+    """Build a tiny uncased WordPiece tokenizer in bert-base-uncased's layout from `texts`.
+
+    Deterministic: the vocab is BERT's special and ASCII ids, the corpus' other characters, every
+    character as a "##" continuation, then the corpus' words (split by BERT's own normalizer and
+    pre-tokenizer) in sorted order. No merge learning is needed: unseen words still encode
+    character by character, and WordPieceTrainer's tie-breaks depend on hash-map order.
+    """
+    reference = BertTokenizer().backend_tokenizer
+    words: set[str] = set()
+    for text in texts:
+        normalized = reference.normalizer.normalize_str(text)
+        words.update(word for word, _ in reference.pre_tokenizer.pre_tokenize_str(normalized))
+    vocab = _bert_base_vocab()
+    chars = sorted({char for word in words for char in word} - set(vocab))
+    for token in chars:
+        vocab[token] = len(vocab)
+    for token in sorted(t for t in vocab if len(t) == 1):
+        vocab["##" + token] = len(vocab)
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+
+    with atomic_dir(out_dir) as tmp:
+        tokenizer = BertTokenizer(vocab=vocab, model_max_length=max_length)
+        tokenizer.save_pretrained(tmp)
+        # The classic BERT file too (hub repos ship it; transformers 5 only writes tokenizer.json).
+        ordered = sorted(vocab, key=vocab.get)
+        (tmp / "vocab.txt").write_text("".join(f"{token}\n" for token in ordered), "utf-8")
+    return tokenizer
+
+
+def _save_tiny_grounding_dino(out: Path, corpus: list[str], seed: int) -> None:
+    """Tiny random GroundingDINO (Swin + BERT) and its processor, for 128 px inputs.
+
+    128 px, not 64: the extra fourth feature level (a stride-2 conv on the last Swin stage)
+    must be larger than 1x1, or its GroupNorm fails on a batch of one image.
+    """
+    max_text_len = 32
+    tokenizer = train_bert_tokenizer(corpus, out, max_length=max_text_len)
+    config = GroundingDinoConfig(
+        backbone_config={
+            "model_type": "swin",
+            "image_size": 128,
+            "patch_size": 4,
+            "embed_dim": 8,
+            "depths": [1, 1, 1, 1],
+            "num_heads": [1, 1, 2, 2],
+            "window_size": 2,
+            "out_indices": [2, 3, 4],  # the three feature levels the real model uses
+        },
+        text_config={
+            "model_type": "bert",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": max_text_len,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        num_queries=10,
+        d_model=32,
+        encoder_layers=1,
+        # The per-layer box heads are tied to layer 0's; with a single decoder layer there is
+        # nothing to tie and transformers refuses to build the model.
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=max_text_len,
+    )
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(config).save_pretrained(out)
+    GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(
+            size={"shortest_edge": 128, "longest_edge": 128}
+        ),
+        tokenizer=tokenizer,
+    ).save_pretrained(out)
+
+
+def _save_tiny_sam(out: Path, seed: int) -> None:
+    """Tiny random SAM (64 px input, 8x8 embedding, 32x32 low-res masks) and its processor."""
+    hidden = 32
+    config = SamConfig(
+        vision_config={
+            "hidden_size": hidden,
+            "output_channels": hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_dim": 64,
+            "image_size": 64,
+            "patch_size": 8,
+            "window_size": 4,
+            "global_attn_indexes": [1],
+            # The shared positional embedding is [sin, cos] of these: half the prompt width.
+            "num_pos_feats": hidden // 2,
+        },
+        prompt_encoder_config={
+            "hidden_size": hidden,
+            "image_size": 64,
+            "patch_size": 8,
+            "mask_input_channels": 4,
+        },
+        mask_decoder_config={
+            "hidden_size": hidden,
+            "mlp_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": 32,
+        },
+    )
+    torch.manual_seed(seed)
+    SamModel(config).save_pretrained(out)
+    # As in facebook/sam-*: resize the long side to the encoder's input and pad to a square;
+    # mask prompts at the decoder's low-res mask size (4x the 8x8 embedding).
+    SamProcessor(
+        image_processor=SamImageProcessorPil(
+            size={"longest_edge": 64},
+            pad_size={"height": 64, "width": 64},
+            mask_size={"longest_edge": 32},
+            mask_pad_size={"height": 32, "width": 32},
+        )
+    ).save_pretrained(out)
+
+
 def _tiny_text_config(tokenizer: CLIPTokenizer) -> dict:
     return {
         "vocab_size": len(tokenizer),
@@ -262,7 +455,10 @@ def _tiny_text_config(tokenizer: CLIPTokenizer) -> dict:
 def build_tiny_models(
     out_dir: Path, corpus: list[str], seed: int = 0, resolution: int = 64
 ) -> dict[str, str]:
-    """Write tiny random SD, CLIP and DINO folders under `out_dir`; byte-identical per seed."""
+    """Write tiny random SD, CLIP, DINO, GroundingDINO and SAM folders under `out_dir`.
+
+    Byte-identical per seed and corpus.
+    """
     out_dir = Path(out_dir)
     if resolution % 8:
         raise SidpipeError(f"resolution={resolution} must be a multiple of 8 (VAE downsampling)")
@@ -350,4 +546,8 @@ def build_tiny_models(
             image_mean=IMAGENET_DEFAULT_MEAN,
             image_std=IMAGENET_DEFAULT_STD,
         ).save_pretrained(tmp / "dino")
-    return {name: str(out_dir / name) for name in ("sd", "clip", "dino")}
+
+        _save_tiny_grounding_dino(tmp / "grounding_dino", corpus, seed)
+        _save_tiny_sam(tmp / "sam", seed)
+    names = ("sd", "clip", "dino", "grounding_dino", "sam")
+    return {name: str(out_dir / name) for name in names}

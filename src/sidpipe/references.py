@@ -211,16 +211,34 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
 
 
 def _to_binary_mask(img: Image.Image, path: Path) -> Image.Image:
-    """Convert a mask image of any mode to mode L with values 0 or 255 (>127 is foreground)."""
+    """Convert a black-and-white mask of any mode to mode L with values 0 and 255.
+
+    Accepted: values 0 and 255 (after conversion to grayscale), or 0 and 1; 16-bit and 32-bit
+    masks also 0 and their maximum (65535). Anything else (grey anti-aliased or JPEG edges, a
+    colour drawing) is an error: thresholding it silently would guess the subject's outline.
+    """
     try:
         if img.mode in _SIXTEEN_BIT_MODES or img.mode in {"I", "F"}:
-            img = _to_uint8(img)
-        gray = img.convert("L")
+            values = np.asarray(img)
+            foregrounds = (1, 255, 65535)
+        else:
+            values = np.asarray(img.convert("L"))
+            foregrounds = (1, 255)
     except ValueError as exc:
         raise SidpipeError(
-            f"{path}: mask mode {img.mode} cannot be read ({exc}); save it as 8-bit grayscale"
+            f"{path}: mask mode {img.mode} cannot be read ({exc}); save it as a black-and-white "
+            "PNG with values 0 and 255"
         ) from exc
-    binary = gray.point(lambda value: 255 if value > 127 else 0)
+    present = np.unique(values)
+    if not any(np.isin(present, (0, fg)).all() for fg in foregrounds):
+        shown = ", ".join(f"{v:g}" for v in present[:6].tolist())
+        more = ", ..." if present.size > 6 else ""
+        raise SidpipeError(
+            f"{path}: mask is not black-and-white: it has {present.size} distinct values "
+            f"({shown}{more}); save it as a black-and-white PNG with values 0 and 255 "
+            "(white = subject), without anti-aliasing or JPEG compression"
+        )
+    binary = Image.fromarray(np.where(values > 0, 255, 0).astype(np.uint8))
     binary.info = {}
     return binary
 
@@ -283,8 +301,8 @@ def _prepare_mask(
             f"{source} ({source_size[0]}x{source_size[1]}, after EXIF orientation); "
             "re-export the mask at the image's size and orientation, or delete it"
         )
-    # Thresholding is pointwise and NEAREST only picks pixels, so the order does not matter;
-    # binarising first means resize never sees exotic modes.
+    # Checking first means an error names the user's file, and resize never sees exotic modes;
+    # NEAREST only picks pixels, so the resized mask stays 0/255.
     return center_crop_resize(
         _to_binary_mask(mask, mask_path), resolution, Image.Resampling.NEAREST
     )

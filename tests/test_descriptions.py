@@ -1,0 +1,342 @@
+"""Tests for sidpipe.descriptions (stage `describe_references`): templates, hand-written files,
+validation of [V], instructions and cache keys. No model or network is used here."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidpipe.descriptions import (
+    FIELDS,
+    PLACEHOLDER,
+    cache_key,
+    caption_to_description,
+    check_description,
+    count_tokens,
+    describe_references,
+    fill_instruction,
+    load_base_tokenizer,
+    load_instructions,
+    retry_instruction,
+    sha256_text,
+    template_description,
+)
+from sidpipe.io import SidpipeError, read_csv, sha256_file
+from sidpipe.models import train_clip_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "demo" / "subjects"
+CLASSES = {"red_mug": "mug", "toy_robot": "robot", "spotted_dog": "dog"}
+KINDS = {"red_mug": "object", "toy_robot": "object", "spotted_dog": "live"}
+# The base tokenizer learns the demo's words, as the demo's own tiny tokenizer does.
+CORPUS = [
+    text
+    for subject in CLASSES
+    for entry in yaml.safe_load((DEMO / subject / "descriptions.yaml").read_text()).values()
+    for text in entry.values()
+] + ["a painting in the style of sks art"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A base-model folder holding only what the stage reads: <dir>/tokenizer."""
+    root = tmp_path_factory.mktemp("base")
+    train_clip_tokenizer(CORPUS, root / "tokenizer")
+    return str(root)
+
+
+def make_references(root: Path, subject: str = "red_mug", count: int = 4) -> Path:
+    """A prepared references folder: <image_id>.png + manifest.csv naming the demo sources."""
+    refs = root / "references" / subject
+    refs.mkdir(parents=True)
+    rows = []
+    for n in range(1, count + 1):
+        source = DEMO / subject / f"{n:02d}.png"
+        image_id = f"img{n}"  # differs from the source stem on purpose
+        shutil.copyfile(source, refs / f"{image_id}.png")
+        rows.append(
+            {
+                "subject": subject,
+                "image_id": image_id,
+                "path": f"{image_id}.png",
+                "sha256": sha256_file(refs / f"{image_id}.png"),
+                "source_path": str(source.relative_to(REPO)),
+            }
+        )
+    with open(refs / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return refs
+
+
+def run(tmp_path: Path, base: str, refs: Path, **kwargs) -> list[dict]:
+    args = {
+        "references_dir": refs,
+        "out_csv": tmp_path / "out" / "descriptions.csv",
+        "cache_dir": tmp_path / "cache",
+        "subject": "red_mug",
+        "class_name": "mug",
+        "kind": "object",
+        "description_set": "set",
+        "case": 1,
+        "vlm": None,
+        "tokenizer": base,
+    }
+    return describe_references(**{**args, **kwargs})
+
+
+# --- templates and hand-written files --------------------------------------------------------
+
+
+def test_case1_template(tmp_path: Path, base: str) -> None:
+    rows = run(tmp_path, base, make_references(tmp_path))
+    out = tmp_path / "out" / "descriptions.csv"
+    with open(out, newline="") as handle:
+        assert next(csv.reader(handle)) == FIELDS
+    saved = read_csv(out)
+    assert [r["description"] for r in saved] == ["a [V] mug"] * 4
+    assert {r["source"] for r in saved} == {"template"}
+    assert [r["image_id"] for r in saved] == ["img1", "img2", "img3", "img4"]
+    assert (
+        saved[0]["image_sha256"]
+        == rows[0]["image_sha256"]
+        == sha256_file(tmp_path / "references" / "red_mug" / "img1.png")
+    )
+    assert int(saved[0]["token_count"]) == count_tokens(load_base_tokenizer(base), "a [V] mug")
+    assert saved[0]["instruction_sha256"] == "" and saved[0]["cached"] == "False"
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def test_case1_style(tmp_path: Path, base: str) -> None:
+    rows = run(tmp_path, base, make_references(tmp_path), kind="style", class_name="painting")
+    assert {r["description"] for r in rows} == {"A painting in the style of [V] art"}
+    assert template_description("x", style=True) == "A painting in the style of [V] art"
+
+
+@pytest.mark.parametrize("subject", sorted(CLASSES))
+@pytest.mark.parametrize("case", [1, 2, 3, 4])
+def test_manual_backend_reads_demo_files(
+    tmp_path: Path, base: str, subject: str, case: int
+) -> None:
+    refs = make_references(tmp_path, subject)
+    manual_file = DEMO / subject / "descriptions.yaml"
+    expected = yaml.safe_load(manual_file.read_text())
+    rows = run(
+        tmp_path,
+        base,
+        refs,
+        subject=subject,
+        class_name=CLASSES[subject],
+        kind=KINDS[subject],
+        case=case,
+        vlm={"name": "manual", "backend": "manual", "model": "descriptions.yaml"},
+        manual_file=manual_file,
+    )
+    # Matched by the source stem (01..04), not by the prepared image id (img1..img4).
+    assert [r["description"] for r in rows] == [
+        expected[f"{n:02d}"][f"case{case}"] for n in range(1, 5)
+    ]
+    assert {r["source"] for r in rows} == {"manual"}
+    assert all(0 < r["token_count"] <= 77 for r in rows)
+
+
+def test_manual_entry_overrides_a_model(
+    tmp_path: Path, base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No key and no server: any request would fail, so success proves none was sent.
+    monkeypatch.delenv("SIDPIPE_NO_SUCH_KEY", raising=False)
+    vlm = {
+        "name": "gpt",
+        "backend": "openai",
+        "model": "gpt-4o",
+        "base_url": "http://127.0.0.1:9/v1",
+        "api_key_env": "SIDPIPE_NO_SUCH_KEY",
+    }
+    rows = run(
+        tmp_path,
+        base,
+        make_references(tmp_path),
+        case=3,
+        vlm=vlm,
+        manual_file=DEMO / "red_mug" / "descriptions.yaml",
+    )
+    assert {r["source"] for r in rows} == {"manual"}
+    assert rows[0]["description"].startswith("a [V] mug on a blue and white checkered")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_manual_missing_entry_names_file_image_and_case(tmp_path: Path, base: str) -> None:
+    data = yaml.safe_load((DEMO / "red_mug" / "descriptions.yaml").read_text())
+    del data["03"]["case3"]
+    manual_file = tmp_path / "descriptions.yaml"
+    manual_file.write_text(yaml.safe_dump(data))
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with pytest.raises(SidpipeError) as err:
+        run(tmp_path, base, make_references(tmp_path), case=3, vlm=vlm, manual_file=manual_file)
+    assert str(manual_file) in str(err.value)
+    assert "image 03" in str(err.value) and "case 3" in str(err.value)
+    assert not (tmp_path / "out" / "descriptions.csv").exists()
+
+
+def test_manual_backend_without_file(tmp_path: Path, base: str) -> None:
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with pytest.raises(SidpipeError, match="does not exist"):
+        run(
+            tmp_path,
+            base,
+            make_references(tmp_path),
+            case=2,
+            vlm=vlm,
+            manual_file=tmp_path / "nope.yaml",
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("a cup on a table", 'does not contain the word "mug"'),
+        ("a [V] [V] mug", "appears 2 times"),
+        ("a very long " + "very " * 80 + "[V] mug", "tokens"),
+    ],
+)
+def test_manual_entry_is_validated(tmp_path: Path, base: str, text: str, reason: str) -> None:
+    manual_file = tmp_path / "descriptions.yaml"
+    manual_file.write_text(yaml.safe_dump({f"{n:02d}": {"case2": text} for n in range(1, 5)}))
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with pytest.raises(SidpipeError) as err:
+        run(tmp_path, base, make_references(tmp_path), case=2, vlm=vlm, manual_file=manual_file)
+    assert reason in str(err.value) and "image 01" in str(err.value)
+
+
+def test_case_above_one_needs_a_vlm(tmp_path: Path, base: str) -> None:
+    with pytest.raises(SidpipeError, match=r"descriptions\.set: case 3 needs a `vlm`"):
+        run(tmp_path, base, make_references(tmp_path), case=3)
+
+
+def test_stale_manifest_is_refused(tmp_path: Path, base: str) -> None:
+    refs = make_references(tmp_path)
+    shutil.copyfile(DEMO / "red_mug" / "02.png", refs / "img1.png")
+    with pytest.raises(SidpipeError, match="rerun prepare_references"):
+        run(tmp_path, base, refs)
+
+
+def test_missing_tokenizer_names_the_config_key(tmp_path: Path) -> None:
+    with pytest.raises(SidpipeError, match=r"models\.base"):
+        run(tmp_path, str(tmp_path / "no_model"), make_references(tmp_path))
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "fixed"),
+    [
+        ("a [V] mug on a table", "a [V] mug on a table"),
+        ("A red Mug on a table", "A red [V] Mug on a table"),  # inserted, case-insensitive
+        ("two mugs on a shelf", "two [V] mugs on a shelf"),  # plural
+        ('"a mug, another mug"\n', "a [V] mug, another mug"),  # first mention, quotes stripped
+        ("a [v] mug", "a [V] mug"),
+        ("a [V]mug", "a [V] mug"),
+        ("Caption: a [V] mug.", "a [V] mug."),
+        ("a [V] toy car on a road", "a [V] toy car on a road"),
+    ],
+)
+def test_check_description_accepts(text: str, fixed: str) -> None:
+    noun = "toy car" if "car" in text else "mug"
+    assert check_description(text, noun) == (fixed, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("a cup on a table", 'does not contain the word "mug"'),
+        ("a teacup and a mugshot", 'does not contain the word "mug"'),  # whole words only
+        ("a [V] mug next to a [V] mug", "appears 2 times"),
+        ("a [V] red mug", 'is not directly before "mug"'),
+        ("a [V] on a table", 'is not directly before "mug"'),
+        ("   ", "empty"),
+    ],
+)
+def test_check_description_rejects(text: str, reason: str) -> None:
+    _, problem = check_description(text, "mug")
+    assert problem is not None and reason in problem
+
+
+def test_caption_to_description() -> None:
+    assert caption_to_description("a red mug on a table", "mug") == "a red [V] mug on a table"
+    assert caption_to_description("a cup on a table.", "mug") == "a [V] mug, a cup on a table"
+    assert caption_to_description("", "mug") == "a [V] mug"
+    assert caption_to_description("a woman with a hat", "painting", style=True) == (
+        "A painting in the style of [V] art, a woman with a hat"
+    )
+
+
+def test_count_tokens_uses_the_identifier(base: str) -> None:
+    tokenizer = load_base_tokenizer(base)
+    # BOS + "sks" + "mug"... with [V] replaced: the identifier, not the 3 symbols "[", "v", "]".
+    assert count_tokens(tokenizer, "[V]", "sks") == len(tokenizer("sks")["input_ids"])
+    assert count_tokens(tokenizer, "a [V] mug") < count_tokens(tokenizer, "a [V] mug " * 3)
+
+
+# --- instructions and cache keys ----------------------------------------------------------------
+
+
+def test_instructions_are_filled_for_every_case() -> None:
+    assert isinstance(load_instructions()["version"], int)
+    texts = set()
+    for case in (2, 3, 4):
+        for style in (False, True):
+            text = fill_instruction(case, "mug", style=style)
+            assert PLACEHOLDER in text and "{" not in text
+            assert ("[V] art" in text) if style else ('"[V] mug"' in text)
+            texts.add(text)
+    assert len(texts) == 6
+    plain = fill_instruction(3, "dog")
+    with_expression = fill_instruction(3, "dog", expression=True)
+    assert with_expression.startswith(plain) and "facial expression" in with_expression
+    with pytest.raises(SidpipeError):
+        fill_instruction(1, "mug")
+
+
+def test_instruction_sha_changes_with_the_class() -> None:
+    assert sha256_text(fill_instruction(3, "mug")) != sha256_text(fill_instruction(3, "cup"))
+    assert sha256_text(fill_instruction(3, "mug")) == sha256_text(fill_instruction(3, "mug"))
+
+
+def test_retry_instruction_quotes_answer_and_reason() -> None:
+    text = retry_instruction("INSTRUCTION", "a cup {x}", "no mug")
+    assert text.startswith("INSTRUCTION\n\n") and "a cup {x}" in text and "no mug" in text
+
+
+def test_cache_key_changes_with_each_field() -> None:
+    fields = {
+        "image_sha256": "a" * 64,
+        "backend": "openai",
+        "model": "gpt-4o",
+        "base_url": "https://api.openai.com/v1",
+        "instruction_sha256": "b" * 64,
+        "case": 3,
+        "settings": {"temperature": 0.0, "max_new_tokens": 200},
+    }
+    key = cache_key(**fields)
+    assert key == cache_key(**fields) and len(key) == 64
+    changed = {
+        "image_sha256": "c" * 64,
+        "backend": "transformers",
+        "model": "gpt-4o-mini",
+        "base_url": "http://localhost:8000/v1",
+        "instruction_sha256": "d" * 64,
+        "case": 4,
+        "settings": {"temperature": 0.0, "max_new_tokens": 100},
+    }
+    keys = {key}
+    for name, value in changed.items():
+        keys.add(cache_key(**{**fields, name: value}))
+    keys.add(cache_key(**{**fields, "settings": {"temperature": 0.5, "max_new_tokens": 200}}))
+    keys.add(cache_key(**{**fields, "settings": {**fields["settings"], "mode": "chat"}}))
+    assert len(keys) == len(changed) + 3
