@@ -15,6 +15,7 @@ include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/references.smk"
 include: "rules/masks.smk"
+include: "rules/descriptions.smk"
 include: "rules/experiments.smk"
 
 

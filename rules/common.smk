@@ -96,6 +96,80 @@ def segmentation_settings(wildcards):
     return settings
 
 
+def vlm_entry(descriptions):
+    """The VLM entry of a description set, with its name; None for Case 1."""
+    name = config["descriptions"][descriptions].get("vlm")
+    return {"name": name, **config["vlms"][name]} if name else None
+
+
+def vlm_backend(descriptions):
+    entry = vlm_entry(descriptions)
+    return entry["backend"] if entry else "template"
+
+
+def manual_descriptions_file(subject, descriptions):
+    """Hand-written descriptions next to a local subject's images (they override any VLM)."""
+    row = SUBJECTS[subject]
+    if row["source"] != "local":
+        return None
+    entry = vlm_entry(descriptions)
+    name = (
+        entry["model"]
+        if entry and entry["backend"] == "manual"
+        else "descriptions.yaml"
+    )
+    path = Path(row["images"]) / name
+    return (
+        str(path) if path.exists() or (entry and entry["backend"] == "manual") else None
+    )
+
+
+def manual_descriptions_input(wildcards):
+    path = manual_descriptions_file(wildcards.subject, wildcards.descriptions)
+    return [path] if path else []
+
+
+def vlm_model_input(wildcards):
+    entry = vlm_entry(wildcards.descriptions)
+    if entry and entry["backend"] == "transformers" and Path(entry["model"]).exists():
+        return [entry["model"]]
+    return []
+
+
+def description_settings(wildcards):
+    """Arguments of sidpipe.descriptions.describe_references (no secrets: only env var names)."""
+    row = SUBJECTS[wildcards.subject]
+    entry = config["descriptions"][wildcards.descriptions]
+    limits = config.get("description_limits", {})
+    return {
+        "class_name": row["class"],
+        "kind": row["kind"],
+        "case": entry["case"],
+        "vlm": vlm_entry(wildcards.descriptions),
+        "tokenizer": config["models"]["base"],
+        "style": entry.get("style", False),
+        "expression": entry.get("expression", False),
+        "manual_file": manual_descriptions_file(
+            wildcards.subject, wildcards.descriptions
+        ),
+        "max_text_tokens": limits.get("max_text_tokens", 77),
+        "max_attempts": limits.get("max_attempts", 3),
+        "identifier": config["identifier"],
+    }
+
+
+def description_sets_of(subject):
+    """Description sets a subject's arms train on, plus those their negative prompts use."""
+    sets = set()
+    for arm, arm_subject in ARM_SUBJECTS:
+        if arm_subject == subject:
+            sets.add(arm.descriptions)
+            negative = config["inference"][arm.inference].get("negative_prompt_from")
+            if negative:
+                sets.add(negative)
+    return sorted(sets)
+
+
 def tokenizer_corpus_files():
     """Texts the tiny tokenizer learns from: the prompts and the subjects' descriptions."""
     files = [config["prompts"], config["subjects"]]
@@ -133,6 +207,7 @@ def all_targets():
     targets = [
         "results/references/summary.csv",
         *expand("results/masks/{subject}/manifest.csv", subject=SUBJECTS),
+        *expand("results/descriptions/report/{subject}.html", subject=SUBJECTS),
         "results/experiments/arms.csv",
     ]
     if TINY_MODELS:

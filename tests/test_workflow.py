@@ -81,10 +81,12 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         "download_dataset": 3,
         "prepare_references": 15,
         "segment_references": 15,
+        "describe_references": 15 * 6,  # case1, case2, sid, case4, sid_llava, sid_blip2
+        "descriptions_report": 15,
         "summarize_references": 1,
         "plan_experiments": 1,
         "all": 1,
-        "total": 36,
+        "total": 141,
     }
 
 
@@ -120,10 +122,26 @@ def test_demo_outputs(demo_run):
         masks = list(csv.DictReader(open(demo_run / f"results/masks/{subject}/manifest.csv")))
         assert [r["backend"] for r in masks] == [backend] * 4
         assert Image.open(demo_run / f"results/masks/{subject}/overlays.png").width > 0
+    described = {
+        p.parent.name + "/" + p.stem for p in (demo_run / "results/descriptions").glob("*/*.csv")
+    }
+    assert described == {
+        *(
+            f"{s}/{subject}"
+            for s in ("case1", "sid")
+            for subject in ("red_mug", "toy_robot", "spotted_dog")
+        ),
+        "case2/red_mug",
+        "case4/red_mug",
+    }
+    sid = list(csv.DictReader(open(demo_run / "results/descriptions/sid/red_mug.csv")))
+    assert all(r["description"].count("[V] mug") == 1 and r["source"] == "manual" for r in sid)
+    page = (demo_run / "results/descriptions/report/red_mug.html").read_text()
+    assert page.count("<img") == 4 and "sid (case 3)" in page
     for name in ("sd", "clip", "dino", "grounding_dino", "sam"):
         assert (demo_run / "results/models/tiny" / name).is_dir()
-    for rule in ("prepare_references", "segment_references", "plan_experiments"):
-        assert list((demo_run / "results/logs" / rule).glob("*.log")), rule
+    for rule in ("prepare_references", "segment_references", "describe_references"):
+        assert list((demo_run / "results/logs" / rule).rglob("*.log")), rule
     assert scheduled_jobs(demo_run) == []  # a finished run is complete
 
 

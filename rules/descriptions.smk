@@ -1,0 +1,52 @@
+rule describe_references:
+    input:
+        references="results/references/{subject}/manifest.csv",
+        manual=manual_descriptions_input,
+        tokenizer=lambda wildcards: model_input("base"),
+        vlm=vlm_model_input,
+    output:
+        "results/descriptions/{descriptions}/{subject}.csv",
+    log:
+        "results/logs/describe_references/{descriptions}/{subject}.log",
+    benchmark:
+        "results/benchmarks/describe_references/{descriptions}/{subject}.tsv"
+    conda:
+        "../envs/gpu.yaml"
+    resources:
+        gpu=lambda wildcards: int(vlm_backend(wildcards.descriptions) == "transformers"),
+        mem_mb=lambda wildcards: (
+            40000 if vlm_backend(wildcards.descriptions) == "transformers" else 2000
+        ),
+        runtime=60,
+    params:
+        settings=description_settings,
+    script:
+        "../workflow_scripts/describe_references.py"
+
+
+rule descriptions_report:
+    input:
+        references="results/references/{subject}/manifest.csv",
+        descriptions=lambda wildcards: expand(
+            "results/descriptions/{descriptions}/{subject}.csv",
+            descriptions=description_sets_of(wildcards.subject),
+            subject=wildcards.subject,
+        ),
+    output:
+        report(
+            "results/descriptions/report/{subject}.html",
+            caption="report/descriptions.rst",
+            category="Descriptions",
+            subcategory="{subject}",
+            labels={"subject": "{subject}", "table": "descriptions per image"},
+        ),
+    log:
+        "results/logs/descriptions_report/{subject}.log",
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../workflow_scripts/descriptions_report.py"
