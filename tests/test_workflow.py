@@ -19,13 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 # Rules that gather over subjects or arms: any change upstream may reschedule them.
 GATHERS = {"all", "summarize_references", "plan_experiments"}
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     config = workdir / "config.yaml"
     cmd = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(config), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=600
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -68,7 +70,7 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         [*SNAKEMAKE, "--directory", str(REPO), "--dry-run", "--quiet", "rules"],
         capture_output=True,
         text=True,
-        env=ENV,
+        env={**os.environ, **ENV},
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -97,7 +99,7 @@ def test_lint_is_clean(config):
         [*SNAKEMAKE, "--lint", "--directory", str(workdir), "--configfile", str(REPO / config)],
         capture_output=True,
         text=True,
-        env=ENV,
+        env={**os.environ, **ENV},
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -219,3 +221,45 @@ def test_bad_reference_folder_fails_the_job_without_partial_output(tmp_path):
     assert not (workdir / "results/references/red_mug").exists() or not any(
         (workdir / "results/references/red_mug").iterdir()
     )
+
+
+def test_api_key_never_reaches_any_output_or_the_report(tmp_path, monkeypatch):
+    """SID through a real OpenAI-compatible server: the planted key is nowhere on disk after."""
+    from test_vlm_openai import KEY_ENV, SECRET, FakeServer
+
+    server = FakeServer(lambda body, n: ("text", "a [V] mug on a blue checkered tablecloth"))
+    try:
+        workdir = copy_demo(tmp_path / "w")
+        for description_file in (workdir / "subjects").glob("*/descriptions.yaml"):
+            description_file.unlink()  # manual entries would override the VLM
+        (workdir / "subjects.tsv").write_text(
+            "subject\tclass\tkind\timages\tsource\tmask_backend\n"
+            "red_mug\tmug\tobject\tsubjects/red_mug\tlocal\tprovided\n"
+        )
+        config = yaml.safe_load((workdir / "config.yaml").read_text())
+        config["vlms"] = {
+            "fake": {
+                "backend": "openai",
+                "model": "gpt-4o",
+                "base_url": server.url,
+                "api_key_env": KEY_ENV,
+                "backoff_base": 0.01,
+            }
+        }
+        config["descriptions"] = {"case1": {"case": 1}, "sid": {"case": 3, "vlm": "fake"}}
+        config["experiments"] = {"main": [{"methods": ["dreambooth"], "descriptions": ["sid"]}]}
+        config["inference"] = {"standard": {}}
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        monkeypatch.setenv(KEY_ENV, SECRET)
+        snakemake(workdir, "--cores", "2")
+        snakemake(workdir, "--report", str(workdir / "report.html"))
+    finally:
+        server.close()
+    assert len(server.requests) == 4
+    assert all(r["headers"]["authorization"] == f"Bearer {SECRET}" for r in server.requests)
+    rows = list(csv.DictReader(open(workdir / "results/descriptions/sid/red_mug.csv")))
+    assert [r["source"] for r in rows] == ["vlm"] * 4
+    files = [p for p in workdir.rglob("*") if p.is_file()]
+    assert workdir / "report.html" in files and len(files) > 50
+    leaked = [p for p in files if SECRET.encode() in p.read_bytes()]
+    assert leaked == []
