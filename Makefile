@@ -25,7 +25,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml --directory demo
-	@echo "Demo results are in demo/results/ (references, experiments, models, logs)."
+	$(BIN)/snakemake --configfile demo/config.yaml --directory demo --report results/report.html
+	@echo "Demo results are in demo/results/ (references, masks, descriptions, experiments, logs);"
+	@echo "the Snakemake report is demo/results/report.html."
 
 test: install
 	$(BIN)/pytest -q
