@@ -668,9 +668,8 @@ def write_descriptions_table(
     sets: dict[str, dict[str, str]] = {}
     for path in description_csvs:
         for row in read_csv(path):
-            sets.setdefault(f"{row['descriptions']} (case {row['case']})", {})[
-                row["image_id"]
-            ] = row["description"]
+            column = sets.setdefault(f"{row['descriptions']} (case {row['case']})", {})
+            column[row["image_id"]] = row["description"]
     header = "".join(f"<th>{html.escape(name)}</th>" for name in sets)
     body = []
     for ref in read_csv(Path(references_dir) / "manifest.csv"):
