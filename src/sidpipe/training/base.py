@@ -1,0 +1,139 @@
+"""The contract between the training loop and the personalization methods.
+
+A method (`Trainer` subclass) decides what trains, how `[V]` becomes text, and how its result is
+saved and loaded back over a base pipeline. The loop (`sidpipe.training.loop`) owns data,
+latents, noise, optimizer, checkpoints and logging, and calls `diffusion_loss` for every step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PLACEHOLDER = "[V]"
+
+
+@dataclass
+class Batch:
+    """One optimisation step's inputs, already on the device.
+
+    latents: (B, 4, h, w) VAE latents times the VAE scaling factor.
+    input_ids: (B, 77) token ids of each image's own caption.
+    is_prior: (B,) True for class (prior-preservation) images.
+    masks: (B, 1, h, w) subject masks at latent resolution in [0, 1], or None (unmasked loss).
+    """
+
+    latents: torch.Tensor
+    input_ids: torch.Tensor
+    is_prior: torch.Tensor
+    masks: torch.Tensor | None = None
+
+
+def prediction_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet must predict, read from the scheduler config (never assumed)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config")
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    batch: Batch,
+    encoder_hidden_states: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    prior_loss_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DreamBooth's objective: instance MSE (mask-weighted when masks are given) plus
+    `prior_loss_weight` x class-image MSE. Returns the loss and its parts for the log."""
+    noisy = scheduler.add_noise(batch.latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    target = prediction_target(scheduler, batch.latents, noise, timesteps)
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    instance = ~batch.is_prior
+    parts: dict[str, float] = {}
+    loss = pred.new_zeros((), dtype=torch.float32)
+    if instance.any():
+        err = error[instance]
+        if batch.masks is not None:
+            # Break-a-Scene style: only the subject's pixels teach [V].
+            weight = batch.masks[instance].expand_as(err)
+            inst = (err * weight).sum() / weight.sum().clamp_min(1e-8)
+        else:
+            inst = err.mean()
+        loss = loss + inst
+        parts["instance_loss"] = float(inst.detach())
+    if batch.is_prior.any():
+        prior = error[batch.is_prior].mean()
+        loss = loss + prior_loss_weight * prior
+        parts["prior_loss"] = float(prior.detach())
+    return loss, parts
+
+
+class Trainer(ABC):
+    """One personalization method. Subclasses set `algorithm` and implement the hooks.
+
+    `components` is `sidpipe.models.load_sd_components(...)`'s namespace (tokenizer,
+    text_encoder, vae, unet, noise_scheduler); `settings` is the method's config entry.
+    """
+
+    algorithm: str = ""
+    #: weights file(s) the method writes; the loop checks they exist after `save`.
+    weight_files: tuple[str, ...] = ()
+
+    def __init__(
+        self, components: SimpleNamespace, settings: dict, identifier: str, class_name: str
+    ) -> None:
+        self.c = components
+        self.settings = settings
+        self.identifier = identifier
+        self.class_name = class_name
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """False lets the loop cache text embeddings (the text encoder is then frozen)."""
+        return False
+
+    def caption(self, description: str) -> str:
+        """The text the model sees for a description holding the `[V]` placeholder."""
+        return description.replace(PLACEHOLDER, self.identifier)
+
+    @abstractmethod
+    def prepare(self) -> list[dict]:
+        """Freeze the base model, make this method's parameters trainable (adding tokens or
+        adapters if needed) and return optimizer parameter groups, each with its `lr`."""
+
+    def after_step(self) -> None:  # noqa: B027 (optional hook)
+        """Called after each optimizer step (e.g. to keep non-trained embedding rows fixed)."""
+
+    @abstractmethod
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything that training changes, for checkpoints (CPU tensors)."""
+
+    @abstractmethod
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `trainable_state` (resuming from a checkpoint)."""
+
+    @abstractmethod
+    def save(self, out_dir: Path) -> None:
+        """Write the final weights into `out_dir` so the standard diffusers API (or this
+        method's documented `load_into`) applies them over the base model."""
+
+    @staticmethod
+    @abstractmethod
+    def load_into(pipe: Any, weights_dir: Path) -> Any:
+        """Apply weights written by `save` to a base pipeline (in place); return it."""
