@@ -16,6 +16,7 @@ include: "rules/models.smk"
 include: "rules/references.smk"
 include: "rules/masks.smk"
 include: "rules/descriptions.smk"
+include: "rules/training.smk"
 include: "rules/experiments.smk"
 
 

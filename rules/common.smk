@@ -31,6 +31,24 @@ TINY_MODELS = tiny_model_keys(config)
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
 
+
+def class_slug(class_name):
+    """Path-safe form of a class noun ("toy car" -> "toy_car")."""
+    return class_name.replace(" ", "_")
+
+
+CLASSES = {class_slug(row["class"]): row["class"] for row in SUBJECTS.values()}
+TRAINED = sorted(
+    {(arm.method, arm.descriptions, subject) for arm, subject in ARM_SUBJECTS}
+)
+FULL_FINETUNE = sorted(
+    {m for m, _, _ in TRAINED if config["methods"][m]["algorithm"] == "dreambooth"}
+)
+ADAPTER = sorted({m for m, _, _ in TRAINED} - set(FULL_FINETUNE))
+NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative
+FULL_FINETUNE_METHODS = "|".join(FULL_FINETUNE) or NEVER
+ADAPTER_METHODS = "|".join(ADAPTER) or NEVER
+
 logger.info(
     f"Experiment grid: {len(ARM_SUBJECTS)} arm x subject pairs, "
     f"{len({arm for arm, _ in ARM_SUBJECTS})} arms, {len(SUBJECTS)} subjects"
@@ -46,6 +64,7 @@ wildcard_constraints:
     method=NAME,
     descriptions=NAME,
     inference=NAME,
+    class_slug="|".join(CLASSES),
 
 
 def subject_images(wildcards):
@@ -170,6 +189,64 @@ def description_sets_of(subject):
     return sorted(sets)
 
 
+def class_image_settings(wildcards):
+    """Arguments of sidpipe.class_images.generate_class_images."""
+    settings = dict(config.get("class_images", {"count": 200}))
+    settings.update(
+        base_model=config["models"]["base"],
+        class_name=CLASSES[wildcards.class_slug],
+        resolution=config["references"]["resolution"],
+    )
+    return settings
+
+
+def method_settings(method):
+    return config["methods"][method]
+
+
+def training_inputs(wildcards):
+    """References, this arm's descriptions, and class images / masks when the method uses them."""
+    settings = method_settings(wildcards.method)
+    inputs = {
+        "references": f"results/references/{wildcards.subject}/manifest.csv",
+        "descriptions": f"results/descriptions/{wildcards.descriptions}/{wildcards.subject}.csv",
+        "model": model_input("base"),
+    }
+    if settings.get("prior_preservation"):
+        slug = class_slug(SUBJECTS[wildcards.subject]["class"])
+        inputs["class_images"] = f"results/class_images/{slug}/manifest.csv"
+    if settings.get("masked"):
+        inputs["masks"] = f"results/masks/{wildcards.subject}/manifest.csv"
+    return inputs
+
+
+def training_settings(wildcards):
+    """Arguments of sidpipe.training.loop.train_subject (except paths)."""
+    settings = method_settings(wildcards.method)
+    training = config.get("training", {})
+    return {
+        "algorithm": settings["algorithm"],
+        "settings": {k: v for k, v in settings.items() if k != "algorithm"},
+        "base_model": config["models"]["base"],
+        "identifier": config["identifier"],
+        "class_name": SUBJECTS[wildcards.subject]["class"],
+        "seed": training.get("seed", 0),
+        "mixed_precision": training.get("mixed_precision", "no"),
+        "checkpoint_every": training.get("checkpoint_every", 100),
+        "gradient_checkpointing": training.get("gradient_checkpointing", False),
+        "use_8bit_adam": training.get("use_8bit_adam", False),
+    }
+
+
+def weights_output_flag(path):
+    """temp() for full fine-tunes unless training.keep_full_weights is true."""
+    return (
+        path
+        if config.get("training", {}).get("keep_full_weights", True)
+        else temp(path)
+    )
+
+
 def tokenizer_corpus_files():
     """Texts the tiny tokenizer learns from: the prompts and the subjects' descriptions."""
     files = [config["prompts"], config["subjects"]]
@@ -209,6 +286,10 @@ def all_targets():
         *expand("results/masks/{subject}/manifest.csv", subject=SUBJECTS),
         *expand("results/descriptions/report/{subject}.html", subject=SUBJECTS),
         "results/experiments/arms.csv",
+    ]
+    targets += [
+        f"results/train/{method}/{descriptions}/{subject}/train_info.json"
+        for method, descriptions, subject in TRAINED
     ]
     if TINY_MODELS:
         targets.append("results/models/tiny")

@@ -95,6 +95,13 @@ def job_log(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
         logging.captureWarnings(True)
         old_out, old_err = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = handle
+        # Where the job ran: on a cluster this ties the log to the scheduler's job and GPU.
+        log.info(
+            "host=%s SLURM_JOB_ID=%s CUDA_VISIBLE_DEVICES=%s",
+            os.uname().nodename,
+            os.environ.get("SLURM_JOB_ID", "-"),
+            os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
+        )
         try:
             yield log
         except Exception:

@@ -1,0 +1,11 @@
+"""Snakemake adapter: rule class_images."""
+
+from pathlib import Path
+
+from sidpipe.io import job_log
+
+smk = snakemake  # noqa: F821
+with job_log(smk.log[0]):
+    from sidpipe.class_images import generate_class_images
+
+    generate_class_images(out_dir=Path(smk.output.manifest).parent, **smk.params.settings)
