@@ -17,6 +17,7 @@ include: "rules/references.smk"
 include: "rules/masks.smk"
 include: "rules/descriptions.smk"
 include: "rules/training.smk"
+include: "rules/sampling.smk"
 include: "rules/experiments.smk"
 
 

@@ -247,6 +247,82 @@ def weights_output_flag(path):
     )
 
 
+def negative_prompt_source(inference):
+    return config["inference"][inference].get("negative_prompt_from")
+
+
+def sample_inputs(wildcards):
+    """The arm's trained weights (+ the descriptions its negative prompt comes from)."""
+    run = (
+        f"results/train/{wildcards.method}/{wildcards.descriptions}/{wildcards.subject}"
+    )
+    inputs = {
+        "weights": f"{run}/weights",
+        "info": f"{run}/train_info.json",
+        "model": model_input("base"),
+    }
+    negative = negative_prompt_source(wildcards.inference)
+    if negative:
+        inputs["negative"] = f"results/descriptions/{negative}/{wildcards.subject}.csv"
+    return inputs
+
+
+def sample_settings(wildcards):
+    """Arguments of sidpipe.sampling.sample_arm besides paths and the arm's token."""
+    sampling = config["sampling"]
+    row = SUBJECTS[wildcards.subject]
+    return {
+        "base_model": config["models"]["base"],
+        "algorithm": config["methods"][wildcards.method]["algorithm"],
+        "templates": PROMPTS[row["kind"]],
+        "class_name": row["class"],
+        "seeds": list(range(sampling["seeds"])),
+        "steps": sampling["steps"],
+        "guidance_scale": sampling["guidance_scale"],
+        "resolution": sampling["resolution"],
+        "batch_size": sampling.get("batch_size", 10),
+        "dtype": sampling.get("dtype", "float16"),
+    }
+
+
+def attention_inputs(wildcards):
+    inputs = sample_inputs(wildcards)
+    inputs["detector"] = model_input("grounding_dino")
+    inputs["segmenter"] = model_input("sam")
+    return {key: value for key, value in inputs.items() if value}
+
+
+def attention_settings(wildcards):
+    settings = sample_settings(wildcards)
+    attention = config.get("attention", {"prompt_ids": [0], "seeds": [0]})
+    settings.pop("batch_size")
+    settings.update(
+        seeds=attention["seeds"],
+        prompt_ids=attention["prompt_ids"],
+        steps=attention.get("steps", settings["steps"]),
+        detector=config["models"].get("grounding_dino"),
+        segmenter=config["models"].get("sam"),
+        segmentation={
+            k: v
+            for k, v in config.get("segmentation", {}).items()
+            if k in ("box_threshold", "text_threshold", "box_mode")
+        },
+    )
+    return settings
+
+
+def compared_methods():
+    """(method, subject) pairs that have both a baseline (case1) and a SID arm."""
+    arms = {(arm.method, arm.descriptions, arm.inference, s) for arm, s in ARM_SUBJECTS}
+    return sorted(
+        {
+            (m, s)
+            for m, d, i, s in arms
+            if d == "case1" and i == "standard" and (m, "sid", "standard", s) in arms
+        }
+    )
+
+
 def tokenizer_corpus_files():
     """Texts the tiny tokenizer learns from: the prompts and the subjects' descriptions."""
     files = [config["prompts"], config["subjects"]]
@@ -288,9 +364,11 @@ def all_targets():
         "results/experiments/arms.csv",
     ]
     targets += [
-        f"results/train/{method}/{descriptions}/{subject}/train_info.json"
-        for method, descriptions, subject in TRAINED
+        f"results/{stage}/{arm.name}/{subject}/{name}"
+        for arm, subject in ARM_SUBJECTS
+        for stage, name in (("samples", "manifest.csv"), ("attention", "attention.csv"))
     ]
+    targets += [f"results/samples/compare/{m}/{s}.png" for m, s in compared_methods()]
     if TINY_MODELS:
         targets.append("results/models/tiny")
     return targets

@@ -85,10 +85,16 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         "segment_references": 15,
         "describe_references": 15 * 6,  # case1, case2, sid, case4, sid_llava, sid_blip2
         "descriptions_report": 15,
+        "class_images": 11,  # one per class noun, shared by its subjects and methods
+        "train_full_finetune": 15 * 7,  # dreambooth x 6 description sets + dreambooth_masked
+        "train": 15 * 6,  # custom_diffusion, svdiff, textual_inversion x {case1, sid}
+        "sample": 210,  # every arm x subject, the negative-prompt arm sharing its weights
+        "attention_maps": 210,
+        "compare_samples": 15 * 4,
         "summarize_references": 1,
         "plan_experiments": 1,
         "all": 1,
-        "total": 141,
+        "total": 827,
     }
 
 
@@ -119,7 +125,24 @@ def test_demo_outputs(demo_run):
         assert row["mask_path"]  # the demo ships ground-truth masks for every image
     arms = list(csv.DictReader(open(demo_run / "results/experiments/arms.csv")))
     assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives"}
-    assert sum(r["experiment"] == "main" for r in arms) == 8 * 3
+    assert sum(r["experiment"] == "main" for r in arms) == 8 + 2 * 2
+    assert len({(r["arm"], r["subject"]) for r in arms}) == 16
+    samples = list((demo_run / "results/samples").glob("*/*/*/*/manifest.csv"))
+    assert len(samples) == 16
+    for manifest in samples:
+        rows = list(csv.DictReader(open(manifest)))
+        assert len(rows) == 3 * 2  # prompts x seeds
+        assert all((manifest.parent / r["path"]).exists() for r in rows)
+        assert all("sks" not in r["prompt_plain"] for r in rows)
+    negative = demo_run / "results/samples/dreambooth/case1/negative_prompt/red_mug/manifest.csv"
+    assert "tablecloth" in next(csv.DictReader(open(negative)))["negative_prompt"]
+    attention = list((demo_run / "results/attention").glob("*/*/*/*/attention.csv"))
+    assert len(attention) == 16
+    weights = demo_run / "results/train/svdiff/sid/red_mug/weights"
+    assert (weights / "spectral_shifts.safetensors").exists()
+    # full fine-tunes are temp() in the demo (keep_full_weights: false): gone after sampling
+    assert not (demo_run / "results/train/dreambooth/sid/red_mug/weights").exists()
+    assert len(list((demo_run / "results/samples/compare").glob("*/*.png"))) == 4 + 2
     for subject, backend in [("red_mug", "provided"), ("toy_robot", "grounded_sam")]:
         masks = list(csv.DictReader(open(demo_run / f"results/masks/{subject}/manifest.csv")))
         assert [r["backend"] for r in masks] == [backend] * 4

@@ -12,7 +12,9 @@ with job_log(smk.log[0]):
     train_subject(
         references_dir=Path(smk.input.references).parent,
         descriptions_csv=Path(smk.input.descriptions),
-        class_images_dir=Path(smk.input.class_images).parent if "class_images" in smk.input.keys() else None,
+        class_images_dir=Path(smk.input.class_images).parent
+        if "class_images" in smk.input.keys()
+        else None,
         masks_dir=Path(smk.input.masks).parent if "masks" in smk.input.keys() else None,
         out_dir=run_dir,
         # outside the outputs: Snakemake keeps it when a job dies, so the rerun resumes

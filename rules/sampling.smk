@@ -1,0 +1,91 @@
+rule sample:
+    input:
+        unpack(sample_inputs),
+    output:
+        manifest="results/samples/{method}/{descriptions}/{inference}/{subject}/manifest.csv",
+        grid=report(
+            "results/samples/{method}/{descriptions}/{inference}/{subject}/grid.png",
+            caption="report/samples_grid.rst",
+            category="Samples",
+            subcategory="{subject}",
+            labels={
+                "method": "{method}",
+                "descriptions": "{descriptions}",
+                "inference": "{inference}",
+            },
+        ),
+    log:
+        "results/logs/sample/{method}/{descriptions}/{inference}/{subject}.log",
+    benchmark:
+        "results/benchmarks/sample/{method}/{descriptions}/{inference}/{subject}.tsv"
+    conda:
+        "../envs/gpu.yaml"
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=120,
+    params:
+        settings=sample_settings,
+    script:
+        "../workflow_scripts/sample.py"
+
+
+rule compare_samples:
+    input:
+        baseline="results/samples/{method}/case1/standard/{subject}/manifest.csv",
+        sid="results/samples/{method}/sid/standard/{subject}/manifest.csv",
+    output:
+        report(
+            "results/samples/compare/{method}/{subject}.png",
+            caption="report/compare_samples.rst",
+            category="Samples",
+            subcategory="{subject}",
+            labels={"method": "{method}", "figure": "baseline vs SID"},
+        ),
+    log:
+        "results/logs/compare_samples/{method}/{subject}.log",
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=10,
+    params:
+        prompt_ids=lambda wildcards: list(
+            range(config["sampling"]["prompts_per_subject"])
+        ),
+        seed=0,
+    script:
+        "../workflow_scripts/compare_samples.py"
+
+
+rule attention_maps:
+    input:
+        unpack(attention_inputs),
+    output:
+        table="results/attention/{method}/{descriptions}/{inference}/{subject}/attention.csv",
+        grid=report(
+            "results/attention/{method}/{descriptions}/{inference}/{subject}/overlays.png",
+            caption="report/attention.rst",
+            category="Attention",
+            subcategory="{subject}",
+            labels={
+                "method": "{method}",
+                "descriptions": "{descriptions}",
+                "inference": "{inference}",
+            },
+        ),
+    log:
+        "results/logs/attention_maps/{method}/{descriptions}/{inference}/{subject}.log",
+    benchmark:
+        "results/benchmarks/attention_maps/{method}/{descriptions}/{inference}/{subject}.tsv"
+    conda:
+        "../envs/gpu.yaml"
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=60,
+    params:
+        settings=attention_settings,
+    script:
+        "../workflow_scripts/attention_maps.py"

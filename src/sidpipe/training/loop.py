@@ -1,0 +1,546 @@
+"""Stage `train`: fine-tune one method on one subject's references and their own descriptions.
+
+The loop owns everything method-independent: data, cached latents/text, noise, timesteps,
+optimizer, mixed precision, checkpoints (a killed job resumes bit-exactly) and the outputs.
+A `Trainer` (see `base.py`) decides what trains and how it is saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sidpipe.io import SidpipeError, atomic_dir, log, write_csv
+from sidpipe.models import load_sd_components, pick_device
+from sidpipe.training import trainer_class
+from sidpipe.training.base import PLACEHOLDER, Batch, Trainer, diffusion_loss
+from sidpipe.training.data import (
+    LatentSource,
+    TextCache,
+    TrainingSet,
+    read_training_set,
+    tokenize,
+    warn_truncated,
+)
+
+LOG_FIELDS = ["step", "loss", "lr", "instance_loss", "prior_loss"]
+CHECKPOINT_VERSION = 1
+MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# AdamW as in diffusers' DreamBooth / LoRA / TI scripts; a method's settings may override.
+ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+MAX_GRAD_NORM = 1.0
+
+
+# --- randomness -----------------------------------------------------------------------------
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def stream_indices(n: int, seed: int, step: int, batch_size: int, salt: int) -> list[int]:
+    """Images for `step`: positions step*B .. step*B+B-1 of an endless stream that visits all
+    `n` images once per epoch in a fresh seeded order. A pure function of its arguments, so a
+    resumed job needs no iterator state."""
+    out, cache = [], {}
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, k = divmod(position, n)
+        if epoch not in cache:
+            generator = torch.Generator().manual_seed(_derived_seed(seed, salt, epoch))
+            cache[epoch] = torch.randperm(n, generator=generator).tolist()
+        out.append(cache[epoch][k])
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in Path(checkpoint_dir).glob("checkpoint-*.pt"):
+        with contextlib.suppress(ValueError):
+            found.append((int(path.stem.split("-", 1)[1]), path))
+    return sorted(found)
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write `checkpoint-<step>.pt` atomically (temp file + rename), then drop older ones."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / f"checkpoint-{step:07d}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=checkpoint_dir)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old_step, path in _checkpoints(checkpoint_dir):
+        if old_step != step:
+            path.unlink(missing_ok=True)
+    return final
+
+
+def _load_latest(checkpoint_dir: Path, fingerprint: dict, steps: int) -> dict[str, Any] | None:
+    found = _checkpoints(checkpoint_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    # Our own file (it holds Python/NumPy RNG states, which weights_only refuses).
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
+        log.warning("%s was written for other settings or data; starting from scratch", path)
+        return None
+    if step > steps:
+        log.warning("%s is past the %d steps asked for; starting from scratch", path, steps)
+        return None
+    log.info("resuming from %s (step %d of %d)", path, step, steps)
+    return state
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+def plot_loss(rows: list[dict], path: Path, title: str) -> None:
+    """Loss per step (thin), its running mean (thick) and the prior loss, if any."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.add_subplot()
+    steps = [row["step"] for row in rows]
+    loss = np.array([row["loss"] for row in rows], dtype=float)
+    if len(loss):
+        window = max(1, len(loss) // 20)
+        ax.plot(steps, loss, lw=0.6, alpha=0.5 if window > 1 else 1.0, color="C0", label="loss")
+        if window > 1:
+            smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1 :], smooth, lw=1.5, color="C0", label=f"mean of {window}")
+        prior = [(row["step"], row["prior_loss"]) for row in rows if row["prior_loss"] != ""]
+        if prior:
+            ax.plot(*zip(*prior, strict=True), lw=0.6, alpha=0.6, color="C1", label="prior loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux (the process' peak resident set, not just this job).
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def _check_args(
+    settings: dict,
+    class_images_dir: Path | None,
+    masks_dir: Path | None,
+    mixed_precision: str,
+    checkpoint_every: int,
+) -> None:
+    steps = settings.get("steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise SidpipeError(f"method setting steps must be a positive integer, got {steps!r}")
+    if int(settings.get("batch_size", 1)) < 1:
+        raise SidpipeError(f"batch_size must be at least 1, got {settings['batch_size']}")
+    if settings.get("prior_preservation") and class_images_dir is None:
+        raise SidpipeError(
+            "prior_preservation is on but no class images were given (class_images_dir); "
+            "generate them with the class_images stage or set prior_preservation: false"
+        )
+    if settings.get("masked") and masks_dir is None:
+        raise SidpipeError(
+            "masked is on but no masks were given (masks_dir); run segment_references for "
+            "this subject or set masked: false"
+        )
+    if mixed_precision not in MIXED_PRECISION:
+        raise SidpipeError(
+            f"mixed_precision {mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}"
+        )
+    if checkpoint_every < 1:
+        raise SidpipeError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+
+
+def _make_optimizer(param_groups: list[dict], settings: dict, use_8bit_adam: bool) -> Any:
+    kwargs = {
+        "betas": tuple(settings.get("adam_betas", ADAM["betas"])),
+        "eps": float(settings.get("adam_epsilon", ADAM["eps"])),
+        "weight_decay": float(settings.get("adam_weight_decay", ADAM["weight_decay"])),
+    }
+    if not use_8bit_adam:
+        return torch.optim.AdamW(param_groups, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise SidpipeError(
+            "training.use_8bit_adam is true but bitsandbytes is not installed; install it "
+            "(CUDA only) or set use_8bit_adam: false"
+        ) from err
+    return bnb.optim.AdamW8bit(param_groups, **kwargs)
+
+
+def _build_trainer(
+    algorithm: str, components: Any, settings: dict, identifier: str, class_name: str
+) -> Trainer:
+    try:
+        cls = trainer_class(algorithm)
+    except KeyError as err:
+        raise SidpipeError(str(err.args[0])) from None
+    return cls(components, settings, identifier, class_name)
+
+
+def train_subject(
+    algorithm: str,
+    settings: dict,
+    base_model: str,
+    references_dir: Path,
+    descriptions_csv: Path,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    identifier: str,
+    class_name: str,
+    class_images_dir: Path | None = None,
+    masks_dir: Path | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    mixed_precision: str = "no",
+    checkpoint_every: int = 100,
+    gradient_checkpointing: bool = False,
+    use_8bit_adam: bool = False,
+    cache_latents: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train `algorithm` with `settings` on one subject; write weights/, training_log.csv,
+    loss_curve.png and train_info.json into `out_dir` (atomically); return a summary.
+
+    `stop_after=k` saves a checkpoint after step k and returns early (a simulated kill);
+    `cache_latents=False` re-encodes every image each step (for benchmarks only).
+    """
+    t_start = time.perf_counter()
+    settings = dict(settings)
+    _check_args(settings, class_images_dir, masks_dir, mixed_precision, checkpoint_every)
+    steps = int(settings["steps"])
+    batch_size = int(settings.get("batch_size", 1))
+    prior = bool(settings.get("prior_preservation", False))
+    masked = bool(settings.get("masked", False))
+    flip = bool(settings.get("flip", False))
+    prior_loss_weight = float(settings.get("prior_loss_weight", 1.0))
+    max_grad_norm = float(settings.get("max_grad_norm", MAX_GRAD_NORM))
+
+    dev = pick_device(device)
+    amp_dtype = MIXED_PRECISION[mixed_precision]
+    if amp_dtype is not None and dev.type != "cuda":
+        log.warning(
+            "mixed_precision=%s needs CUDA; training in float32 on %s", mixed_precision, dev
+        )
+        amp_dtype = None
+
+    _seed_everything(seed)
+    c = load_sd_components(base_model, device=str(dev))
+    trainer = _build_trainer(algorithm, c, settings, identifier, class_name)
+    # Adapters (LoRA, ...) draw their initial weights from the global RNG: seeded above.
+    param_groups = trainer.prepare()
+    params = [p for group in param_groups for p in group["params"]]
+    n_trainable = sum(p.numel() for p in {id(p): p for p in params}.values())
+    c.vae.eval()
+
+    latent_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    data: TrainingSet = read_training_set(
+        references_dir,
+        descriptions_csv,
+        masks_dir=masks_dir if masked else None,
+        class_images_dir=class_images_dir if prior else None,
+        resolution=settings.get("resolution"),
+        latent_factor=latent_factor,
+    )
+    n_inst = len(data.image_ids)
+    n_class = 0 if data.class_pixels is None else len(data.class_pixels)
+    if prior and n_class == 0:
+        raise SidpipeError(f"{class_images_dir}: no class images for prior preservation")
+    captions = [trainer.caption(d) for d in data.descriptions]
+    all_captions = captions + data.class_prompts
+    warn_truncated(c.tokenizer, all_captions)
+    all_ids = tokenize(c.tokenizer, all_captions)
+    pixels = (
+        data.pixels if data.class_pixels is None else torch.cat([data.pixels, data.class_pixels])
+    )
+
+    if gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if trainer.trains_text_encoder:
+            # transformers 5 renamed it; the old name still works but warns.
+            enable = getattr(c.text_encoder, "activation_checkpointing_enable", None)
+            (enable or c.text_encoder.gradient_checkpointing_enable)()
+
+    def encode_text(input_ids: torch.Tensor) -> torch.Tensor:
+        return c.text_encoder(input_ids.to(dev)).last_hidden_state
+
+    t_cache = time.perf_counter()
+    latents_source = LatentSource(c.vae, pixels, flip=flip, cache=cache_latents, device=dev)
+    text_cache = None
+    if not trainer.trains_text_encoder and cache_latents:
+        text_cache = TextCache(encode_text, all_captions, all_ids)
+    if cache_latents and dev.type == "cuda":
+        # Cached: the frozen encoders are no longer needed on the GPU.
+        c.vae.to("cpu")
+        if text_cache is not None:
+            c.text_encoder.to("cpu")
+    cache_seconds = time.perf_counter() - t_cache
+
+    optimizer = _make_optimizer(param_groups, settings, use_8bit_adam)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    fingerprint = {
+        "algorithm": algorithm,
+        "settings": {k: v for k, v in sorted(settings.items()) if k != "steps"},
+        "base_model": str(base_model),
+        "identifier": identifier,
+        "class_name": class_name,
+        "seed": seed,
+        "image_ids": data.image_ids,
+        "captions": all_captions,
+    }
+    rows: list[dict] = []
+    start_step, seconds_before = 0, 0.0
+    state = _load_latest(checkpoint_dir, fingerprint, steps)
+    if state is not None:
+        trainer.load_trainable_state(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(generator, state["rng"])
+        rows, start_step, seconds_before = state["log"], state["step"], state["seconds"]
+        del state
+    resumed_from = start_step or None
+
+    log.info(
+        "%s on %d references (+%d class images), %d steps of batch %d on %s; "
+        "%d trainable parameters; token %r",
+        algorithm,
+        n_inst,
+        n_class,
+        steps,
+        batch_size,
+        dev,
+        n_trainable,
+        trainer.caption(PLACEHOLDER),
+    )
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    num_train_timesteps = int(c.noise_scheduler.config.num_train_timesteps)
+    log_every = max(1, min(100, steps // 10))
+    autocast = (
+        torch.autocast("cuda", dtype=amp_dtype)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
+    )
+
+    def checkpoint(step: int, elapsed: float) -> None:
+        save_checkpoint(
+            checkpoint_dir,
+            step,
+            {
+                "version": CHECKPOINT_VERSION,
+                "step": step,
+                "fingerprint": fingerprint,
+                "trainable": trainer.trainable_state(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _rng_state(generator),
+                "log": rows,
+                "seconds": elapsed,
+            },
+        )
+
+    t_loop = time.perf_counter()
+    progress = tqdm(
+        range(start_step, steps),
+        initial=start_step,
+        total=steps,
+        desc=f"train {algorithm}",
+        file=sys.stderr,
+    )
+    for index in progress:
+        step = index + 1
+        chosen = stream_indices(n_inst, seed, index, batch_size, salt=0)
+        is_prior = [False] * batch_size
+        if prior:
+            chosen += [n_inst + i for i in stream_indices(n_class, seed, index, batch_size, 1)]
+            is_prior += [True] * batch_size
+        idx = torch.tensor(chosen)
+        if flip:
+            flipped = torch.rand(len(chosen), generator=generator) < 0.5
+        else:
+            flipped = torch.zeros(len(chosen), dtype=torch.bool)
+        latents = latents_source.sample(idx, flipped, generator).to(dev)
+        noise = torch.randn(latents.shape, generator=generator).to(dev)
+        timesteps = torch.randint(0, num_train_timesteps, (len(chosen),), generator=generator)
+        timesteps = timesteps.to(dev)
+        masks = None
+        if masked:
+            inst = data.masks[idx[:batch_size]]
+            inst = torch.where(flipped[:batch_size, None, None, None], inst.flip(-1), inst)
+            # Class images keep the plain loss; their mask rows are never read.
+            masks = torch.cat([inst, torch.ones_like(inst)]) if prior else inst
+            masks = masks.to(dev)
+        batch = Batch(
+            latents=latents,
+            input_ids=all_ids[idx].to(dev),
+            is_prior=torch.tensor(is_prior, device=dev),
+            masks=masks,
+        )
+        with autocast:
+            hidden = text_cache(idx) if text_cache is not None else encode_text(batch.input_ids)
+            loss, parts = diffusion_loss(
+                c.unet, c.noise_scheduler, batch, hidden, noise, timesteps, prior_loss_weight
+            )
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise SidpipeError(
+                f"{algorithm}: the loss is {value} at step {step} of {steps}; training diverged "
+                "(lower the learning rate, or use bf16 instead of fp16 mixed precision)"
+            )
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        trainer.after_step()
+
+        rows.append(
+            {
+                "step": step,
+                "loss": value,
+                "lr": optimizer.param_groups[0]["lr"],
+                "instance_loss": parts.get("instance_loss", ""),
+                "prior_loss": parts.get("prior_loss", ""),
+            }
+        )
+        progress.set_postfix(loss=f"{value:.4f}", refresh=False)
+        if step % log_every == 0 or step == steps:
+            log.info("step %d/%d loss %.5f %s", step, steps, value, parts)
+        elapsed = seconds_before + time.perf_counter() - t_loop
+        stopping = stop_after is not None and stop_after <= step < steps
+        if step % checkpoint_every == 0 or stopping:
+            checkpoint(step, elapsed)
+        if stopping:
+            progress.close()
+            log.info("stopping after step %d as asked (stop_after); rerun to resume", step)
+            return {"finished": False, "steps": step, "final_loss": value}
+    progress.close()
+
+    run_seconds = time.perf_counter() - t_loop
+    steps_run = steps - start_step
+    summary = {
+        "finished": True,
+        "steps": steps,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "seconds": round(seconds_before + run_seconds, 3),
+        "steps_per_second": round(steps_run / run_seconds, 4)
+        if steps_run and run_seconds
+        else None,
+        "setup_seconds": round(t_loop - t_start, 3),
+        "cache_seconds": round(cache_seconds, 3),
+        "peak_memory_bytes": _peak_memory(dev),
+    }
+    info = {
+        "algorithm": algorithm,
+        "settings": settings,
+        "identifier": identifier,
+        "token": trainer.caption(PLACEHOLDER),
+        "class_name": class_name,
+        "base_model": str(base_model),
+        "seed": seed,
+        "device": str(dev),
+        "mixed_precision": mixed_precision if amp_dtype is not None else "no",
+        "gradient_checkpointing": gradient_checkpointing,
+        "cache_latents": cache_latents,
+        "resumed_from_step": resumed_from,
+        "trainable_parameters": n_trainable,
+        "images": [
+            {"image_id": i, "description": d, "caption": cap}
+            for i, d, cap in zip(data.image_ids, data.descriptions, captions, strict=True)
+        ],
+        "class_images": n_class,
+        "class_prompts": sorted(set(data.class_prompts)),
+        **summary,
+    }
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "weights").mkdir()
+        trainer.save(tmp / "weights")
+        lacking = [name for name in trainer.weight_files if not (tmp / "weights" / name).is_file()]
+        if lacking:
+            raise SidpipeError(f"{algorithm}: save() wrote no {', '.join(lacking)}")
+        write_csv(tmp / "training_log.csv", rows, LOG_FIELDS)
+        out_dir = Path(out_dir)
+        plot_loss(
+            rows, tmp / "loss_curve.png", f"{algorithm}: {out_dir.parent.name}/{out_dir.name}"
+        )
+        (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    # Finished: the (possibly GB-sized) checkpoints are no longer needed.
+    for _, path in _checkpoints(checkpoint_dir):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        Path(checkpoint_dir).rmdir()
+    log.info(
+        "%s finished: %d steps in %.1f s (%.2f steps/s), final loss %.5f",
+        algorithm,
+        steps,
+        summary["seconds"],
+        summary["steps_per_second"] or 0.0,
+        summary["final_loss"] or float("nan"),
+    )
+    return summary

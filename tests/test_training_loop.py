@@ -1,0 +1,263 @@
+"""The training loop on tiny random models (CPU): exact resume, caching, captions, v-prediction
+and the errors a user can hit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sidpipe.class_images import generate_class_images
+from sidpipe.io import SidpipeError, read_csv, write_csv
+from sidpipe.masks import segment_references
+from sidpipe.models import build_tiny_models, load_sd_components
+from sidpipe.references import prepare_references
+from sidpipe.training import base, loop
+from sidpipe.training.base import diffusion_loss
+from sidpipe.training.data import tokenize
+from sidpipe.training.loop import stream_indices, train_subject
+
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "subjects" / "red_mug"
+SIZE = 64
+LORA = {"learning_rate": 1e-3, "rank": 2, "batch_size": 1}
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Tiny models, the demo mug's references (64 px), masks, case-3 descriptions and two
+    class images."""
+    root = tmp_path_factory.mktemp("subject")
+    table = yaml.safe_load((DEMO / "descriptions.yaml").read_text())
+    corpus = [text for row in table.values() for text in row.values()] + ["a photo of a mug"]
+    tiny = build_tiny_models(root / "tiny", corpus, seed=0)
+    prepare_references(DEMO, root / "references", "red_mug", SIZE)
+    segment_references(root / "references", root / "masks", "red_mug", "mug", backend="provided")
+    descriptions = {image_id: row["case3"] for image_id, row in table.items()}
+    rows = [{"image_id": k, "description": v} for k, v in descriptions.items()]
+    write_csv(root / "descriptions.csv", rows, ["image_id", "description"])
+    generate_class_images(tiny["sd"], "mug", root / "class", count=2, steps=2, resolution=SIZE)
+    return SimpleNamespace(
+        sd=tiny["sd"],
+        refs=root / "references",
+        masks=root / "masks",
+        csv=root / "descriptions.csv",
+        descriptions=descriptions,
+        class_dir=root / "class",
+    )
+
+
+def run(subject: SimpleNamespace, tmp: Path, algorithm: str, settings: dict, **kwargs) -> dict:
+    args = {
+        "base_model": subject.sd,
+        "references_dir": subject.refs,
+        "descriptions_csv": subject.csv,
+        "out_dir": tmp / "run",
+        "checkpoint_dir": tmp / "checkpoints",
+        "identifier": "sks",
+        "class_name": "mug",
+        "class_images_dir": subject.class_dir,
+        "masks_dir": subject.masks,
+        "device": "cpu",
+        **kwargs,
+    }
+    return train_subject(algorithm, settings, **args)
+
+
+def lora_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "weights" / "pytorch_lora_weights.safetensors")
+
+
+def test_stream_visits_every_image_once_per_epoch() -> None:
+    stream = [i for step in range(6) for i in stream_indices(5, 7, step, 5, salt=0)]
+    epochs = [stream[k : k + 5] for k in range(0, 30, 5)]
+    assert all(sorted(epoch) == list(range(5)) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # reshuffled each epoch
+    # a pure function of (seed, step): batch size only regroups the same stream
+    assert [i for s in range(15) for i in stream_indices(5, 7, s, 2, 0)] == stream
+
+
+def test_killed_run_resumes_to_identical_weights(subject: SimpleNamespace, tmp_path: Path) -> None:
+    settings = {
+        **LORA,
+        "steps": 60,
+        "batch_size": 2,
+        "train_text_encoder": True,
+        "prior_preservation": True,
+        "masked": True,
+        "flip": True,
+    }
+    full = run(subject, tmp_path / "full", "dreambooth_lora", settings, checkpoint_every=10)
+    assert full["finished"]
+
+    killed = tmp_path / "killed"
+    stopped = run(subject, killed, "dreambooth_lora", settings, checkpoint_every=10, stop_after=30)
+    assert stopped == {"finished": False, "steps": 30, "final_loss": stopped["final_loss"]}
+    assert not (killed / "run").exists()
+    names = [p.name for p in (killed / "checkpoints").iterdir()]
+    assert names == ["checkpoint-0000030.pt"]  # older ones pruned, no temp files left
+    resumed = run(subject, killed, "dreambooth_lora", settings, checkpoint_every=10)
+    assert resumed["finished"]
+
+    info = json.loads((killed / "run" / "train_info.json").read_text())
+    assert info["resumed_from_step"] == 30
+    a, b = lora_weights(tmp_path / "full" / "run"), lora_weights(killed / "run")
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert read_csv(tmp_path / "full" / "run" / "training_log.csv") == read_csv(
+        killed / "run" / "training_log.csv"
+    )
+
+
+def test_dreambooth_resume_restores_the_full_model(
+    subject: SimpleNamespace, tmp_path: Path
+) -> None:
+    settings = {"steps": 4, "learning_rate": 1e-3, "train_text_encoder": True}
+    run(subject, tmp_path / "full", "dreambooth", settings, checkpoint_every=1)
+    run(subject, tmp_path / "killed", "dreambooth", settings, checkpoint_every=3, stop_after=2)
+    run(subject, tmp_path / "killed", "dreambooth", settings, checkpoint_every=3)
+    for part, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        a = load_file(tmp_path / "full" / "run" / "weights" / part / f"{name}.safetensors")
+        b = load_file(tmp_path / "killed" / "run" / "weights" / part / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_gradient_checkpointing_trains_the_same(subject: SimpleNamespace, tmp_path: Path) -> None:
+    settings = {"steps": 2, "learning_rate": 1e-3, "train_text_encoder": True}
+    run(subject, tmp_path / "a", "dreambooth", settings)
+    run(subject, tmp_path / "b", "dreambooth", settings, gradient_checkpointing=True)
+    for part, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        a = load_file(tmp_path / "a" / "run" / "weights" / part / f"{name}.safetensors")
+        b = load_file(tmp_path / "b" / "run" / "weights" / part / f"{name}.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(
+    subject: SimpleNamespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 3}, stop_after=2)
+    with caplog.at_level(logging.WARNING, logger="sidpipe"):
+        run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 3, "rank": 3})
+    assert "other settings" in caplog.text
+    info = json.loads((tmp_path / "run" / "train_info.json").read_text())
+    assert info["resumed_from_step"] is None
+
+
+def test_cached_latents_train_like_reencoding(subject: SimpleNamespace, tmp_path: Path) -> None:
+    settings = {**LORA, "steps": 3, "flip": True, "prior_preservation": True}
+    run(subject, tmp_path / "a", "dreambooth_lora", settings, cache_latents=True)
+    run(subject, tmp_path / "b", "dreambooth_lora", settings, cache_latents=False)
+    a, b = lora_weights(tmp_path / "a" / "run"), lora_weights(tmp_path / "b" / "run")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_v_prediction_config_trains_on_the_velocity(
+    subject: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "sd_v"
+    shutil.copytree(subject.sd, model)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["prediction_type"] = "v_prediction"
+    config_path.write_text(json.dumps(config))
+    calls = []
+    real = base.prediction_target
+
+    def spy(scheduler, latents, noise, timesteps):
+        target = real(scheduler, latents, noise, timesteps)
+        calls.append((scheduler, latents, noise, timesteps, target))
+        return target
+
+    monkeypatch.setattr(base, "prediction_target", spy)
+    run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 2}, base_model=str(model))
+    assert len(calls) == 2
+    for scheduler, latents, noise, timesteps, target in calls:
+        assert scheduler.config.prediction_type == "v_prediction"
+        alpha_bar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+        torch.testing.assert_close(target, velocity)
+        assert not torch.allclose(target, noise)
+
+
+@pytest.mark.parametrize("algorithm", ["dreambooth_lora", "textual_inversion"])
+def test_each_image_caption_reaches_the_text_encoder(
+    subject: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str
+) -> None:
+    seen = []
+
+    def spy(unet, scheduler, batch, hidden, noise, timesteps, weight):
+        seen.append((batch.input_ids.clone(), hidden.detach().clone(), batch.is_prior.clone()))
+        return diffusion_loss(unet, scheduler, batch, hidden, noise, timesteps, weight)
+
+    monkeypatch.setattr(loop, "diffusion_loss", spy)
+    # One epoch of the 4 references: each description is used exactly once.
+    settings = {**LORA, "steps": 2, "batch_size": 2, "prior_preservation": True}
+    run(subject, tmp_path, algorithm, settings)
+
+    c = load_sd_components(subject.sd, device="cpu")
+    token = "sks"
+    if algorithm == "textual_inversion":
+        token = "<sks>"
+        c.tokenizer.add_tokens([token])
+    captions = [d.replace("[V]", token) for d in subject.descriptions.values()]
+    expected = tokenize(c.tokenizer, captions)
+    used = torch.cat([ids[~prior] for ids, _, prior in seen])
+    order = sorted(range(4), key=lambda i: used[i].tolist())
+    assert torch.equal(used[order], expected[sorted(range(4), key=lambda i: expected[i].tolist())])
+    class_ids = torch.cat([ids[prior] for ids, _, prior in seen])
+    assert torch.equal(class_ids, tokenize(c.tokenizer, ["a photo of a mug"] * 4))
+    if algorithm == "textual_inversion":
+        token_id = c.tokenizer.convert_tokens_to_ids(token)
+        assert (used == token_id).sum(dim=1).tolist() == [1, 1, 1, 1]
+    else:  # frozen text encoder: cached outputs equal a fresh encoding of the same ids
+        with torch.no_grad():
+            for ids, hidden, _ in seen:
+                torch.testing.assert_close(hidden, c.text_encoder(ids).last_hidden_state)
+
+
+def test_diverging_loss_stops_with_the_step(subject: SimpleNamespace, tmp_path: Path) -> None:
+    with pytest.raises(SidpipeError, match=r"loss is (nan|inf) at step 2 of 5"):
+        run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 5, "learning_rate": 1e30})
+    assert not (tmp_path / "run").exists()
+
+
+def test_masked_without_masks_is_an_error(subject: SimpleNamespace, tmp_path: Path) -> None:
+    with pytest.raises(SidpipeError, match="masked is on but no masks"):
+        run(subject, tmp_path, "dreambooth", {"steps": 1, "masked": True}, masks_dir=None)
+
+
+def test_prior_without_class_images_is_an_error(subject: SimpleNamespace, tmp_path: Path) -> None:
+    settings = {"steps": 1, "prior_preservation": True}
+    with pytest.raises(SidpipeError, match="prior_preservation is on but no class images"):
+        run(subject, tmp_path, "dreambooth", settings, class_images_dir=None)
+
+
+def test_reference_without_description_is_an_error(
+    subject: SimpleNamespace, tmp_path: Path
+) -> None:
+    csv = tmp_path / "descriptions.csv"
+    rows = [{"image_id": k, "description": v} for k, v in subject.descriptions.items()]
+    write_csv(csv, rows[:2] + rows[3:], ["image_id", "description"])
+    missing = rows[2]["image_id"]
+    with pytest.raises(SidpipeError, match=rf"{csv}: reference image '{missing}' has 0 desc"):
+        run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 1}, descriptions_csv=csv)
+    write_csv(csv, [*rows, rows[0]], ["image_id", "description"])
+    with pytest.raises(SidpipeError, match=rf"image '{rows[0]['image_id']}' has 2 desc"):
+        run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 1}, descriptions_csv=csv)
+
+
+def test_8bit_adam_needs_bitsandbytes(subject: SimpleNamespace, tmp_path: Path) -> None:
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(SidpipeError, match="bitsandbytes is not installed"):
+        run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 1}, use_8bit_adam=True)
