@@ -216,7 +216,7 @@ def test_downloaded_subject_through_the_workflow(tmp_path):
             ]
         }
     }
-    config["experiments"] = {"main": config["experiments"]["main"]}
+    config["experiments"] = {"main": [{"methods": ["dreambooth"], "descriptions": ["case1"]}]}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (workdir / "subjects.tsv").write_text(
         "subject\tclass\tkind\timages\tsource\nmug\tmug\tobject\tresources/mini/dataset/mug\tmini\n"
