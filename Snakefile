@@ -18,6 +18,7 @@ include: "rules/masks.smk"
 include: "rules/descriptions.smk"
 include: "rules/training.smk"
 include: "rules/sampling.smk"
+include: "rules/metrics.smk"
 include: "rules/experiments.smk"
 
 

@@ -1,5 +1,8 @@
 """`make bench`: speed figures as JSON under results/bench/.
 
+training.json: steps/s and peak memory per method (tiny, CPU) and the latent-caching speed-up.
+sampling.json: images/s of batched sampling against a naive per-image pipeline loop.
+sampling_real_size.json: the same at SD-2.1-base size with peak GPU memory (CUDA only).
 segment.json: images per second of Grounded-SAM masking on the tiny models (CPU).
 dag.json: wall time and job count of building the DAG of the paper's full grid (config.yaml,
 a dry-run), median of a few repeats, so a change that slows Snakemake's start-up shows.
@@ -90,10 +93,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "results/bench")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", action="append", help="run only these benchmarks")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, bench in (("dag", bench_dag), ("segment", bench_segment)):
-        result = bench(args.repeats)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_sampling import bench_sampling
+    from bench_training import bench_training
+
+    benches = {
+        "dag": lambda: bench_dag(args.repeats),
+        "segment": lambda: bench_segment(args.repeats),
+        "training": lambda: bench_training(repeats=args.repeats),
+        "sampling": lambda: bench_sampling(threads=1),
+        "sampling_real_size": lambda: bench_sampling(real_size=True),  # skipped without CUDA
+    }
+    for name, bench in benches.items():
+        if args.only and name not in args.only:
+            continue
+        result = bench()
         path = args.out / f"{name}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))

@@ -323,6 +323,18 @@ def compared_methods():
     )
 
 
+def score_inputs(wildcards):
+    inputs = {
+        "samples": f"results/samples/{wildcards.method}/{wildcards.descriptions}/"
+        f"{wildcards.inference}/{wildcards.subject}/manifest.csv",
+        "masks": f"results/masks/{wildcards.subject}/manifest.csv",
+        "references": f"results/references/{wildcards.subject}/manifest.csv",
+        "clip": model_input("clip"),
+        "dino": model_input("dino"),
+    }
+    return {key: value for key, value in inputs.items() if value}
+
+
 def tokenizer_corpus_files():
     """Texts the tiny tokenizer learns from: the prompts and the subjects' descriptions."""
     files = [config["prompts"], config["subjects"]]
@@ -369,6 +381,7 @@ def all_targets():
         for stage, name in (("samples", "manifest.csv"), ("attention", "attention.csv"))
     ]
     targets += [f"results/samples/compare/{m}/{s}.png" for m, s in compared_methods()]
+    targets.append("results/metrics/summary.csv")
     if TINY_MODELS:
         targets.append("results/models/tiny")
     return targets

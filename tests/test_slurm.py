@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -122,40 +123,42 @@ def test_interrupted_run_completes_without_redoing_finished_jobs(cluster, tmp_pa
     process = subprocess.Popen(
         cmd, cwd=REPO, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    finished = workdir / "results/references/red_mug/manifest.csv"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 240
-    while not finished.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.5)
+    # interrupt once Snakemake itself has registered a finished job (an output file alone may
+    # still be deleted as incomplete when the run is interrupted)
+    while process.poll() is None and time.monotonic() < deadline:
+        if any("Finished jobid" in line and "prepare_references" in line for line in lines):
+            break
+        time.sleep(0.2)
     process.send_signal(signal.SIGINT)  # as a user's Ctrl-C
-    first, _ = process.communicate(timeout=120)
-    assert finished.exists(), first[-3000:]
+    process.wait(timeout=120)
+    reader.join(timeout=10)
+    first = "".join(lines)
     subprocess.run(["scancel", "--user", "root"], env=cluster, check=False)
     time.sleep(2)
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--unlock",
-            "--snakefile",
-            REPO / "Snakefile",
-            "--directory",
-            workdir,
-            "--configfile",
-            workdir / "config.yaml",
-        ],
-        60,
-        env=cluster,
-    )
-    mtime = finished.stat().st_mtime
+    unlock = [sys.executable, "-m", "snakemake", "--unlock", "--snakefile", REPO / "Snakefile"]
+    unlock += ["--directory", workdir, "--configfile", workdir / "config.yaml"]
+    _run(unlock, 60, env=cluster)
+    finished = {
+        p: p.stat().st_mtime for p in (workdir / "results/references").glob("*/manifest.csv")
+    }
+    assert finished, "at least one job finished before the interruption:\n" + first[-3000:]
+    assert not all((workdir / t).exists() for t in TARGETS), "the run was cut short"
     second = _run(_snakemake(workdir, SLURM), 600, cwd=REPO, env=cluster)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert finished.stat().st_mtime == mtime, "a finished job was redone"
-    redone = re.search(
-        r"rule prepare_references:\n(?:[ \t]+.*\n)*?[ \t]+wildcards: subject=red_mug\n",
-        second.stdout + second.stderr,
-    )
-    assert redone is None, "red_mug's references were prepared again"
-    assert _submitted(second.stdout + second.stderr), "the rest went through sbatch"
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-3000:]
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime == mtime, f"{path} was redone"
+        redone = re.search(
+            r"rule prepare_references:\n(?:[ \t]+.*\n)*?[ \t]+wildcards: subject="
+            + path.parent.name
+            + r"\n",
+            output,
+        )
+        assert redone is None, f"{path.parent.name}'s references were prepared again"
+    assert _submitted(output), "the rest went through sbatch"
     for target in TARGETS:
         assert (workdir / target).exists(), target

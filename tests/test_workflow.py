@@ -18,7 +18,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 # Rules that gather over subjects or arms: any change upstream may reschedule them.
-GATHERS = {"all", "summarize_references", "plan_experiments"}
+GATHERS = {"all", "summarize_references", "plan_experiments", "gather_metrics", "analyze"}
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -91,10 +91,13 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         "sample": 210,  # every arm x subject, the negative-prompt arm sharing its weights
         "attention_maps": 210,
         "compare_samples": 15 * 4,
+        "score": 210,
+        "gather_metrics": 1,
+        "analyze": 1,
         "summarize_references": 1,
         "plan_experiments": 1,
         "all": 1,
-        "total": 827,
+        "total": 1039,
     }
 
 
@@ -143,6 +146,13 @@ def test_demo_outputs(demo_run):
     # full fine-tunes are temp() in the demo (keep_full_weights: false): gone after sampling
     assert not (demo_run / "results/train/dreambooth/sid/red_mug/weights").exists()
     assert len(list((demo_run / "results/samples/compare").glob("*/*.png"))) == 4 + 2
+    metrics = list(csv.DictReader(open(demo_run / "results/metrics/all.csv")))
+    assert len(metrics) == 16 * 6 * 5  # arm-subject pairs x images x metrics
+    assert {r["metric"] for r in metrics} == {"SA", "NSD", "TA", "CLIP-I", "DINO"}
+    summary = list(csv.DictReader(open(demo_run / "results/metrics/summary.csv")))
+    assert len(summary) == 14 * 5  # arms x metrics
+    for name in ("pareto", "subjects", "improvements"):
+        assert (demo_run / f"results/metrics/plots/{name}.svg").stat().st_size > 1000
     for subject, backend in [("red_mug", "provided"), ("toy_robot", "grounded_sam")]:
         masks = list(csv.DictReader(open(demo_run / f"results/masks/{subject}/manifest.csv")))
         assert [r["backend"] for r in masks] == [backend] * 4
@@ -168,6 +178,23 @@ def test_demo_outputs(demo_run):
     for rule in ("prepare_references", "segment_references", "describe_references"):
         assert list((demo_run / "results/logs" / rule).rglob("*.log")), rule
     assert scheduled_jobs(demo_run) == []  # a finished run is complete
+
+
+def test_report_has_every_category(demo_run):
+    report = demo_run / "report.html"
+    snakemake(demo_run, "--report", str(report))
+    page = report.read_text()
+    for category in (
+        "References and masks",
+        "Descriptions",
+        "Training",
+        "Samples",
+        "Attention",
+        "Metrics",
+        "Pareto",
+    ):
+        assert category in page, category
+    assert "pareto.png" in page
 
 
 def test_touching_inputs_without_changing_content_schedules_nothing(finished_demo):

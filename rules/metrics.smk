@@ -1,0 +1,101 @@
+rule score:
+    input:
+        unpack(score_inputs),
+    output:
+        "results/metrics/{method}/{descriptions}/{inference}/{subject}.csv",
+    log:
+        "results/logs/score/{method}/{descriptions}/{inference}/{subject}.log",
+    benchmark:
+        "results/benchmarks/score/{method}/{descriptions}/{inference}/{subject}.tsv"
+    conda:
+        "../envs/gpu.yaml"
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=30,
+    params:
+        clip=config["models"]["clip"],
+        dino=config["models"].get("dino"),
+        batch_size=config["metrics"].get("batch_size", 32),
+    script:
+        "../workflow_scripts/score.py"
+
+
+rule gather_metrics:
+    input:
+        [f"results/metrics/{arm.name}/{subject}.csv" for arm, subject in ARM_SUBJECTS],
+    output:
+        report(
+            "results/metrics/all.csv",
+            caption="report/metrics_all.rst",
+            category="Metrics",
+            labels={"table": "every image and metric"},
+        ),
+    log:
+        "results/logs/gather_metrics/gather_metrics.log",
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=10,
+    script:
+        "../workflow_scripts/gather_metrics.py"
+
+
+rule analyze:
+    input:
+        "results/metrics/all.csv",
+    output:
+        summary=report(
+            "results/metrics/summary.csv",
+            caption="report/metrics_summary.rst",
+            category="Metrics",
+            labels={"table": "arm means with 95% CIs"},
+        ),
+        subjects="results/metrics/subjects.csv",
+        improvements=report(
+            "results/metrics/improvements.csv",
+            caption="report/improvements.rst",
+            category="Metrics",
+            labels={"table": "SID minus baseline (paired)"},
+        ),
+        tables=expand(
+            "results/metrics/tables/{table}.{ext}",
+            table=["main", "cases", "vlms"],
+            ext=["csv", "md"],
+        ),
+        table_html=report(
+            expand(
+                "results/metrics/tables/{table}.html", table=["main", "cases", "vlms"]
+            ),
+            caption="report/paper_tables.rst",
+            category="Metrics",
+            labels=lambda path: {"table": Path(path).stem},
+        ),
+        plots_svg=expand(
+            "results/metrics/plots/{plot}.svg",
+            plot=["pareto", "subjects", "improvements"],
+        ),
+        plots=report(
+            expand(
+                "results/metrics/plots/{plot}.png",
+                plot=["pareto", "subjects", "improvements"],
+            ),
+            caption="report/pareto.rst",
+            category="Pareto",
+            labels=lambda path: {"figure": Path(path).stem},
+        ),
+    log:
+        "results/logs/analyze/analyze.log",
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=30,
+    params:
+        subjects=[dict(row) for row in SUBJECTS.values()],
+        n_boot=config["metrics"].get("bootstrap", 1000),
+    script:
+        "../workflow_scripts/analyze.py"

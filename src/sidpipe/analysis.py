@@ -1,0 +1,62 @@
+"""The evidence of a run: statistics, the paper's tables and the plots, from metrics/all.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from sidpipe import plots, stats
+from sidpipe.io import atomic_file, log
+
+TABLES = {"main": stats.main_table, "cases": stats.cases_table, "vlms": stats.vlms_table}
+
+
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_file(path, newline="") as handle:
+        df.to_csv(handle, index=False)
+
+
+def analyze(
+    all_csv: Path, out_dir: Path, subjects: list[dict], n_boot: int = 1000, seed: int = 0
+) -> dict[str, Path]:
+    """Write summary.csv (arm means with bootstrap CIs), subjects.csv, improvements.csv (SID minus
+    baseline, paired), tables/{main,cases,vlms}.{csv,md,html} and plots/{pareto,subjects,
+    improvements}.{svg,png} under `out_dir`; return the written paths by name."""
+    out_dir = Path(out_dir)
+    all_df = stats.read_metrics(all_csv)
+    subjects_df = pd.DataFrame(subjects) if subjects else None
+    if subjects_df is not None and "bias" not in subjects_df.columns:
+        subjects_df = None
+    summary = stats.arm_summary(all_df, n_boot=n_boot, seed=seed)
+    per_subject = stats.subject_summary(all_df)
+    improvements = stats.paired_improvement(
+        all_df, subjects_df=subjects_df, n_boot=n_boot, seed=seed
+    )
+    paths = {
+        "summary": out_dir / "summary.csv",
+        "subjects": out_dir / "subjects.csv",
+        "improvements": out_dir / "improvements.csv",
+    }
+    _csv(summary, paths["summary"])
+    _csv(per_subject, paths["subjects"])
+    _csv(improvements, paths["improvements"])
+    for name, build in TABLES.items():
+        base = out_dir / "tables" / name
+        base.parent.mkdir(parents=True, exist_ok=True)
+        stats.write_table(
+            build(summary),
+            base.with_suffix(".csv"),
+            base.with_suffix(".md"),
+            base.with_suffix(".html"),
+        )
+        paths[f"table_{name}"] = base.with_suffix(".html")
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plots.plot_pareto(summary, plot_dir / "pareto")
+    plots.plot_subjects(per_subject, plot_dir / "subjects")
+    plots.plot_improvements(improvements, plot_dir / "improvements")
+    for name in ("pareto", "subjects", "improvements"):
+        paths[f"plot_{name}"] = plot_dir / f"{name}.png"
+    log.info("%d metric rows -> %d arm summaries", len(all_df), len(summary))
+    return paths
