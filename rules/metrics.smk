@@ -65,35 +65,46 @@ rule analyze:
             table=["main", "cases", "vlms"],
             ext=["csv", "md"],
         ),
-        table_html=report(
-            expand(
-                "results/metrics/tables/{table}.html", table=["main", "cases", "vlms"]
-            ),
+        table_main=report(
+            "results/metrics/tables/main.html",
             caption="report/paper_tables.rst",
             category="Metrics",
-            labels=lambda path: {"table": Path(path).stem},
+            labels={"table": "main: method x baseline / SID"},
+        ),
+        table_cases=report(
+            "results/metrics/tables/cases.html",
+            caption="report/paper_tables.rst",
+            category="Metrics",
+            labels={"table": "cases (Table E.3)"},
+        ),
+        table_vlms=report(
+            "results/metrics/tables/vlms.html",
+            caption="report/paper_tables.rst",
+            category="Metrics",
+            labels={"table": "VLMs (Table E.4)"},
         ),
         plots_svg=expand(
             "results/metrics/plots/{plot}.svg",
             plot=["pareto", "subjects", "improvements"],
         ),
-        plots=report(
-            expand(
-                "results/metrics/plots/{plot}.png",
-                plot=["pareto", "subjects", "improvements"],
-            ),
+        pareto=report(
+            "results/metrics/plots/pareto.png",
             caption="report/pareto.rst",
             category="Pareto",
-            labels=lambda path: {"figure": Path(path).stem},
+            labels={"figure": "Pareto fronts"},
         ),
-    log:
-        "results/logs/analyze/analyze.log",
-    conda:
-        "../envs/cpu.yaml"
-    resources:
-        gpu=0,
-        mem_mb=8000,
-        runtime=30,
+        subjects_plot=report(
+            "results/metrics/plots/subjects.png",
+            caption="report/pareto.rst",
+            category="Pareto",
+            labels={"figure": "per subject"},
+        ),
+        improvements_plot=report(
+            "results/metrics/plots/improvements.png",
+            caption="report/pareto.rst",
+            category="Pareto",
+            labels={"figure": "SID improvements"},
+        ),
     params:
         subjects=[dict(row) for row in SUBJECTS.values()],
         n_boot=config["metrics"].get("bootstrap", 1000),
