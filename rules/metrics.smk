@@ -108,5 +108,13 @@ rule analyze:
     params:
         subjects=[dict(row) for row in SUBJECTS.values()],
         n_boot=config["metrics"].get("bootstrap", 1000),
+    log:
+        "results/logs/analyze/analyze.log",
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=30,
     script:
         "../workflow_scripts/analyze.py"
