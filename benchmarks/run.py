@@ -2,6 +2,7 @@
 
 training.json: steps/s and peak memory per method (tiny, CPU) and the latent-caching speed-up.
 sampling.json: images/s of batched sampling against a naive per-image pipeline loop.
+scoring.json: images/s of batched scoring against naive pairwise re-encoding.
 sampling_real_size.json: the same at SD-2.1-base size with peak GPU memory (CUDA only).
 segment.json: images per second of Grounded-SAM masking on the tiny models (CPU).
 dag.json: wall time and job count of building the DAG of the paper's full grid (config.yaml,
@@ -98,6 +99,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_sampling import bench_sampling
+    from bench_scoring import bench_scoring
     from bench_training import bench_training
 
     benches = {
@@ -106,6 +108,7 @@ def main() -> None:
         "training": lambda: bench_training(repeats=args.repeats),
         "sampling": lambda: bench_sampling(threads=1),
         "sampling_real_size": lambda: bench_sampling(real_size=True),  # skipped without CUDA
+        "scoring": lambda: bench_scoring(),
     }
     for name, bench in benches.items():
         if args.only and name not in args.only:
