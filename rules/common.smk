@@ -311,6 +311,12 @@ def attention_settings(wildcards):
     return settings
 
 
+def attention_pairs():
+    """(arm, subject) pairs that get attention maps: those of `attention.experiments` (all)."""
+    chosen = config.get("attention", {}).get("experiments") or list(EXPERIMENTS)
+    return sorted({pair for name in chosen for pair in EXPERIMENTS[name]})
+
+
 def compared_methods():
     """(method, subject) pairs that have both a baseline (case1) and a SID arm."""
     arms = {(arm.method, arm.descriptions, arm.inference, s) for arm, s in ARM_SUBJECTS}
@@ -376,9 +382,12 @@ def all_targets():
         "results/experiments/arms.csv",
     ]
     targets += [
-        f"results/{stage}/{arm.name}/{subject}/{name}"
+        f"results/samples/{arm.name}/{subject}/manifest.csv"
         for arm, subject in ARM_SUBJECTS
-        for stage, name in (("samples", "manifest.csv"), ("attention", "attention.csv"))
+    ]
+    targets += [
+        f"results/attention/{arm.name}/{subject}/attention.csv"
+        for arm, subject in attention_pairs()
     ]
     targets += [f"results/samples/compare/{m}/{s}.png" for m, s in compared_methods()]
     targets.append("results/metrics/summary.csv")

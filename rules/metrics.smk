@@ -105,9 +105,6 @@ rule analyze:
             category="Pareto",
             labels={"figure": "SID improvements"},
         ),
-    params:
-        subjects=[dict(row) for row in SUBJECTS.values()],
-        n_boot=config["metrics"].get("bootstrap", 1000),
     log:
         "results/logs/analyze/analyze.log",
     conda:
@@ -116,5 +113,8 @@ rule analyze:
         gpu=0,
         mem_mb=8000,
         runtime=30,
+    params:
+        subjects=[dict(row) for row in SUBJECTS.values()],
+        n_boot=config["metrics"].get("bootstrap", 1000),
     script:
         "../workflow_scripts/analyze.py"

@@ -130,6 +130,10 @@ def _broken(real, edit):
         ),
         (lambda c: c["methods"].update({"bad name": c["methods"]["svdiff"]}), r"'bad name'"),
         (
+            lambda c: c["attention"].update(experiments=["mian"]),
+            r"attention\.experiments: unknown experiment 'mian'",
+        ),
+        (
             lambda c: c["datasets"]["dreambooth"]["downloads"][0].update(sha256="abc"),
             r"datasets\.dreambooth\.downloads\[0\]\.sha256",
         ),

@@ -117,9 +117,10 @@ def _check_references(config: dict, source: str) -> None:
     def check(kind: str, value: str, where: str) -> None:
         defined = config.get(kind) or {}
         if value not in defined:
-            what = {"descriptions": "description set", "inference": "inference setting"}.get(
-                kind, kind[:-1]
-            )
+            what = {
+                "descriptions": "description set",
+                "inference": "inference setting",
+            }.get(kind, kind[:-1])
             problems.append(
                 f"{where}: unknown {what} {value!r} "
                 f"(defined under `{kind}`: {', '.join(sorted(defined)) or 'none'})"
@@ -137,6 +138,8 @@ def _check_references(config: dict, source: str) -> None:
             problems.append(f"descriptions.{name}: case {entry['case']} needs a `vlm`")
         if "vlm" in entry:
             check("vlms", entry["vlm"], f"descriptions.{name}.vlm")
+    for name in (config.get("attention") or {}).get("experiments", []):
+        check("experiments", name, "attention.experiments")
     for name, entry in config["inference"].items():
         if "negative_prompt_from" in entry:
             check(
