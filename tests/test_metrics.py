@@ -3,7 +3,6 @@ images with the tiny random CLIP / DINO, encoder call counts, gather_metrics."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +30,7 @@ SIZE = 64
 E = np.eye(4)  # orthonormal basis: cosines between basis vectors are 0 or 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models: extra OpenMP threads only add synchronisation on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
