@@ -26,7 +26,8 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml --directory demo
 	$(BIN)/snakemake --configfile demo/config.yaml --directory demo --report results/report.html
-	@echo "Demo results are in demo/results/ (references, masks, descriptions, experiments, logs);"
+	@echo "Demo results are in demo/results/ (references, masks, descriptions, train, samples,"
+	@echo "attention, metrics with tables and plots, logs);"
 	@echo "the Snakemake report is demo/results/report.html."
 
 test: install
