@@ -1,26 +1,18 @@
 """Snakemake adapter: rule sample."""
 
-import json
 from pathlib import Path
 
-from sidpipe.io import job_log, read_csv
+from sidpipe.io import job_log
 
 smk = snakemake  # noqa: F821
 with job_log(smk.log[0]):
-    from sidpipe.sampling import (
-        expand_prompts,
-        negative_prompt_from_descriptions,
-        sample_arm,
-        write_grids,
-    )
+    from sidpipe.sampling import arm_prompts, sample_arm, write_grids
 
     settings = dict(smk.params.settings)
-    token = json.loads(Path(smk.input.info).read_text())["token"]
-    prompts = expand_prompts(settings.pop("templates"), settings.pop("class_name"), token)
-    negative = None
-    if "negative" in smk.input.keys():
-        texts = [row["description"] for row in read_csv(smk.input.negative)]
-        negative = negative_prompt_from_descriptions(texts, smk.params.settings["class_name"])
+    negative_csv = smk.input.negative if "negative" in smk.input.keys() else None
+    token, prompts, negative = arm_prompts(
+        settings.pop("templates"), settings.pop("class_name"), smk.input.info, negative_csv
+    )
     out_dir = Path(smk.output.manifest).parent
     rows = sample_arm(
         out_dir=out_dir,

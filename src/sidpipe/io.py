@@ -78,6 +78,22 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def read_manifest(
+    folder: str | os.PathLike, what: str, stage: str, columns: Iterable[str] = ()
+) -> list[dict[str, str]]:
+    """An upstream stage's `manifest.csv`, checked to exist, list rows and have `columns`."""
+    path = Path(folder) / "manifest.csv"
+    if not path.is_file():
+        raise SidpipeError(f"{path} does not exist; run {stage} for these {what} first")
+    rows = read_csv(path)
+    if not rows:
+        raise SidpipeError(f"{path} lists no {what}; re-run {stage}")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise SidpipeError(f"{path} lacks column(s) {', '.join(missing)}; re-run {stage}")
+    return rows
+
+
 @contextlib.contextmanager
 def job_log(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
     """Send this job's logging, warnings, stderr (tqdm) and stdout to its Snakemake log file."""

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from sidpipe.io import SidpipeError, atomic_file, log, read_csv
+from sidpipe.io import SidpipeError, atomic_file, log, read_manifest
 from sidpipe.models import load_clip, load_dino
 
 METRICS = ("SA", "NSD", "TA", "CLIP-I", "DINO")
@@ -185,19 +185,6 @@ class Encoders:
 # --- the stage -----------------------------------------------------------------------------
 
 
-def _manifest(folder: Path, what: str, stage: str, columns: list[str]) -> list[dict[str, str]]:
-    path = folder / "manifest.csv"
-    if not path.is_file():
-        raise SidpipeError(f"{path} does not exist; run {stage} for these {what} first")
-    rows = read_csv(path)
-    if not rows:
-        raise SidpipeError(f"{path} lists no {what}; re-run {stage}")
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise SidpipeError(f"{path} lacks column(s) {', '.join(missing)}; re-run {stage}")
-    return rows
-
-
 def _open(path: Path) -> Image.Image:
     try:
         with Image.open(path) as handle:
@@ -240,14 +227,16 @@ def score_arm(
     samples_dir, masks_dir = Path(samples_dir), Path(masks_dir)
     references_dir = Path(references_dir)
     sample_columns = ["prompt_id", "prompt", "prompt_plain", "seed", "path"]
-    samples = _manifest(samples_dir, "samples", "sample_arm", sample_columns)
-    segments = _manifest(
+    samples = read_manifest(samples_dir, "samples", "sample_arm", sample_columns)
+    segments = read_manifest(
         masks_dir,
         "segments",
         "segment_references",
         ["image_id", "subject_segment_path", "non_subject_segment_path"],
     )
-    references = _manifest(references_dir, "references", "prepare_references", ["image_id", "path"])
+    references = read_manifest(
+        references_dir, "references", "prepare_references", ["image_id", "path"]
+    )
     for rows, folder in ((segments, masks_dir), (references, references_dir)):
         others = sorted({row.get("subject") or subject for row in rows} - {subject})
         if others:

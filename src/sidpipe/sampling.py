@@ -485,3 +485,17 @@ __all__ = [
     "write_grids",
     "write_side_by_side",
 ]
+
+
+def arm_prompts(
+    templates: list[str], class_name: str, train_info: Path, negative_csv: Path | None = None
+) -> tuple[str, list[dict], str | None]:
+    """An arm's prompt token (from its `train_info.json`: the identifier, `<sks>` for Textual
+    Inversion, `<new1>` for Custom Diffusion), its expanded prompts, and the negative prompt
+    built from a description CSV when the arm's inference setting uses one."""
+    token = json.loads(Path(train_info).read_text())["token"]
+    negative = None
+    if negative_csv is not None:
+        texts = [row["description"] for row in read_csv(negative_csv)]
+        negative = negative_prompt_from_descriptions(texts, class_name)
+    return token, expand_prompts(templates, class_name, token), negative

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from sidpipe.io import SidpipeError, log, read_csv
+from sidpipe.io import SidpipeError, log, read_csv, read_manifest
 from sidpipe.training.base import PLACEHOLDER
 
 VAE_BATCH = 8  # images per VAE encoder call while filling the cache
@@ -35,19 +35,6 @@ class TrainingSet:
     class_pixels: torch.Tensor | None  # (M, 3, H, W) or None
     class_prompts: list[str] = field(default_factory=list)
     resolution: int = 512
-
-
-def _manifest(folder: Path, what: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    path = Path(folder) / "manifest.csv"
-    if not path.is_file():
-        raise SidpipeError(f"{path} does not exist; run the stage that writes the {what} first")
-    rows = read_csv(path)
-    if not rows:
-        raise SidpipeError(f"{path} lists no {what}; re-run the stage that writes it")
-    lacking = [col for col in columns if col not in rows[0]]
-    if lacking:
-        raise SidpipeError(f"{path}: missing column(s) {', '.join(lacking)} of the {what} manifest")
-    return rows
 
 
 def read_descriptions(descriptions_csv: Path, image_ids: list[str]) -> list[str]:
@@ -124,7 +111,9 @@ def read_training_set(
     downsampling factor, giving the masks' size.
     """
     references_dir = Path(references_dir)
-    refs = _manifest(references_dir, "reference images", ("image_id", "path"))
+    refs = read_manifest(
+        references_dir, "reference images", "prepare_references", ("image_id", "path")
+    )
     image_ids = [row["image_id"] for row in refs]
     descriptions = read_descriptions(descriptions_csv, image_ids)
     if resolution is None:
@@ -140,7 +129,10 @@ def read_training_set(
     if masks_dir is not None:
         masks_dir = Path(masks_dir)
         rows = {
-            row["image_id"]: row for row in _manifest(masks_dir, "masks", ("image_id", "mask_path"))
+            row["image_id"]: row
+            for row in read_manifest(
+                masks_dir, "masks", "segment_references", ("image_id", "mask_path")
+            )
         }
         lacking = [image_id for image_id in image_ids if image_id not in rows]
         if lacking:
@@ -154,7 +146,7 @@ def read_training_set(
     class_pixels, class_prompts = None, []
     if class_images_dir is not None:
         class_images_dir = Path(class_images_dir)
-        rows = _manifest(class_images_dir, "class images", ("path", "prompt"))
+        rows = read_manifest(class_images_dir, "class images", "class_images", ("path", "prompt"))
         class_pixels = torch.stack(
             [load_pixels(class_images_dir / row["path"], resolution) for row in rows]
         )
