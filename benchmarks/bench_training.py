@@ -1,5 +1,10 @@
 """Training speed on tiny models (CPU): steps/s and peak memory per method, and the speed-up
-that latent caching gives on the tiny DreamBooth step, measured in the same run.
+that latent caching gives on the tiny DreamBooth step, measured in the same run, for the
+paper's DreamBooth (text encoder trained: only the latents can be cached) and with a frozen text
+encoder (latents and text embeddings cached). Beside the timings, the share of a DreamBooth
+step's floating-point work that caching removes, counted for the tiny models at 64 px and for
+SD-2.1-base's architecture at 512 px (on the meta device: no weights, no time), i.e. the
+speed-up a compute-bound GPU step would approach.
 
     python benchmarks/bench_training.py [--steps 40] [--repeats 3]
 """
@@ -44,10 +49,12 @@ def _subject(root: Path) -> dict:
     return {"sd": tiny["sd"], "refs": root / "refs", "csv": root / "descriptions.csv"}
 
 
-def _train(subject: dict, root: Path, algorithm: str, steps: int, cache: bool) -> dict:
+def _train(
+    subject: dict, root: Path, algorithm: str, steps: int, cache: bool, **overrides: object
+) -> dict:
     from sidpipe.training.loop import train_subject
 
-    settings = {"steps": steps, "learning_rate": 1e-5, **METHODS[algorithm]}
+    settings = {"steps": steps, "learning_rate": 1e-5, **METHODS[algorithm], **overrides}
     name = f"{algorithm}-{cache}-{len(list(root.glob('*')))}"
     return train_subject(
         algorithm,
@@ -82,24 +89,89 @@ def bench_training(steps: int = 40, repeats: int = 3) -> dict:
                 ),
                 "peak_memory_mib": round(max(r["peak_memory_bytes"] for r in runs) / 2**20, 1),
             }
-        # interleaved, so both variants see the same machine load
-        cached, uncached = [], []
-        for _ in range(repeats):
-            cached.append(_train(subject, root, "dreambooth", steps, True)["steps_per_second"])
-            uncached.append(_train(subject, root, "dreambooth", steps, False)["steps_per_second"])
-    speedup = statistics.median(cached) / statistics.median(uncached)
+        caching = {
+            name: _caching_speedup(subject, root, steps, repeats, train_text_encoder=trains)
+            for name, trains in CACHING_VARIANTS.items()
+        }
+        compute = {
+            "tiny_64px": _compute_share(_tiny_components(subject["sd"]), 64),
+            "sd21_base_512px": _compute_share(_real_size_components(root), 512),
+        }
     return {
         "name": "training_tiny_cpu",
         "steps": steps,
         "repeats": repeats,
         "methods": methods,
-        "latent_caching": {
-            "dreambooth_steps_per_second_cached": round(statistics.median(cached), 2),
-            "dreambooth_steps_per_second_uncached": round(statistics.median(uncached), 2),
-            "speedup": round(speedup, 2),
-            "target": 1.3,
-        },
+        "latent_caching": {"target": 1.3, **caching},
+        "caching_compute_share": compute,
         "note": "peak memory is the process's max RSS on CPU (CUDA max_memory_allocated on GPU)",
+    }
+
+
+# DreamBooth as in the paper (text encoder trained: the latents are cached, the text is not)
+# and with a frozen text encoder (latents and text embeddings cached).
+CACHING_VARIANTS = {
+    "dreambooth_text_encoder_trained": True,
+    "dreambooth_text_encoder_frozen": False,
+}
+
+
+def _caching_speedup(
+    subject: dict, root: Path, steps: int, repeats: int, train_text_encoder: bool
+) -> dict:
+    cached, uncached = [], []
+    for _ in range(repeats):  # interleaved, so both variants see the same machine load
+        for cache, runs in ((True, cached), (False, uncached)):
+            result = _train(
+                subject, root, "dreambooth", steps, cache, train_text_encoder=train_text_encoder
+            )
+            runs.append(result["steps_per_second"])
+    return {
+        "steps_per_second_cached": round(statistics.median(cached), 2),
+        "steps_per_second_uncached": round(statistics.median(uncached), 2),
+        "speedup": round(statistics.median(cached) / statistics.median(uncached), 2),
+    }
+
+
+def _tiny_components(sd_dir: str) -> tuple:
+    from sidpipe.models import load_sd_components
+
+    c = load_sd_components(sd_dir, device="cpu")
+    return c.vae, c.text_encoder, c.unet
+
+
+def _real_size_components(root: Path) -> tuple:
+    """SD-2.1-base's VAE, text encoder and UNet on the meta device (shapes only)."""
+    import torch
+    from bench_sampling import real_size_pipe
+
+    pipe = real_size_pipe(root / "real_size", torch.float32, "meta")
+    return pipe.vae, pipe.text_encoder, pipe.unet
+
+
+def _compute_share(components: tuple, resolution: int) -> dict:
+    """FLOPs of one DreamBooth step (1 instance + 1 class image, text encoder trained) with and
+    without the VAE encode that caching removes."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae, text_encoder, unet = components
+    device = next(unet.parameters()).device
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    pixels = torch.zeros(2, 3, resolution, resolution, device=device)
+    latents = torch.zeros(2, 4, resolution // factor, resolution // factor, device=device)
+    ids = torch.zeros(2, 77, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        vae.encode(pixels)
+    encode = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        hidden = text_encoder(ids).last_hidden_state
+        unet(latents, torch.tensor([1, 2], device=device), hidden).sample.sum().backward()
+    step = counter.get_total_flops()
+    return {
+        "vae_encode_gflop": round(encode / 1e9, 2),
+        "unet_text_encoder_forward_backward_gflop": round(step / 1e9, 2),
+        "compute_bound_speedup": round((encode + step) / step, 2),
     }
 
 

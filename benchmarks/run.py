@@ -1,12 +1,15 @@
 """`make bench`: speed figures as JSON under results/bench/.
 
-training.json: steps/s and peak memory per method (tiny, CPU) and the latent-caching speed-up.
+training.json: steps/s and peak memory per method (tiny, CPU), the latent-caching speed-up, and
+the share of a DreamBooth step's compute that caching removes (tiny and SD-2.1-base size).
 sampling.json: images/s of batched sampling against a naive per-image pipeline loop.
 scoring.json: images/s of batched scoring against naive pairwise re-encoding.
 sampling_real_size.json: the same at SD-2.1-base size with peak GPU memory (CUDA only).
 segment.json: images per second of Grounded-SAM masking on the tiny models (CPU).
 dag.json: wall time and job count of building the DAG of the paper's full grid (config.yaml,
 a dry-run), median of a few repeats, so a change that slows Snakemake's start-up shows.
+slurm.json: wall time of the demo through the local SLURM test cluster against a local run, and
+sbatch submissions with and without job grouping (root only; about 25 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_sampling import bench_sampling
     from bench_scoring import bench_scoring
+    from bench_slurm import bench_slurm
     from bench_training import bench_training
 
     benches = {
@@ -109,6 +113,7 @@ def main() -> None:
         "sampling": lambda: bench_sampling(threads=1),
         "sampling_real_size": lambda: bench_sampling(real_size=True),  # skipped without CUDA
         "scoring": lambda: bench_scoring(),
+        "slurm": lambda: bench_slurm(),  # skipped without root
     }
     for name, bench in benches.items():
         if args.only and name not in args.only:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from sidpipe.config import (
     all_arm_subjects,
+    attempt_scaled,
     expand_experiments,
     load_prompts,
     load_subjects,
@@ -30,6 +31,16 @@ DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
+
+
+def job_memory(rule_name, default_mb):
+    """A job's mem_mb, config `job_resources` first; a retry asks for more."""
+    return attempt_scaled(config, rule_name, "mem_mb", default_mb)
+
+
+def job_runtime(rule_name, default_minutes):
+    """A job's runtime (minutes), config `job_resources` first; a retry asks for more."""
+    return attempt_scaled(config, rule_name, "runtime", default_minutes)
 
 
 def class_slug(class_name):
@@ -124,6 +135,11 @@ def vlm_entry(descriptions):
 def vlm_backend(descriptions):
     entry = vlm_entry(descriptions)
     return entry["backend"] if entry else "template"
+
+
+def local_vlm_memory(wildcards):
+    """A VLM run on the node (LLaVA, BLIP-2) needs its weights in memory; an API call does not."""
+    return 40000 if vlm_backend(wildcards.descriptions) == "transformers" else 2000
 
 
 def manual_descriptions_file(subject, descriptions):

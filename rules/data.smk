@@ -1,3 +1,8 @@
+# Compute nodes often have no internet access: downloads run where snakemake itself runs.
+localrules:
+    download_dataset,
+
+
 rule download_dataset:
     output:
         folder=directory("resources/{dataset}"),
@@ -10,8 +15,8 @@ rule download_dataset:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=2000,
-        runtime=60,
+        mem_mb=job_memory("download_dataset", 2000),
+        runtime=job_runtime("download_dataset", 60),
     params:
         downloads=lambda wildcards: config["datasets"][wildcards.dataset]["downloads"],
         timeout=lambda wildcards: config["datasets"][wildcards.dataset].get(

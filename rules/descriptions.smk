@@ -14,10 +14,8 @@ rule describe_references:
         "../envs/gpu.yaml"
     resources:
         gpu=lambda wildcards: int(vlm_backend(wildcards.descriptions) == "transformers"),
-        mem_mb=lambda wildcards: (
-            40000 if vlm_backend(wildcards.descriptions) == "transformers" else 2000
-        ),
-        runtime=60,
+        mem_mb=job_memory("describe_references", local_vlm_memory),
+        runtime=job_runtime("describe_references", 60),
     params:
         settings=description_settings,
     script:
@@ -46,7 +44,7 @@ rule descriptions_report:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=job_memory("descriptions_report", 1000),
+        runtime=job_runtime("descriptions_report", 5),
     script:
         "../workflow_scripts/descriptions_report.py"

@@ -12,8 +12,8 @@ rule plan_experiments:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=job_memory("plan_experiments", 1000),
+        runtime=job_runtime("plan_experiments", 5),
     params:
         rows=arms_table_rows(),
     script:

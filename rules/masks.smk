@@ -19,8 +19,8 @@ rule segment_references:
         "../envs/gpu.yaml"
     resources:
         gpu=lambda wildcards: int(mask_backend(wildcards.subject) == "grounded_sam"),
-        mem_mb=16000,
-        runtime=30,
+        mem_mb=job_memory("segment_references", 16000),
+        runtime=job_runtime("segment_references", 30),
     params:
         settings=segmentation_settings,
     script:

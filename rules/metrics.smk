@@ -11,8 +11,8 @@ rule score:
         "../envs/gpu.yaml"
     resources:
         gpu=1,
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=job_memory("score", 8000),
+        runtime=job_runtime("score", 30),
     params:
         clip=config["models"]["clip"],
         dino=config["models"].get("dino"),
@@ -37,8 +37,8 @@ rule gather_metrics:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=4000,
-        runtime=10,
+        mem_mb=job_memory("gather_metrics", 4000),
+        runtime=job_runtime("gather_metrics", 10),
     script:
         "../workflow_scripts/gather_metrics.py"
 
@@ -111,8 +111,8 @@ rule analyze:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=job_memory("analyze", 8000),
+        runtime=job_runtime("analyze", 30),
     params:
         subjects=[dict(row) for row in SUBJECTS.values()],
         n_boot=config["metrics"].get("bootstrap", 1000),

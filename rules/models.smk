@@ -9,8 +9,8 @@ rule build_tiny_models:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=4000,
-        runtime=10,
+        mem_mb=job_memory("build_tiny_models", 4000),
+        runtime=job_runtime("build_tiny_models", 10),
     params:
         seed=config.get("tiny_models", {}).get("seed", 0),
         resolution=config.get("tiny_models", {}).get("resolution", 64),

@@ -11,8 +11,8 @@ rule prepare_references:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=job_memory("prepare_references", 4000),
+        runtime=job_runtime("prepare_references", 20),
     params:
         images=lambda wildcards: SUBJECTS[wildcards.subject]["images"],
         resolution=config["references"]["resolution"],
@@ -38,8 +38,8 @@ rule summarize_references:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=job_memory("summarize_references", 1000),
+        runtime=job_runtime("summarize_references", 5),
     params:
         subjects=[
             {k: row[k] for k in ("subject", "class", "kind", "source")}

@@ -22,8 +22,8 @@ rule sample:
         "../envs/gpu.yaml"
     resources:
         gpu=1,
-        mem_mb=16000,
-        runtime=120,
+        mem_mb=job_memory("sample", 16000),
+        runtime=job_runtime("sample", 120),
     params:
         settings=sample_settings,
     script:
@@ -48,8 +48,8 @@ rule compare_samples:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=job_memory("compare_samples", 2000),
+        runtime=job_runtime("compare_samples", 10),
     params:
         prompt_ids=lambda wildcards: list(
             range(config["sampling"]["prompts_per_subject"])
@@ -83,8 +83,8 @@ rule attention_maps:
         "../envs/gpu.yaml"
     resources:
         gpu=1,
-        mem_mb=16000,
-        runtime=60,
+        mem_mb=job_memory("attention_maps", 16000),
+        runtime=job_runtime("attention_maps", 60),
     params:
         settings=attention_settings,
     script:

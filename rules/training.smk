@@ -11,8 +11,8 @@ rule class_images:
         "../envs/gpu.yaml"
     resources:
         gpu=1,
-        mem_mb=16000,
-        runtime=60,
+        mem_mb=job_memory("class_images", 16000),
+        runtime=job_runtime("class_images", 60),
     params:
         settings=class_image_settings,
     script:
@@ -43,8 +43,8 @@ rule train:
         "../envs/gpu.yaml"
     resources:
         gpu=1,
-        mem_mb=32000,
-        runtime=240,
+        mem_mb=job_memory("train", 32000),
+        runtime=job_runtime("train", 240),
     params:
         settings=training_settings,
     script:

@@ -1,9 +1,16 @@
 """Fixtures shared by several test modules."""
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -14,3 +21,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole demo, run once per session, as `make demo` runs it (same profile); tests only
+    read it (copy it to change anything)."""
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    shutil.copytree(REPO / "demo", workdir, ignore=shutil.ignore_patterns("results", ".snakemake"))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+    cmd += ["--profile", str(REPO / "demo/profile"), "--directory", str(workdir)]
+    cmd += ["--configfile", str(workdir / "config.yaml")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert result.returncode == 0, f"the demo failed:\n{result.stdout}\n{result.stderr}"
+    return workdir

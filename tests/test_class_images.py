@@ -76,7 +76,8 @@ def test_rerun_generates_only_missing_images(
     generate(sd, tmp_path)
     assert spy[-1].calls == [2]
     for name, image in before.items():
-        assert np.array_equal(pixels(tmp_path / name), image), name
+        # 0002 was made in a batch of 1, now of 2: equal up to float rounding (1 level of 255)
+        assert np.abs(pixels(tmp_path / name) - image).max() <= 1, name
 
     n_loads = len(spy)
     generate(sd, tmp_path)  # complete: the model is not even loaded

@@ -11,6 +11,7 @@ from sidpipe.config import (
     Arm,
     ConfigError,
     all_arm_subjects,
+    attempt_scaled,
     expand_experiments,
     load_config,
     load_prompts,
@@ -137,6 +138,14 @@ def _broken(real, edit):
             lambda c: c["datasets"]["dreambooth"]["downloads"][0].update(sha256="abc"),
             r"datasets\.dreambooth\.downloads\[0\]\.sha256",
         ),
+        (
+            lambda c: c.update(job_resources={"trian": {"mem_mb": 1000}}),
+            r"job_resources: 'trian' is invalid \('trian' is not one of \['analyze'",
+        ),
+        (
+            lambda c: c.update(job_resources={"train": {"mem": 1000}}),
+            r"job_resources\.train: unknown key 'mem' \(allowed: mem_mb, runtime\)",
+        ),
     ],
 )
 def test_broken_configs_are_rejected_with_the_key_path(real, edit, message):
@@ -232,3 +241,32 @@ def test_tokenizer_corpus_fills_templates_and_descriptions(tmp_path):
         == sorted(corpus)
         == tokenizer_corpus([prompts, tmp_path / "d.yaml"], ["dog", "mug"], "sks")
     )
+
+
+def test_job_resources_override_the_rule_and_grow_with_the_attempt():
+    config = {"job_resources": {"train": {"mem_mb": 2000}}}
+    memory = attempt_scaled(config, "train", "mem_mb", 32000)
+    assert [memory({}, attempt) for attempt in (1, 2, 3)] == [2000, 4000, 6000]
+    runtime = attempt_scaled(config, "train", "runtime", 240)  # not overridden
+    assert [runtime({}, 1), runtime({}, 2)] == [240, 480]
+    per_wildcards = attempt_scaled({}, "sample", "mem_mb", lambda wc: 100 * wc["n"])
+    assert per_wildcards({"n": 3}, 2) == 600
+
+
+def test_job_resources_names_are_the_workflow_rules():
+    """The schema's rule list, the rules that ask `job_resources` and the names they ask for
+    agree, so a config key can never silently miss its rule."""
+    import re
+
+    schema = yaml.safe_load((REPO / "rules/schemas/config.schema.yaml").read_text())
+    allowed = set(schema["properties"]["job_resources"]["propertyNames"]["enum"])
+    asked = set()
+    for smk in (REPO / "rules").glob("*.smk"):
+        rule = None
+        for line in smk.read_text().splitlines():
+            if match := re.match(r"rule (\w+):", line):
+                rule = match.group(1)
+            for name in re.findall(r'job_(?:memory|runtime)\("(\w+)"', line):
+                assert name == rule, f"{smk.name}: rule {rule} asks for {name}'s resources"
+                asked.add(name)
+    assert asked == allowed

@@ -2,7 +2,7 @@
 submitted by `snakemake --profile slurm` exactly as on a cluster, with the site overrides of
 tests/slurm/profile. Skipped only where the Debian packages cannot be installed (not root)."""
 
-import csv
+import json
 import os
 import re
 import shutil
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests/slurm/local_cluster.sh"
@@ -75,28 +76,63 @@ def _submitted(output: str) -> list[str]:
     return re.findall(r"submitted with SLURM jobid (\d+)", output)
 
 
-def _manifests(workdir: Path) -> dict[str, list[dict]]:
-    files = sorted((workdir / "results").glob("*/*/manifest.csv"))
-    keep = lambda row: {k: v for k, v in row.items() if k not in {"source_path"}}  # noqa: E731
-    return {str(p.relative_to(workdir)): [keep(r) for r in csv.DictReader(open(p))] for p in files}
+# Files that record when or how fast, not what: the rest must be byte-identical.
+TIMING_KEYS = {"seconds", "steps_per_second", "setup_seconds", "cache_seconds"}
+TIMING_KEYS |= {"peak_memory_bytes"}
+SMALL_CPU = ["compare_samples", "gather_metrics", "analyze", "plan_experiments"]
+SMALL_CPU += ["summarize_references", "descriptions_report"]
+GPU_RULES = ["class_images", "train", "sample", "attention_maps", "score"]
 
 
-def test_demo_runs_through_slurm_like_locally(cluster, tmp_path):
-    workdir = _workdir(tmp_path / "slurm")
-    result = _run(_snakemake(workdir, SLURM), 600, cwd=REPO, env=cluster)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert _submitted(result.stdout + result.stderr), "jobs went through sbatch"
-    # each job's log names its SLURM job; the GPU rule (Grounded-SAM) got the fake GPU
-    prepare_log = (workdir / "results/logs/prepare_references/red_mug.log").read_text()
-    assert re.search(r"SLURM_JOB_ID=\d+", prepare_log)
-    gpu_log = (workdir / "results/logs/segment_references/toy_robot.log").read_text()
-    assert re.search(r"SLURM_JOB_ID=\d+ CUDA_VISIBLE_DEVICES=0", gpu_log)
-    # the same outputs as a local run
-    local = _workdir(tmp_path / "local")
-    local_run = _run(_snakemake(local, ["demo/profile"]), 600, cwd=REPO, env=cluster)
-    assert local_run.returncode == 0, local_run.stderr[-3000:]
-    assert _manifests(workdir) == _manifests(local)
-    assert len(_manifests(local)) >= 6
+def _results(workdir: Path) -> dict[str, bytes]:
+    """Every result file but logs, benchmarks, the report and the samples' mtime records."""
+    root = workdir / "results"
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or rel.parts[0] in {"logs", "benchmarks"}:
+            continue
+        if path.name in {"report.html", ".sampling.json"}:
+            continue
+        data = path.read_bytes()
+        if path.name == "train_info.json":
+            info = {k: v for k, v in json.loads(data).items() if k not in TIMING_KEYS}
+            data = json.dumps(info, sort_keys=True).encode()
+        out[str(rel)] = data
+    return out
+
+
+def _job_ids(workdir: Path, rule: str) -> dict[str, tuple[str, str]]:
+    """log file -> (the SLURM job that wrote it, the GPUs it saw)."""
+    found = {}
+    for log in (workdir / "results/logs" / rule).rglob("*.log"):
+        match = re.search(r"SLURM_JOB_ID=(\d+) CUDA_VISIBLE_DEVICES=(\S+)", log.read_text())
+        assert match, f"{log} was not written inside a SLURM job"
+        found[str(log.relative_to(workdir))] = match.groups()
+    assert found, f"no logs of rule {rule}"
+    return found
+
+
+def test_whole_demo_runs_through_slurm_like_locally(cluster, demo_run, tmp_path):
+    """`all` of the demo: every rule through sbatch, GPU rules on a (fake) GPU, small CPU jobs
+    grouped into few submissions, and every result byte-identical to the local run."""
+    workdir = _workdir(tmp_path)
+    result = _run(_snakemake(workdir, SLURM, []), 1500, cwd=REPO, env=cluster)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    submitted = _submitted(output)
+    jobs = int(re.findall(r"(\d+) of (\d+) steps \(100%\) done", output)[-1][1])
+    for rule in GPU_RULES:
+        for log, (_, gpu) in _job_ids(workdir, rule).items():
+            assert re.fullmatch(r"\d+", gpu), f"{log}: no GPU (CUDA_VISIBLE_DEVICES={gpu})"
+    small = {log: job for rule in SMALL_CPU for log, (job, _) in _job_ids(workdir, rule).items()}
+    assert len(set(small.values())) < len(small) / 2, f"small CPU jobs not grouped: {small}"
+    assert len(submitted) < jobs - len(small) / 2  # grouping saved submissions
+    local, slurm = _results(demo_run), _results(workdir)
+    assert sorted(slurm) == sorted(local)
+    differ = [name for name in local if local[name] != slurm[name]]
+    assert not differ, f"{len(differ)} results differ from the local run: {differ[:10]}"
+    assert len(local) > 300
 
 
 def test_failing_job_is_reported_and_the_run_exits_nonzero(cluster, tmp_path):
@@ -162,3 +198,44 @@ def test_interrupted_run_completes_without_redoing_finished_jobs(cluster, tmp_pa
     assert _submitted(output), "the rest went through sbatch"
     for target in TARGETS:
         assert (workdir / target).exists(), target
+
+
+def test_training_signalled_by_slurm_checkpoints_and_resumes(cluster, tmp_path):
+    """SLURM signals a job's steps before its time limit (the profile's --signal=TERM@300, or
+    `scancel --signal=TERM`): the training saves the step it is on, and the rerun resumes."""
+    workdir = _workdir(tmp_path)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["methods"]["textual_inversion"]["steps"] = 10**7
+    config["training"]["checkpoint_every"] = 10**7
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    target = ["results/train/textual_inversion/case1/red_mug/train_info.json"]
+    log = workdir / "results/logs/train/textual_inversion/case1/red_mug.log"
+    cmd = [*LIMIT, "400", *_snakemake(workdir, SLURM, target)]
+    process = subprocess.Popen(
+        cmd, cwd=REPO, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and "train textual_inversion" in log.read_text():
+            break  # the loop is running
+        time.sleep(0.5)
+    time.sleep(2)
+    jobs = subprocess.run(
+        ["squeue", "-h", "-t", "RUNNING", "-o", "%i"], env=cluster, capture_output=True, text=True
+    ).stdout.split()
+    assert len(jobs) == 1, f"the training job alone is running: {jobs}"
+    subprocess.run(["scancel", "--signal=TERM", jobs[0]], env=cluster, check=True)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode not in (0, 124, 137), output[-3000:]
+    match = re.search(r"SIGTERM received; stopped after step (\d+) of 10000000", log.read_text())
+    assert match, log.read_text()[-3000:]
+    step = int(match.group(1))
+    checkpoints = workdir / "results/train/textual_inversion/case1/red_mug.checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == [f"checkpoint-{step:07d}.pt"]
+
+    config["methods"]["textual_inversion"]["steps"] = step + 20
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    rerun = _run(_snakemake(workdir, SLURM, target), 300, cwd=REPO, env=cluster)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    info = json.loads((workdir / target[0]).read_text())
+    assert info["resumed_from_step"] == step and info["steps"] == step + 20

@@ -6,7 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,10 +26,10 @@ from sidpipe.io import SidpipeError, read_csv, write_csv
 from sidpipe.masks import segment_references
 from sidpipe.models import build_tiny_models, load_sd_components
 from sidpipe.references import prepare_references
-from sidpipe.training import base, loop
+from sidpipe.training import base, loop, trainer_class
 from sidpipe.training.base import diffusion_loss
 from sidpipe.training.data import tokenize
-from sidpipe.training.loop import stream_indices, train_subject
+from sidpipe.training.loop import TrainingInterrupted, stream_indices, train_subject
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "subjects" / "red_mug"
 SIZE = 64
@@ -261,3 +267,87 @@ def test_8bit_adam_needs_bitsandbytes(subject: SimpleNamespace, tmp_path: Path) 
         pytest.skip("bitsandbytes is installed")
     with pytest.raises(SidpipeError, match="bitsandbytes is not installed"):
         run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 1}, use_8bit_adam=True)
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_resumes(
+    subject: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SLURM's time limit and scancel send SIGTERM: the loop finishes the step, checkpoints it
+    (not the last periodic checkpoint) and stops; the rerun ends where an unkilled run does."""
+    settings = {**LORA, "steps": 12, "prior_preservation": True}
+    run(subject, tmp_path / "full", "dreambooth_lora", settings, checkpoint_every=100)
+
+    steps_done = []
+
+    def signal_at_step_5(self: object) -> None:
+        steps_done.append(1)
+        if len(steps_done) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_class("dreambooth_lora"), "after_step", signal_at_step_5)
+    killed = tmp_path / "killed"
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM received; stopped after step 5 of 12"):
+        run(subject, killed, "dreambooth_lora", settings, checkpoint_every=100)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    assert [p.name for p in (killed / "checkpoints").iterdir()] == ["checkpoint-0000005.pt"]
+    assert not (killed / "run").exists()
+    monkeypatch.undo()
+
+    run(subject, killed, "dreambooth_lora", settings, checkpoint_every=100)
+    info = json.loads((killed / "run" / "train_info.json").read_text())
+    assert info["resumed_from_step"] == 5
+    a, b = lora_weights(tmp_path / "full" / "run"), lora_weights(killed / "run")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+CHILD = """
+import json, logging, sys
+from sidpipe.training.loop import train_subject
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+train_subject(**json.loads(sys.argv[1]))
+"""
+
+
+def test_sigterm_to_a_training_process(subject: SimpleNamespace, tmp_path: Path) -> None:
+    """A real process killed the way SLURM does it exits non-zero with a checkpoint of the
+    step it was on and says how to resume."""
+    args = {
+        "algorithm": "dreambooth_lora",
+        "settings": {**LORA, "steps": 10**6},
+        "base_model": subject.sd,
+        "references_dir": str(subject.refs),
+        "descriptions_csv": str(subject.csv),
+        "out_dir": str(tmp_path / "run"),
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "identifier": "sks",
+        "class_name": "mug",
+        "device": "cpu",
+        "checkpoint_every": 10**6,
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(args)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        seen = []
+        for line in child.stderr:  # the loop starts right after this line
+            seen.append(line)
+            if "trainable parameters" in line:
+                break
+        time.sleep(1.0)
+        child.send_signal(signal.SIGTERM)
+        _, rest = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    stderr = "".join(seen) + rest
+    assert child.returncode == 1, stderr
+    match = re.search(r"SIGTERM received; stopped after step (\d+) of 1000000", stderr)
+    assert match, stderr
+    step = int(match.group(1))
+    assert step > 0
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"checkpoint-{step:07d}.pt"]
+    assert "rerun the job to resume" in stderr
+    assert not (tmp_path / "run").exists()

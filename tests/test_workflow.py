@@ -51,14 +51,6 @@ def copy_demo(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """The whole demo, run once, as `make demo` runs it (same profile)."""
-    workdir = copy_demo(tmp_path_factory.mktemp("demo") / "demo")
-    snakemake(workdir, "--profile", str(REPO / "demo/profile"))
-    return workdir
-
-
 @pytest.fixture
 def finished_demo(demo_run, tmp_path) -> Path:
     """A private copy of the finished demo (mtimes and Snakemake metadata kept)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,17 @@ def tokenizer_corpus(files: list[str | Path], classes: list[str], identifier: st
             with open(file, newline="") as handle:
                 texts.update(" ".join(row) for row in csv.reader(handle, delimiter="\t"))
     return sorted(texts)
+
+
+def attempt_scaled(
+    config: dict, rule: str, key: str, default: int | Callable[[Any], int]
+) -> Callable[[Any, int], int]:
+    """A Snakemake resource function for `rule`'s `key` (mem_mb, runtime): the config's
+    `job_resources.<rule>.<key>` or else `default` (a number, or a function of the wildcards),
+    times the attempt number, so a job killed for memory or time is retried with more."""
+    base = config.get("job_resources", {}).get(rule, {}).get(key, default)
+
+    def resource(wildcards: Any, attempt: int) -> int:
+        return (base(wildcards) if callable(base) else int(base)) * attempt
+
+    return resource

@@ -469,14 +469,16 @@ def build_tiny_models(
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         torch.manual_seed(seed)
-        # Four blocks = three 2x downsamplings: 64 px -> 8x8x4 latents, as in SD's VAE.
+        # SD's VAE at 1/16 of its width: four blocks (three 2x downsamplings, 64 px -> 8x8x4
+        # latents), widths 1:2:4:4, two layers per block. So the VAE's share of a training
+        # step's compute is close to SD-2.1-base's at 512 px (benchmarks/bench_training.py).
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
+            block_out_channels=(8, 16, 32, 32),
+            layers_per_block=2,
             latent_channels=4,
             norm_num_groups=8,
             sample_size=resolution,

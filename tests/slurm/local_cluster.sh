@@ -3,8 +3,9 @@
 #   local_cluster.sh install      apt-get the Debian packages (slurmctld slurmd slurm-client munge)
 #   local_cluster.sh up DIR       start munged, slurmctld, slurmd with state under DIR
 #   local_cluster.sh down DIR     stop them by their pid files and remove DIR
-# Needs root (the daemons run as root / munge). One fake GPU (gres on /dev/null) lets GPU rules
-# schedule. Facts behind each setting: shared/notes/local-slurm.md.
+# Needs root (the daemons run as root / munge). One fake GPU per CPU (gres on character devices
+# like /dev/null) lets GPU rules schedule, as many at once as a local run with those cores.
+# Facts behind each setting: shared/notes/local-slurm.md.
 set -euo pipefail
 
 cmd=${1:?usage: local_cluster.sh install|up DIR|down DIR}
@@ -73,10 +74,12 @@ DefMemPerCPU=500
 MinJobAge=600
 ReturnToService=2
 GresTypes=gpu
-NodeName=localhost CPUs=$cpus Sockets=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$((memory * 9 / 10)) Gres=gpu:1 State=UNKNOWN
+NodeName=localhost CPUs=$cpus Sockets=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$((memory * 9 / 10)) Gres=gpu:$cpus State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
-  echo "Name=gpu File=/dev/null" >"$dir/gres.conf"
+  # each fake GPU needs its own device file (one shared /dev/null kills slurmd)
+  for ((i = 0; i < cpus; i++)); do mknod "$dir/fakegpu$i" c 1 3; done
+  echo "Name=gpu File=$dir/fakegpu[0-$((cpus - 1))]" >"$dir/gres.conf"
   # Inside a job the executor's jobstep drops SLURM_CONF, so the default path must work too.
   mkdir -p /etc/slurm
   if [ -e /etc/slurm/slurm.conf ] && [ ! -L /etc/slurm/slurm.conf ]; then
