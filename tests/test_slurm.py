@@ -1,6 +1,7 @@
-"""The demo through a real single-node SLURM cluster (slurmctld + slurmd + munge on this machine),
-submitted by `snakemake --profile slurm` exactly as on a cluster, with the site overrides of
-tests/slurm/profile. Skipped only where the Debian packages cannot be installed (not root)."""
+"""The whole demo through a real single-node SLURM cluster (slurmctld + slurmd + munge on this
+machine, one fake GPU per core), submitted by `snakemake --profile slurm` exactly as on a cluster,
+with the site overrides of tests/slurm/profile; plus failure, interruption and time-limit
+signals. Skipped only where the Debian packages cannot be installed (not root)."""
 
 import json
 import os
