@@ -80,8 +80,9 @@ def _submitted(output: str) -> list[str]:
 # Files that record when or how fast, not what: the rest must be byte-identical.
 TIMING_KEYS = {"seconds", "steps_per_second", "setup_seconds", "cache_seconds"}
 TIMING_KEYS |= {"peak_memory_bytes"}
-SMALL_CPU = ["compare_samples", "gather_metrics", "analyze", "plan_experiments"]
-SMALL_CPU += ["summarize_references", "descriptions_report"]
+# The rules the SLURM profile groups into small_cpu jobs (read, so the two cannot drift apart).
+_PROFILE = yaml.safe_load((REPO / "slurm/config.yaml").read_text())
+SMALL_CPU = [rule for rule, group in _PROFILE["groups"].items() if group == "small_cpu"]
 GPU_RULES = ["class_images", "train", "sample", "attention_maps", "score"]
 
 
