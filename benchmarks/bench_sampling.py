@@ -45,16 +45,11 @@ def _tiny_pipe(tmp: Path, device: str) -> Any:
     return load_arm_pipeline(models["sd"], None, None, "float32", device)
 
 
-def real_size_pipe(tmp: Path, dtype: torch.dtype = torch.float16, device: str = "cuda") -> Any:
+def real_size_modules(tmp: Path) -> dict[str, Any]:
     """Stable Diffusion 2.1-base's architecture (its published configs, written out here as
-    nothing can be downloaded) with random weights; the tokenizer is a small CLIP-format BPE
-    (only token ids < 49408 matter for speed)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    nothing can be downloaded) with random weights, on the default device; the tokenizer is a
+    small CLIP-format BPE (only token ids < 49408 matter for speed)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sidpipe.config import tokenizer_corpus
@@ -105,17 +100,24 @@ def real_size_pipe(tmp: Path, dtype: torch.dtype = torch.float16, device: str = 
         sample_size=512,
         scaling_factor=0.18215,
     )
-    for model in (text_encoder, unet, vae):  # cast each model (pipe.to(dtype) warns for the VAE)
-        model.to(device, dtype)
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "unet": unet,
+        "vae": vae,
+        "scheduler": DDIMScheduler(**SD_SCHEDULER_KWARGS),
+    }
+
+
+def real_size_pipe(tmp: Path, dtype: torch.dtype = torch.float16, device: str = "cuda") -> Any:
+    """`real_size_modules` as a pipeline in `dtype` on `device`."""
+    from diffusers import StableDiffusionPipeline
+
+    modules = real_size_modules(tmp)
+    for name in ("text_encoder", "unet", "vae"):  # each model (pipe.to(dtype) warns for the VAE)
+        modules[name].to(device, dtype)
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_KWARGS),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **modules, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
