@@ -143,10 +143,11 @@ def _tiny_components(sd_dir: str) -> tuple:
 def _real_size_components(root: Path) -> tuple:
     """SD-2.1-base's VAE, text encoder and UNet on the meta device (shapes only)."""
     import torch
-    from bench_sampling import real_size_pipe
+    from bench_sampling import real_size_modules
 
-    pipe = real_size_pipe(root / "real_size", torch.float32, "meta")
-    return pipe.vae, pipe.text_encoder, pipe.unet
+    with torch.device("meta"):  # built there: no 5 GB of random weights first
+        modules = real_size_modules(root / "real_size")
+    return modules["vae"], modules["text_encoder"], modules["unet"]
 
 
 def _compute_share(components: tuple, resolution: int) -> dict:
