@@ -30,8 +30,15 @@ METHODS = {
 }
 
 
-def _subject(root: Path) -> dict:
-    """Tiny models, the demo mug at 64 px, its Case-3 descriptions and two class images."""
+def _subject(
+    root: Path,
+    model_dir: str | None = None,
+    resolution: int = 64,
+    class_images: int = 2,
+    device: str = "cpu",
+) -> dict:
+    """The demo mug at `resolution` px, its Case-3 descriptions and `class_images` class
+    images from `model_dir` (default: tiny models built here)."""
     from sidpipe.class_images import generate_class_images
     from sidpipe.config import tokenizer_corpus
     from sidpipe.io import write_csv
@@ -39,14 +46,30 @@ def _subject(root: Path) -> dict:
     from sidpipe.references import prepare_references
 
     mug = DEMO / "subjects/red_mug"
-    corpus = tokenizer_corpus([DEMO / "prompts.yaml", mug / "descriptions.yaml"], ["mug"], "sks")
-    tiny = build_tiny_models(root / "tiny", corpus)
-    prepare_references(mug, root / "refs", "red_mug", 64)
+    if model_dir is None:
+        corpus = tokenizer_corpus(
+            [DEMO / "prompts.yaml", mug / "descriptions.yaml"], ["mug"], "sks"
+        )
+        model_dir = build_tiny_models(root / "tiny", corpus)["sd"]
+    prepare_references(mug, root / "refs", "red_mug", resolution)
     table = yaml.safe_load((mug / "descriptions.yaml").read_text())
     rows = [{"image_id": k, "description": v["case3"]} for k, v in table.items()]
     write_csv(root / "descriptions.csv", rows, ["image_id", "description"])
-    generate_class_images(tiny["sd"], "mug", root / "class", count=2, steps=2, resolution=64)
-    return {"sd": tiny["sd"], "refs": root / "refs", "csv": root / "descriptions.csv"}
+    generate_class_images(
+        model_dir,
+        "mug",
+        root / "class",
+        count=class_images,
+        steps=2,
+        resolution=resolution,
+        device=device,
+    )
+    return {
+        "sd": model_dir,
+        "refs": root / "refs",
+        "csv": root / "descriptions.csv",
+        "class": root / "class",
+    }
 
 
 def _train(
@@ -66,7 +89,7 @@ def _train(
         root / f"{name}.ckpt",
         "sks",
         "mug",
-        class_images_dir=root / "class",
+        class_images_dir=subject["class"],
         device="cpu",
         checkpoint_every=10_000,
         cache_latents=cache,

@@ -6,8 +6,8 @@ The paper's DreamBooth (config.yaml's settings: text encoder trained, prior pres
 methods train a small part of the model; their memory is far below DreamBooth's.)
 Target: DreamBooth within 24 GiB with the documented options (fp16 autocast, gradient
 checkpointing, 8-bit AdamW). The count is of live tensors, what `torch.cuda.max_memory_allocated`
-reports less allocator rounding and cuDNN workspaces; a GPU run (`train_info.json`'s
-peak_memory_bytes) is the measurement.
+reports less allocator rounding and cuDNN workspaces; `bench_training_real_size.py` measures
+the same job on a GPU.
 
     python benchmarks/bench_training_memory.py
 """

@@ -4,6 +4,8 @@ training.json: steps/s and peak memory per method (tiny, CPU), the latent-cachin
 the share of a DreamBooth step's compute that caching removes (tiny and SD-2.1-base size).
 training_memory.json: peak memory of DreamBooth training at SD-2.1-base size (512 px) with each
 combination of the memory options, counted on fake tensors (no GPU needed; the 24 GiB target).
+training_real_size.json: the same job measured at SD-2.1-base size on a GPU (random weights,
+512 px; CUDA only): steps/s, peak allocated/reserved memory per option set, caching speed-up.
 sampling.json: images/s of batched sampling against a naive per-image pipeline loop.
 scoring.json: images/s of batched scoring against naive pairwise re-encoding.
 sampling_real_size.json: the same at SD-2.1-base size with peak GPU memory (CUDA only).
@@ -108,12 +110,14 @@ def main() -> None:
     from bench_slurm import bench_slurm
     from bench_training import bench_training
     from bench_training_memory import bench_training_memory
+    from bench_training_real_size import bench_training_real_size
 
     benches = {
         "dag": lambda: bench_dag(args.repeats),
         "segment": lambda: bench_segment(args.repeats),
         "training": lambda: bench_training(repeats=args.repeats),
         "training_memory": lambda: bench_training_memory(),
+        "training_real_size": lambda: bench_training_real_size(),  # skipped without CUDA
         "sampling": lambda: bench_sampling(threads=1),
         "sampling_real_size": lambda: bench_sampling(real_size=True),  # skipped without CUDA
         "scoring": lambda: bench_scoring(),

@@ -321,6 +321,9 @@ def train_subject(
             "mixed_precision=%s needs CUDA; training in float32 on %s", mixed_precision, dev
         )
         amp_dtype = None
+    if dev.type == "cuda":
+        # The whole job's peak (encoding the latent cache included) is what must fit the card.
+        torch.cuda.reset_peak_memory_stats(dev)
 
     _seed_everything(seed)
     c = load_sd_components(base_model, device=str(dev))
@@ -409,8 +412,6 @@ def train_subject(
         n_trainable,
         trainer.caption(PLACEHOLDER),
     )
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     num_train_timesteps = int(c.noise_scheduler.config.num_train_timesteps)
     log_every = max(1, min(100, steps // 10))
     autocast = (
@@ -557,6 +558,7 @@ def train_subject(
         "device": str(dev),
         "mixed_precision": mixed_precision if amp_dtype is not None else "no",
         "gradient_checkpointing": gradient_checkpointing,
+        "use_8bit_adam": use_8bit_adam,
         "cache_latents": cache_latents,
         "resumed_from_step": resumed_from,
         "trainable_parameters": n_trainable,
