@@ -55,7 +55,13 @@ def real_size_modules(tmp: Path) -> dict[str, Any]:
     from sidpipe.config import tokenizer_corpus
     from sidpipe.models import SD_SCHEDULER_KWARGS, train_clip_tokenizer
 
-    corpus = tokenizer_corpus([REPO / "prompts/dreambooth.yaml"], ["dog"], "sks")
+    # The evaluation prompts and the demo's descriptions (what the training benchmark
+    # trains on) are whole tokens, so captions have realistic lengths, as with CLIP's vocabulary.
+    texts = [
+        REPO / "prompts/dreambooth.yaml",
+        *sorted(REPO.glob("demo/subjects/*/descriptions.yaml")),
+    ]
+    corpus = tokenizer_corpus(texts, ["dog", "mug"], "sks")
     tokenizer = train_clip_tokenizer(corpus, tmp / "tokenizer")
     text_encoder = CLIPTextModel(  # OpenCLIP ViT-H/14's text tower, penultimate layer kept
         CLIPTextConfig(

@@ -2,11 +2,13 @@
 random weights, 512 px): steps/s and peak GPU memory with each combination of the memory options,
 and the latent-caching speed-up at that size. The paper's settings (config.yaml: UNet and text
 encoder trained, prior preservation, 1 instance + 1 class image per step), run by the workflow's
-own `train_subject` on a model folder written with `save_pretrained`. CUDA only: elsewhere it
-reports "skipped". `bench_training_memory.py` counts the same job without a GPU; this measures
-it (target: within 24 GiB with the documented options).
+own `train_subject` on a model folder written with `save_pretrained`; without CUDA it reports
+"skipped". `bench_training_memory.py` counts the same job without a GPU; this measures it
+(target: within 24 GiB with the documented options). `--device cpu` runs one float32 job with
+both memory options instead, a cross-check of the count where no GPU is lent.
 
     python benchmarks/bench_training_real_size.py [--steps 20] [--class-images 4]
+    python benchmarks/bench_training_real_size.py --device cpu --steps 1  # ~4 min, 14 GiB RAM
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from bench_training_memory import DREAMBOOTH_OPTIONS, TARGET_GIB  # noqa: E402
 # Each memory option set with cached latents, then the documented set (the last) re-encoding
 # every image each step: the caching speed-up at this size.
 RUNS = [(*options, True) for options in DREAMBOOTH_OPTIONS] + [(*DREAMBOOTH_OPTIONS[-1], False)]
+# `--device cpu` (a cross-check of the memory count where no GPU is lent; autocast is CUDA-only
+# and float32 AdamW would not fit 24 GiB of RAM): float32 with both memory options, one job.
+CPU_RUNS = [("no", True, True, True)]
 
 
 def paper_dreambooth_settings() -> dict:
@@ -119,30 +124,34 @@ def caching_speedup(results: list[dict]) -> float | None:
     return round(cached["steps_per_second"] / uncached["steps_per_second"], 2)
 
 
-def bench_training_real_size(steps: int = 20, class_images: int = 4) -> dict:
+def bench_training_real_size(steps: int = 20, class_images: int = 4, device: str = "cuda") -> dict:
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return {"name": "training_real_size", "skipped": "no CUDA device"}
+    runs = RUNS if device == "cuda" else CPU_RUNS
     settings = paper_dreambooth_settings()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_real_size_model(root / "model")
-        subject = _subject(root, model_dir, 512, class_images, "cuda")
-        # Warm-up (CUDA context, cuDNN's algorithm search, bitsandbytes' kernels): discarded.
-        (root / "warmup").mkdir()
-        measure_dreambooth(subject, root / "warmup", 2, RUNS[-2:], "cuda", settings)
-        results = measure_dreambooth(subject, root, steps, RUNS, "cuda", settings)
+        subject = _subject(root, model_dir, 512, class_images, device)
+        if device == "cuda":
+            # Warm-up (CUDA context, cuDNN's algorithm search, bitsandbytes' kernels): discarded.
+            (root / "warmup").mkdir()
+            measure_dreambooth(subject, root / "warmup", 2, RUNS[-2:], device, settings)
+        results = measure_dreambooth(subject, root, steps, runs, device, settings)
     return {
         "name": "training_real_size_sd21_base_512px",
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "steps": steps,
-        "settings": settings,
+        "settings": {k: v for k, v in settings.items() if k != "steps"},
         "target_gib": TARGET_GIB,
         "dreambooth": results,
-        "latent_caching_speedup": caching_speedup(results),
+        "latent_caching_speedup": caching_speedup(results) if len(results) > 1 else None,
         "note": "peak_reserved_gib is what the CUDA caching allocator held (the card also needs "
-        "the CUDA context, about 0.5 GiB); steps/s over the whole loop, first step included",
+        "the CUDA context, about 0.5 GiB); on CPU peak_allocated_gib is the process's peak "
+        "resident memory (interpreter and libraries included); steps/s over the whole loop, "
+        "first step included",
     }
 
 
@@ -150,8 +159,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--class-images", type=int, default=4)
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: one float32 job"
+    )
     args = parser.parse_args()
-    print(json.dumps(bench_training_real_size(args.steps, args.class_images), indent=2))
+    result = bench_training_real_size(args.steps, args.class_images, args.device)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
