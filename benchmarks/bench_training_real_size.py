@@ -118,6 +118,8 @@ def measure_dreambooth(
 
 def caching_speedup(results: list[dict]) -> float | None:
     """Steps/s with cached latents over re-encoding, at the same options (the last two runs)."""
+    if len(results) < 2:
+        return None
     cached, uncached = results[-2], results[-1]
     if cached["cache_latents"] == uncached["cache_latents"] or not uncached["steps_per_second"]:
         return None
@@ -147,7 +149,7 @@ def bench_training_real_size(steps: int = 20, class_images: int = 4, device: str
         "settings": {k: v for k, v in settings.items() if k != "steps"},
         "target_gib": TARGET_GIB,
         "dreambooth": results,
-        "latent_caching_speedup": caching_speedup(results) if len(results) > 1 else None,
+        "latent_caching_speedup": caching_speedup(results),
         "note": "peak_reserved_gib is what the CUDA caching allocator held (the card also needs "
         "the CUDA context, about 0.5 GiB); on CPU peak_allocated_gib is the process's peak "
         "resident memory (interpreter and libraries included); steps/s over the whole loop, "

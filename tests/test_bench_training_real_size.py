@@ -39,6 +39,7 @@ def test_each_option_set_is_its_own_measured_job(tmp_path: Path) -> None:
 def test_caching_speedup_needs_a_cached_and_an_uncached_run() -> None:
     same = {"cache_latents": True, "steps_per_second": 2.0}
     assert bench.caching_speedup([same, same]) is None
+    assert bench.caching_speedup([same]) is None
     assert bench.caching_speedup([same, {**same, "cache_latents": False}]) == 1.0
 
 
