@@ -75,41 +75,54 @@ def measure_dreambooth(
     cuda = torch.device(device).type == "cuda"
     results = []
     for number, (mixed, checkpointing, adam8, cache) in enumerate(runs):
-        out = root / f"run-{number}"
-        summary = train_subject(
-            "dreambooth",
-            {**settings, "steps": steps},
-            subject["sd"],
-            subject["refs"],
-            subject["csv"],
-            out,
-            root / f"run-{number}.ckpt",
-            "sks",
-            "mug",
-            class_images_dir=subject["class"],
-            device=device,
-            mixed_precision=mixed,
-            checkpoint_every=10**6,
-            gradient_checkpointing=checkpointing,
-            use_8bit_adam=adam8,
-            cache_latents=cache,
-        )
-        info = json.loads((out / "train_info.json").read_text())
-        reserved = torch.cuda.max_memory_reserved() if cuda else None
-        shutil.rmtree(out)  # a full fine-tune: GBs of weights per run
+        out, checkpoints = root / f"run-{number}", root / f"run-{number}.ckpt"
+        run = {
+            "mixed_precision": mixed,
+            "gradient_checkpointing": checkpointing,
+            "use_8bit_adam": adam8,
+            "cache_latents": cache,
+        }
+        try:
+            summary = train_subject(
+                "dreambooth",
+                {**settings, "steps": steps},
+                subject["sd"],
+                subject["refs"],
+                subject["csv"],
+                out,
+                checkpoints,
+                "sks",
+                "mug",
+                class_images_dir=subject["class"],
+                device=device,
+                mixed_precision=mixed,
+                checkpoint_every=10**6,
+                gradient_checkpointing=checkpointing,
+                use_8bit_adam=adam8,
+                cache_latents=cache,
+            )
+        except Exception as err:  # out of memory on a smaller card is a result, not the end
+            results.append({**run, "error": f"{type(err).__name__}: {err}"[:500]})
+            summary = None
+        if summary is not None:
+            # What the job says it did (autocast falls back to float32 without CUDA).
+            info = json.loads((out / "train_info.json").read_text())
+            run = {key: info[key] for key in run}
+        shutil.rmtree(out, ignore_errors=True)  # a full fine-tune: GBs of weights per run
+        shutil.rmtree(checkpoints, ignore_errors=True)
         gc.collect()
         if cuda:
+            reserved = torch.cuda.max_memory_reserved()
             torch.cuda.empty_cache()
-        peak = reserved if reserved is not None else summary["peak_memory_bytes"]
+        if summary is None:
+            continue
+        peak = reserved if cuda else summary["peak_memory_bytes"]
         results.append(
             {
-                "mixed_precision": info["mixed_precision"],
-                "gradient_checkpointing": info["gradient_checkpointing"],
-                "use_8bit_adam": info["use_8bit_adam"],
-                "cache_latents": info["cache_latents"],
+                **run,
                 "steps_per_second": summary["steps_per_second"],
                 "peak_allocated_gib": round(summary["peak_memory_bytes"] / 2**30, 2),
-                "peak_reserved_gib": None if reserved is None else round(reserved / 2**30, 2),
+                "peak_reserved_gib": round(reserved / 2**30, 2) if cuda else None,
                 "within_target": peak <= TARGET_GIB * 2**30,
             }
         )
@@ -121,7 +134,11 @@ def caching_speedup(results: list[dict]) -> float | None:
     if len(results) < 2:
         return None
     cached, uncached = results[-2], results[-1]
-    if cached["cache_latents"] == uncached["cache_latents"] or not uncached["steps_per_second"]:
+    if (
+        "error" in cached
+        or "error" in uncached
+        or cached["cache_latents"] == uncached["cache_latents"]
+    ):
         return None
     return round(cached["steps_per_second"] / uncached["steps_per_second"], 2)
 
