@@ -242,13 +242,19 @@ def training_settings(wildcards):
     training = config.get("training", {})
     return {
         "algorithm": settings["algorithm"],
-        "settings": {k: v for k, v in settings.items() if k != "algorithm"},
+        "settings": {
+            k: v
+            for k, v in settings.items()
+            if k not in ("algorithm", "checkpoint_every")
+        },
         "base_model": config["models"]["base"],
         "identifier": config["identifier"],
         "class_name": SUBJECTS[wildcards.subject]["class"],
         "seed": training.get("seed", 0),
         "mixed_precision": training.get("mixed_precision", "no"),
-        "checkpoint_every": training.get("checkpoint_every", 100),
+        "checkpoint_every": settings.get(
+            "checkpoint_every", training.get("checkpoint_every", 100)
+        ),
         "gradient_checkpointing": training.get("gradient_checkpointing", False),
         "use_8bit_adam": training.get("use_8bit_adam", False),
     }

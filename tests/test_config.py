@@ -270,3 +270,37 @@ def test_job_resources_names_are_the_workflow_rules():
                 assert name == rule, f"{smk.name}: rule {rule} asks for {name}'s resources"
                 asked.add(name)
     assert asked == allowed
+
+
+def test_every_method_setting_the_training_code_reads_is_in_the_schema():
+    """A setting the trainers read but the schema rejects can never be set from a config."""
+    import re
+
+    from sidpipe.config import load_schema
+
+    sources = (REPO / "src/sidpipe/training").glob("*.py")
+    read = {
+        m[1]
+        for path in sources
+        for m in re.finditer(r'settings(?:\.get\(|\[)"(\w+)"', path.read_text())
+    }
+    assert {"steps", "learning_rate", "max_grad_norm", "resolution"} <= read  # the scan works
+    allowed = load_schema("config")["properties"]["methods"]["additionalProperties"]["properties"]
+    assert read <= set(allowed), sorted(read - set(allowed))
+
+
+def test_method_settings_for_the_optimizer_and_checkpoints_validate(real):
+    config = copy.deepcopy(real)
+    config["methods"]["dreambooth"] |= {
+        "resolution": 768,
+        "max_grad_norm": 0.0,
+        "adam_betas": [0.9, 0.99],
+        "adam_epsilon": 1e-6,
+        "adam_weight_decay": 0.0,
+        "checkpoint_every": 250,
+    }
+    config["methods"]["custom_diffusion"]["scale_lr"] = False
+    validate_config(config)
+    config["methods"]["dreambooth"]["adam_betas"] = [0.9]
+    with pytest.raises(ConfigError, match="adam_betas"):
+        validate_config(config)

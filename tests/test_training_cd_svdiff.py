@@ -140,9 +140,7 @@ def test_registry_and_effective_learning_rate() -> None:
     base = {"learning_rate": 1e-5, "batch_size": 2}
     assert effective_learning_rate({**base, "prior_preservation": True}) == pytest.approx(4e-5)
     assert effective_learning_rate(base) == pytest.approx(2e-5)
-    assert effective_learning_rate({**base, "gradient_accumulation_steps": 3}) == pytest.approx(
-        6e-5
-    )
+    assert effective_learning_rate({**base, "batch_size": 3}) == pytest.approx(3e-5)
     assert effective_learning_rate({**base, "scale_lr": False}) == pytest.approx(1e-5)
 
 

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from sidpipe.class_images import generate_class_images
@@ -27,7 +28,7 @@ from sidpipe.models import build_tiny_models, load_sd_components
 from sidpipe.references import prepare_references
 from sidpipe.training import base, loop, trainer_class
 from sidpipe.training.base import diffusion_loss
-from sidpipe.training.data import tokenize
+from sidpipe.training.data import LatentSource, read_training_set, tokenize
 from sidpipe.training.loop import TrainingInterrupted, stream_indices, train_subject
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "subjects" / "red_mug"
@@ -385,3 +386,177 @@ def test_sigterm_to_a_training_process(subject: SimpleNamespace, tmp_path: Path)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"checkpoint-{step:07d}.pt"]
     assert "rerun the job to resume" in stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_optimizer_or_other_images_is_not_resumed(
+    subject: SimpleNamespace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AdamW's state does not load into AdamW8bit (the job would fail on every rerun), and a
+    class image replaced under the same name is new data: both start from scratch."""
+    settings = {**LORA, "steps": 3, "prior_preservation": True}
+    run(subject, tmp_path / "a", "dreambooth_lora", settings, stop_after=2)
+    with caplog.at_level(logging.WARNING, logger="sidpipe"):
+        run(subject, tmp_path / "a", "dreambooth_lora", settings, use_8bit_adam=True)
+    info = json.loads((tmp_path / "a/run/train_info.json").read_text())
+    assert info["resumed_from_step"] is None and info["use_8bit_adam"]
+
+    classes = tmp_path / "class"
+    shutil.copytree(subject.class_dir, classes)
+    first = sorted(classes.glob("*.png"))[0]
+    Image.open(first).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(first)
+    run(subject, tmp_path / "b", "dreambooth_lora", settings, stop_after=2)
+    run(subject, tmp_path / "b", "dreambooth_lora", settings, class_images_dir=classes)
+    info = json.loads((tmp_path / "b/run/train_info.json").read_text())
+    assert info["resumed_from_step"] is None
+    assert caplog.text.count("other settings or data") >= 1
+
+
+def test_no_periodic_checkpoint_at_the_last_step(
+    subject: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights are written right after it; a full fine-tune's checkpoint is GBs."""
+    saved = []
+    save = loop.save_checkpoint
+    monkeypatch.setattr(
+        loop, "save_checkpoint", lambda d, step, state: saved.append(step) or save(d, step, state)
+    )
+    run(subject, tmp_path, "dreambooth_lora", {**LORA, "steps": 4}, checkpoint_every=2)
+    assert saved == [2]
+    info = json.loads((tmp_path / "run/train_info.json").read_text())
+    assert info["checkpoint_every"] == 2
+
+
+def test_masks_follow_their_images_through_flips_and_batches(
+    subject: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each instance row's mask is its own image's mask, mirrored exactly when the image's
+    latents are; class rows get the plain loss."""
+    drawn = []
+    sample = LatentSource.sample
+
+    def spy_sample(self, indices, flipped, generator):
+        drawn.append((indices.clone(), flipped.clone()))
+        return sample(self, indices, flipped, generator)
+
+    seen = []
+
+    def spy_loss(unet, scheduler, batch, hidden, noise, timesteps, weight):
+        seen.append(batch.masks.clone())
+        return diffusion_loss(unet, scheduler, batch, hidden, noise, timesteps, weight)
+
+    monkeypatch.setattr(LatentSource, "sample", spy_sample)
+    monkeypatch.setattr(loop, "diffusion_loss", spy_loss)
+    settings = {"steps": 6, "learning_rate": 1e-5, "batch_size": 2, "flip": True}
+    settings |= {"masked": True, "prior_preservation": True}
+    run(subject, tmp_path, "dreambooth", settings)
+
+    masks = read_training_set(subject.refs, subject.csv, masks_dir=subject.masks).masks
+    assert not torch.equal(masks, masks.flip(-1))  # the demo's masks are not symmetric
+    flips = 0
+    for (indices, flipped), batch_masks in zip(drawn, seen, strict=True):
+        for row in range(2):
+            own = masks[indices[row]]
+            assert torch.equal(batch_masks[row], own.flip(-1) if flipped[row] else own)
+            flips += int(flipped[row])
+        assert torch.equal(batch_masks[2:], torch.ones_like(batch_masks[2:]))
+    assert 0 < flips < 12  # both cases were seen
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "settings"),
+    [
+        ("custom_diffusion", {"batch_size": 2, "prior_preservation": True, "flip": True}),
+        ("svdiff", {"learning_rate_1d": 1e-4, "train_text_encoder": True}),
+        ("textual_inversion", {}),
+    ],
+)
+def test_killed_run_of_each_adapter_method_resumes_to_identical_weights(
+    subject: SimpleNamespace, tmp_path: Path, algorithm: str, settings: dict
+) -> None:
+    settings = {"steps": 6, "learning_rate": 1e-3, **settings}
+    run(subject, tmp_path / "full", algorithm, settings, checkpoint_every=2)
+    run(subject, tmp_path / "killed", algorithm, settings, checkpoint_every=2, stop_after=3)
+    run(subject, tmp_path / "killed", algorithm, settings, checkpoint_every=2)
+    info = json.loads((tmp_path / "killed/run/train_info.json").read_text())
+    assert info["resumed_from_step"] == 3
+    files = sorted(p.name for p in (tmp_path / "full/run/weights").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "killed/run/weights").iterdir())
+    base_model = load_sd_components(subject.sd, device="cpu")
+    for name in files:
+        a = load_file(tmp_path / "full/run/weights" / name)
+        b = load_file(tmp_path / "killed/run/weights" / name)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    if algorithm == "textual_inversion":  # one embedding row trains
+        hidden = base_model.text_encoder.config.hidden_size
+        assert info["trainable_parameters"] == hidden
+
+
+@pytest.mark.parametrize("algorithm", ["custom_diffusion", "textual_inversion"])
+def test_only_the_new_token_row_gets_a_gradient(subject: SimpleNamespace, algorithm: str) -> None:
+    """As the references: the caption's other tokens' rows get no gradient, so they stay out of
+    the optimizer's moments and the gradient clipping."""
+    c = load_sd_components(subject.sd, device="cpu")
+    trainer = trainer_class(algorithm)(c, {"learning_rate": 1e-3}, "sks", "mug")
+    trainer.prepare()
+    ids = tokenize(c.tokenizer, [trainer.caption("a [V] mug on a table")])
+    c.text_encoder(ids).last_hidden_state.square().sum().backward()
+    grad = c.text_encoder.get_input_embeddings().weight.grad
+    others = torch.ones(len(grad), dtype=torch.bool)
+    others[trainer.token_id] = False
+    assert grad[trainer.token_id].abs().sum() > 0
+    assert grad[others].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "settings"),
+    [
+        ("svdiff", {"train_text_encoder": True}),
+        ("custom_diffusion", {}),
+        ("textual_inversion", {}),
+        ("dreambooth", {"train_text_encoder": True}),
+    ],
+)
+def test_a_trained_text_encoder_is_in_train_mode(
+    subject: SimpleNamespace, algorithm: str, settings: dict
+) -> None:
+    """transformers checkpoints a layer only in train mode: without it the
+    gradient_checkpointing option would silently do nothing for the text encoder."""
+    c = load_sd_components(subject.sd, device="cpu")
+    c.text_encoder.eval()
+    trainer = trainer_class(algorithm)(c, {"learning_rate": 1e-3, **settings}, "sks", "mug")
+    trainer.prepare()
+    assert trainer.trains_text_encoder and c.text_encoder.training
+
+
+def test_masked_loss_counts_only_the_subject() -> None:
+    """Break-a-Scene style: an error off the subject costs nothing, one on it costs its mean;
+    class rows keep the plain loss."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    noise = torch.randn(3, 4, 4, 4)
+    masks = torch.zeros(3, 1, 4, 4)
+    masks[:, :, :2] = 1.0  # the subject is the top half of each latent
+    latents, timesteps = torch.zeros_like(noise), torch.tensor([1, 5, 9])
+    batch = base.Batch(latents, torch.zeros(3, 77, dtype=torch.long), torch.tensor([0, 0, 1]) > 0)
+
+    def loss_for(pred: torch.Tensor, masked: bool) -> tuple[float, dict]:
+        def unet(*args: object) -> SimpleNamespace:
+            return SimpleNamespace(sample=pred)
+
+        b = base.Batch(batch.latents, batch.input_ids, batch.is_prior, masks if masked else None)
+        loss, parts = diffusion_loss(unet, scheduler, b, None, noise, timesteps, 1.0)
+        return float(loss), parts
+
+    off = noise.clone()
+    off[:2, :, 2:] += 3.0  # wrong only off the subject, in the instance rows
+    assert loss_for(off, masked=True)[1]["instance_loss"] == 0.0
+    assert loss_for(off, masked=False)[1]["instance_loss"] == pytest.approx(4.5)  # 9 on half
+    on = noise.clone()
+    on[:, :, :2] += 2.0  # wrong on the subject, in every row
+    loss, parts = loss_for(on, masked=True)
+    assert parts["instance_loss"] == pytest.approx(4.0)
+    assert parts["prior_loss"] == pytest.approx(2.0)  # the class row is not masked: 4 on half
+    assert loss == pytest.approx(6.0)

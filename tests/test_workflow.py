@@ -1,6 +1,7 @@
 """The Snakemake DAG: dry-run of the paper grid, lint, the demo end to end, rerun scope."""
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -133,6 +134,17 @@ def test_demo_outputs(demo_run):
     assert "tablecloth" in next(csv.DictReader(open(negative)))["negative_prompt"]
     attention = list((demo_run / "results/attention").glob("*/*/*/*/attention.csv"))
     assert len(attention) == 12  # attention.experiments: [main]
+    # A method's own checkpoint_every reaches its jobs; the others keep training's.
+    intervals = {
+        path.parts[-4]: json.loads(path.read_text())["checkpoint_every"]
+        for path in (demo_run / "results/train").glob("*/case1/red_mug/train_info.json")
+    }
+    assert intervals == {
+        "dreambooth": 3,
+        "custom_diffusion": 2,
+        "svdiff": 2,
+        "textual_inversion": 2,
+    }
     weights = demo_run / "results/train/svdiff/sid/red_mug/weights"
     assert (weights / "spectral_shifts.safetensors").exists()
     # full fine-tunes are temp() in the demo (keep_full_weights: false): gone after sampling

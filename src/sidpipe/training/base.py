@@ -84,6 +84,16 @@ def diffusion_loss(
     return loss, parts
 
 
+def train_one_row(weight: torch.Tensor, row: int) -> None:
+    """Let only `weight[row]` (a new token's embedding) get a gradient: the other rows' are
+    zeroed in the backward pass, so they stay out of the optimizer's moments and the
+    gradient clipping (AdamW's weight decay still touches them: methods put them back)."""
+    only_row = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    only_row[row] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * only_row.to(grad.dtype))
+
+
 class Trainer(ABC):
     """One personalization method. Subclasses set `algorithm` and implement the hooks.
 
@@ -94,6 +104,9 @@ class Trainer(ABC):
     algorithm: str = ""
     #: weights file(s) the method writes; the loop checks they exist after `save`.
     weight_files: tuple[str, ...] = ()
+    #: gradient-norm clipping, as the method's reference script does (0: none); a method
+    #: setting `max_grad_norm` overrides it.
+    max_grad_norm: float = 1.0
 
     def __init__(
         self, components: SimpleNamespace, settings: dict, identifier: str, class_name: str
@@ -116,6 +129,11 @@ class Trainer(ABC):
     def prepare(self) -> list[dict]:
         """Freeze the base model, make this method's parameters trainable (adding tokens or
         adapters if needed) and return optimizer parameter groups, each with its `lr`."""
+
+    def trained_parameter_count(self, params: list[torch.Tensor]) -> int:
+        """How many numbers training changes (for train_info.json); `params` are the
+        optimizer's. A method that trains one row of a matrix says so."""
+        return sum(p.numel() for p in {id(p): p for p in params}.values())
 
     def after_step(self) -> None:  # noqa: B027 (optional hook)
         """Called after each optimizer step (e.g. to keep non-trained embedding rows fixed)."""

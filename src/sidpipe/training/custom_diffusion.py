@@ -31,7 +31,7 @@ import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
-from sidpipe.training.base import PLACEHOLDER, Trainer
+from sidpipe.training.base import PLACEHOLDER, Trainer, train_one_row
 
 MODIFIER_TOKEN = "<new1>"
 # The reference script's default `--initializer_token` (a rare word, "ktn+pll+ucd").
@@ -44,14 +44,14 @@ _EMBEDDING_KEY = f"text_encoder.{MODIFIER_TOKEN}"
 
 def effective_learning_rate(settings: dict) -> float:
     """The `--scale_lr` rule of diffusers' train_custom_diffusion.py (its documented command
-    enables it), followed as is: lr x gradient accumulation x batch size x processes, and x2
-    with prior preservation, whose batches also hold as many class images. So the config's 1e-5
+    enables it), followed as is: lr x gradient accumulation x batch size x processes (here one
+    process without accumulation), and x2 with prior preservation, whose batches also hold as
+    many class images. So the config's 1e-5
     at batch 2 with prior preservation trains at 4e-5. `scale_lr: false` opts out."""
     lr = float(settings["learning_rate"])
     if not settings.get("scale_lr", True):
         return lr
-    lr *= int(settings.get("gradient_accumulation_steps", 1))
-    lr *= int(settings.get("batch_size", 1)) * int(settings.get("num_processes", 1))
+    lr *= int(settings.get("batch_size", 1))  # one process, no gradient accumulation here
     if settings.get("prior_preservation", False):
         lr *= 2.0
     return lr
@@ -105,12 +105,7 @@ class CustomDiffusionTrainer(Trainer):
         weight = self._embedding().weight
         with torch.no_grad():
             weight[self.token_id] = initial
-        weight.requires_grad_(True)
-        # As the reference, only the new row gets a gradient; zeroing the others in the
-        # backward pass (not after it) also keeps them out of the loop's gradient clipping.
-        only_new = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        only_new[self.token_id] = 1.0
-        weight.register_hook(lambda grad: grad * only_new.to(grad.dtype))
+        train_one_row(weight, self.token_id)  # as the reference: only the new row's gradient
         self._original_embeddings = weight.detach().clone()
 
     def _add_processors(self) -> None:
@@ -148,12 +143,19 @@ class CustomDiffusionTrainer(Trainer):
             model.requires_grad_(False)
         self._add_modifier_token()
         self._add_processors()
+        # Train mode as the reference (it also lets transformers' gradient checkpointing act).
+        self.c.unet.train()
+        self.c.text_encoder.train()
         lr = effective_learning_rate(self.settings)
         kv = [p for proc in self._processors.values() for p in proc.parameters()]
         return [
             {"name": "cross_attention_kv", "params": kv, "lr": lr},
             {"name": "modifier_token", "params": [self._embedding().weight], "lr": lr},
         ]
+
+    def trained_parameter_count(self, params: list[torch.Tensor]) -> int:
+        weight = self._embedding().weight  # one row of it trains
+        return super().trained_parameter_count(params) - weight.numel() + weight.shape[1]
 
     def after_step(self) -> None:
         """Put back every embedding row but `<new1>`'s: their gradients are zero, but AdamW's

@@ -8,6 +8,7 @@ A `Trainer` (see `base.py`) decides what trains and how it is saved.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -44,7 +45,6 @@ CHECKPOINT_VERSION = 1
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # AdamW as in diffusers' DreamBooth / LoRA / TI scripts; a method's settings may override.
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
-MAX_GRAD_NORM = 1.0
 
 
 # --- randomness -----------------------------------------------------------------------------
@@ -94,6 +94,19 @@ def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
 
 
 # --- checkpoints ----------------------------------------------------------------------------
+
+
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """SHA-256 of the tensors' bytes (None counts as absent): what the job trains on."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none")
+            continue
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def _checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
@@ -312,7 +325,6 @@ def train_subject(
     masked = bool(settings.get("masked", False))
     flip = bool(settings.get("flip", False))
     prior_loss_weight = float(settings.get("prior_loss_weight", 1.0))
-    max_grad_norm = float(settings.get("max_grad_norm", MAX_GRAD_NORM))
 
     dev = pick_device(device)
     amp_dtype = MIXED_PRECISION[mixed_precision]
@@ -331,7 +343,8 @@ def train_subject(
     # Adapters (LoRA, ...) draw their initial weights from the global RNG: seeded above.
     param_groups = trainer.prepare()
     params = [p for group in param_groups for p in group["params"]]
-    n_trainable = sum(p.numel() for p in {id(p): p for p in params}.values())
+    n_trainable = trainer.trained_parameter_count(params)
+    max_grad_norm = float(settings.get("max_grad_norm", trainer.max_grad_norm))
     c.vae.eval()
 
     latent_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
@@ -386,6 +399,10 @@ def train_subject(
         "seed": seed,
         "image_ids": data.image_ids,
         "captions": all_captions,
+        # The optimizer's state only loads into the same optimizer; a replaced reference,
+        # class image or mask under the same name is new data.
+        "use_8bit_adam": use_8bit_adam,
+        "data": tensor_digest(pixels, data.masks),
     }
     rows: list[dict] = []
     start_step, seconds_before = 0, 0.0
@@ -518,7 +535,10 @@ def train_subject(
             elapsed = seconds_before + time.perf_counter() - t_loop
             stopping = stop_after is not None and stop_after <= step < steps
             signalled = interrupt["signal"] is not None and step < steps
-            if step % checkpoint_every == 0 or stopping or signalled:
+            # Not at the last step: the final weights follow at once, and a full fine-tune's
+            # checkpoint is GBs.
+            periodic = step % checkpoint_every == 0 and step < steps
+            if periodic or stopping or signalled:
                 checkpoint(step, elapsed)
             if signalled:
                 progress.close()
@@ -559,6 +579,7 @@ def train_subject(
         "mixed_precision": mixed_precision if amp_dtype is not None else "no",
         "gradient_checkpointing": gradient_checkpointing,
         "use_8bit_adam": use_8bit_adam,
+        "checkpoint_every": checkpoint_every,
         "cache_latents": cache_latents,
         "resumed_from_step": resumed_from,
         "trainable_parameters": n_trainable,

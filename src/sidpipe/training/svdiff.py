@@ -119,6 +119,8 @@ class SVDiffTrainer(Trainer):
         if self.trains_text_encoder:
             models["text_encoder"] = self.c.text_encoder
         for part, model in models.items():
+            # Train mode as the reference (it also lets transformers' gradient checkpointing act).
+            model.train()
             self.shifts[part] = add_spectral_shifts(model)
             self._norms.update(
                 id(shift)

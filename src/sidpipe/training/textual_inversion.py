@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from sidpipe.io import SidpipeError
-from sidpipe.training.base import PLACEHOLDER, Trainer
+from sidpipe.training.base import PLACEHOLDER, Trainer, train_one_row
 
 DEFAULT_LR = 5e-4
 WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
@@ -27,6 +27,7 @@ class TextualInversionTrainer(Trainer):
 
     algorithm = "textual_inversion"
     weight_files = (WEIGHT_NAME,)
+    max_grad_norm = 0.0  # diffusers' textual_inversion.py does not clip
 
     def __init__(self, components: Any, settings: dict, identifier: str, class_name: str) -> None:
         super().__init__(components, settings, identifier, class_name)
@@ -64,15 +65,18 @@ class TextualInversionTrainer(Trainer):
             weight[self.token_id] = weight[init_ids].mean(dim=0)
         for module in (c.vae, c.unet, c.text_encoder):
             module.requires_grad_(False)
-        weight.requires_grad_(True)
+        train_one_row(weight, self.token_id)
         c.text_encoder.train()
         self._frozen = weight.detach().clone()
         self._keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
         self._keep[self.token_id] = False
         return [{"params": [weight], "lr": float(self.settings.get("learning_rate", DEFAULT_LR))}]
 
+    def trained_parameter_count(self, params: list[torch.Tensor]) -> int:
+        return self._embeddings.weight.shape[1]  # one row
+
     def after_step(self) -> None:
-        # Other rows get gradients (and weight decay) too; put them back so only the new
+        # AdamW's weight decay shrinks the other rows too; put them back so only the new
         # token's embedding ever changes.
         with torch.no_grad():
             weight = self._embeddings.weight
