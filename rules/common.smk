@@ -324,10 +324,19 @@ def attention_settings(wildcards):
         steps=attention.get("steps", settings["steps"]),
         detector=config["models"].get("grounding_dino"),
         segmenter=config["models"].get("sam"),
+        # The subject's own grounding prompt and threshold, as for its references.
         segmentation={
             k: v
-            for k, v in config.get("segmentation", {}).items()
-            if k in ("box_threshold", "text_threshold", "box_mode")
+            for k, v in segmentation_settings(wildcards).items()
+            if k
+            in (
+                "box_threshold",
+                "text_threshold",
+                "box_mode",
+                "fill_holes",
+                "largest_component",
+                "text_prompt",
+            )
         },
     )
     return settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from sidpipe.io import SidpipeError, read_csv
+from sidpipe.io import SidpipeError, read_csv, write_csv
 from sidpipe.models import build_tiny_models
 from sidpipe.sampling import (
     MANIFEST_FIELDS,
+    arm_prompts,
     expand_prompts,
     load_arm_pipeline,
     negative_prompt_from_descriptions,
@@ -110,6 +112,29 @@ def test_negative_prompt_keeps_the_context_and_drops_the_subject(pipe: Any) -> N
     assert everything == negative
 
 
+def test_arm_negative_prompt_fits_the_base_models_text_window(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    """Six long SID descriptions make a negative prompt far over 77 tokens: the arm keeps the
+    whole parts that fit, so what the manifest records is what the text encoder sees."""
+    entries = yaml.safe_load((REPO / "demo/subjects/red_mug/descriptions.yaml").read_text())
+    texts = [entry["case3"] for entry in entries.values()]
+    texts += [t.replace("tablecloth", "wooden desk").replace("wall", "curtain") for t in texts]
+    write_csv(
+        tmp_path / "sid.csv",
+        [{"image_id": str(i), "description": t} for i, t in enumerate(texts)],
+        ["image_id", "description"],
+    )
+    (tmp_path / "train_info.json").write_text('{"token": "sks"}')
+    args = (["a {token} {class}"], "mug", tmp_path / "train_info.json", tmp_path / "sid.csv")
+    _, _, unbounded = arm_prompts(*args)
+    _, _, fitted = arm_prompts(*args, models["sd"])
+    tokenizer = load_arm_pipeline(models["sd"], None, None, "float32", "cpu").tokenizer
+    assert len(tokenizer(unbounded).input_ids) > tokenizer.model_max_length
+    assert len(tokenizer(fitted).input_ids) <= tokenizer.model_max_length
+    assert unbounded.startswith(fitted + ", ")  # whole parts, in order
+
+
 # --- sampling ------------------------------------------------------------------------------
 
 
@@ -173,6 +198,18 @@ def test_resume_regenerates_only_missing_and_corrupt_images(pipe: Any, tmp_path:
     spy = Spy(pipe)
     sample(spy, tmp_path, [0, 1], guidance_scale=3.0)
     assert spy.images == 6
+
+
+def test_settings_record_the_precision_the_images_are_made_in(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    """float16 asked for on a CPU runs in float32: the resume record says float32, so a later
+    GPU run in float16 regenerates these images instead of mixing precisions."""
+    prompts = expand_prompts(TEMPLATES[:1], "dog", "sks")
+    kwargs = {"steps": STEPS, "resolution": RES, "device": "cpu"}
+    sample_arm(models["sd"], tmp_path, prompts, [0], None, None, "sks", dtype="float16", **kwargs)
+    recorded = json.loads((tmp_path / ".sampling.json").read_text())["global"]["dtype"]
+    assert recorded == "float32"
 
 
 def test_negative_prompt_changes_the_image(pipe: Any, tmp_path: Path) -> None:

@@ -141,6 +141,7 @@ def test_demo_outputs(demo_run):
     }
     assert intervals == {
         "dreambooth": 3,
+        "dreambooth_masked": 2,
         "custom_diffusion": 2,
         "svdiff": 2,
         "textual_inversion": 2,

@@ -11,7 +11,11 @@ with job_log(smk.log[0]):
     settings = dict(smk.params.settings)
     negative_csv = smk.input.negative if "negative" in smk.input.keys() else None
     token, prompts, negative = arm_prompts(
-        settings.pop("templates"), settings.pop("class_name"), smk.input.info, negative_csv
+        settings.pop("templates"),
+        settings.pop("class_name"),
+        smk.input.info,
+        negative_csv,
+        settings["base_model"],
     )
     out_dir = Path(smk.output.manifest).parent
     rows = sample_arm(

@@ -271,6 +271,15 @@ def sample_arm(
             )
 
     negative = negative_prompt or ""
+    # The precision the images are made in (CPU falls back to float32), so a resume never
+    # mixes images of another precision under one settings record.
+    if pipe is not None:
+        dtype = str(pipe.unet.dtype).removeprefix("torch.")
+    elif dtype != "float32":
+        from sidpipe.models import pick_device
+
+        if pick_device(device).type == "cpu":
+            dtype = "float32"
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "global": {
@@ -488,14 +497,26 @@ __all__ = [
 
 
 def arm_prompts(
-    templates: list[str], class_name: str, train_info: Path, negative_csv: Path | None = None
+    templates: list[str],
+    class_name: str,
+    train_info: Path,
+    negative_csv: Path | None = None,
+    base_model: str | None = None,
 ) -> tuple[str, list[dict], str | None]:
     """An arm's prompt token (from its `train_info.json`: the identifier, `<sks>` for Textual
     Inversion, `<new1>` for Custom Diffusion), its expanded prompts, and the negative prompt
-    built from a description CSV when the arm's inference setting uses one."""
+    built from a description CSV when the arm's inference setting uses one. With
+    `base_model`, the negative prompt keeps the whole parts that fit its tokenizer's window,
+    so the manifest records what the text encoder really sees (not a cut mid-phrase)."""
     token = json.loads(Path(train_info).read_text())["token"]
     negative = None
     if negative_csv is not None:
         texts = [row["description"] for row in read_csv(negative_csv)]
-        negative = negative_prompt_from_descriptions(texts, class_name)
+        tokenizer = None
+        if base_model is not None:
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
+        max_tokens = tokenizer.model_max_length if tokenizer is not None else 77
+        negative = negative_prompt_from_descriptions(texts, class_name, tokenizer, max_tokens)
     return token, expand_prompts(templates, class_name, token), negative
