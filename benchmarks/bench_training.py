@@ -30,7 +30,7 @@ METHODS = {
 }
 
 
-def _subject(
+def demo_subject(
     root: Path,
     model_dir: str | None = None,
     resolution: int = 64,
@@ -102,7 +102,7 @@ def bench_training(steps: int = 40, repeats: int = 3) -> dict:
     torch.set_num_threads(1)  # steadier timings on a shared 2-core machine
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        subject = _subject(root)
+        subject = demo_subject(root)
         methods = {}
         for algorithm in METHODS:
             runs = [_train(subject, root, algorithm, steps, True) for _ in range(repeats)]

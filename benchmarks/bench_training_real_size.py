@@ -26,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_training import _subject  # noqa: E402
+from bench_training import demo_subject  # noqa: E402
 from bench_training_memory import DREAMBOOTH_OPTIONS, TARGET_GIB  # noqa: E402
 
 # Each memory option set with cached latents, then the documented set (the last) re-encoding
@@ -153,7 +153,7 @@ def bench_training_real_size(steps: int = 20, class_images: int = 4, device: str
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_real_size_model(root / "model")
-        subject = _subject(root, model_dir, 512, class_images, device)
+        subject = demo_subject(root, model_dir, 512, class_images, device)
         if device == "cuda":
             # Warm-up (CUDA context, cuDNN's algorithm search, bitsandbytes' kernels): discarded.
             (root / "warmup").mkdir()

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_each_option_set_is_its_own_measured_job(tmp_path: Path) -> None:
-    subject = bench._subject(tmp_path / "subject")
+    subject = bench.demo_subject(tmp_path / "subject")
     # A job that fails (as one out of GPU memory would) is reported, and the others still run.
     runs = [("fp64", False, False, True), ("no", False, False, True), ("no", True, True, False)]
     settings = bench.paper_dreambooth_settings()

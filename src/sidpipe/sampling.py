@@ -514,9 +514,9 @@ def arm_prompts(
         texts = [row["description"] for row in read_csv(negative_csv)]
         tokenizer = None
         if base_model is not None:
-            from transformers import CLIPTokenizer
+            from sidpipe.descriptions import load_base_tokenizer
 
-            tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
+            tokenizer = load_base_tokenizer(base_model)
         max_tokens = tokenizer.model_max_length if tokenizer is not None else 77
         negative = negative_prompt_from_descriptions(texts, class_name, tokenizer, max_tokens)
     return token, expand_prompts(templates, class_name, token), negative

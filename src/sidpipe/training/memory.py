@@ -125,6 +125,7 @@ def estimate_training_memory(
         trainer = _build_trainer(algorithm, c, settings, identifier, class_name)
         groups = trainer.prepare()
         params = [p for group in groups for p in group["params"]]
+        max_grad_norm = float(settings.get("max_grad_norm", trainer.max_grad_norm))
         if gradient_checkpointing:
             enable_gradient_checkpointing(c, trainer.trains_text_encoder)
         n_images = n_references + (n_class_images if prior else 0)
@@ -166,7 +167,8 @@ def estimate_training_memory(
                 activations = max(activations, tracker.current - start)
                 loss.backward()
                 del hidden, noisy, pred, target, loss
-                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                if max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         return {
@@ -176,5 +178,5 @@ def estimate_training_memory(
             "weights_bytes": weights,
             "latent_cache_bytes": after_cache - (weights - vae),
             "optimizer_state_bytes": _state_bytes(optimizer),
-            "trainable_parameters": sum(p.numel() for p in {id(p): p for p in params}.values()),
+            "trainable_parameters": trainer.trained_parameter_count(params),
         }
