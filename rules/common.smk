@@ -11,7 +11,7 @@ from sidpipe.config import (
     tiny_model_keys,
     validate_config,
 )
-from sidpipe.references import list_reference_images
+from sidpipe.references import reference_inputs
 from snakemake.logging import logger
 
 SCHEMA_DIR = Path(workflow.basedir) / "rules" / "schemas"
@@ -84,9 +84,8 @@ def subject_images(wildcards):
     row = SUBJECTS[wildcards.subject]
     if row["source"] != "local":
         return [f"resources/{row['source']}.manifest.csv"]
-    files = list_reference_images(Path(row["images"]))
-    masks = [p.with_name(f"{p.stem}.mask.png") for p in files]
-    return [str(p) for p in files + [m for m in masks if m.exists()]]
+    # images and everything named like a mask (a misnamed mask is reported by the job)
+    return [str(p) for p in reference_inputs(Path(row["images"]))]
 
 
 def model_input(key):

@@ -18,6 +18,7 @@ rule prepare_references:
         resolution=config["references"]["resolution"],
         min_images=config["references"]["min_images"],
         max_pixels=config["references"].get("max_pixels", 40_000_000),
+        min_side=config["references"].get("min_side", 64),
     script:
         "../workflow_scripts/prepare_references.py"
 

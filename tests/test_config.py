@@ -304,3 +304,52 @@ def test_method_settings_for_the_optimizer_and_checkpoints_validate(real):
     config["methods"]["dreambooth"]["adam_betas"] = [0.9]
     with pytest.raises(ConfigError, match="adam_betas"):
         validate_config(config)
+
+
+def test_subjects_table_with_a_byte_order_mark(tmp_path, real):
+    # Excel and Windows editors save "UTF-8 with BOM"; the first column is still `subject`.
+    (tmp_path / "imgs").mkdir()
+    path = tmp_path / "subjects.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + "a\tdog\tlive\timgs\tlocal\n").encode())
+    rows = load_subjects(path, real, base_dir=tmp_path)
+    assert [r["subject"] for r in rows] == ["a"]
+
+
+def test_config_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "my config.yaml"
+    text = (REPO / "config.yaml").read_text().splitlines()
+    line = next(i for i, t in enumerate(text) if t.startswith("references:")) + 2
+    text[line - 1] = "  resolution: [512"  # an unclosed flow sequence
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}, line {line + 1}, column ")
+    assert "not valid YAML" in message and "fix the syntax there" in message
+
+
+def test_prompts_syntax_error_names_the_file(tmp_path, real):
+    path = tmp_path / "p.yaml"
+    path.write_text("object:\n  - a {token} {class}\n\t- tab\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml, line 3, column 1: the prompts file"):
+        load_prompts(path, real, {"object"})
+
+
+def test_config_checker_command(tmp_path, capsys):
+    from sidpipe.config import main
+
+    good = REPO / "demo" / "config.yaml"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: {base: x\n")
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(REPO / "demo")
+        assert main([str(good)]) == 0
+        assert main([str(bad)]) == 1
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr()
+    assert f"{good}: valid" in out.out
+    assert f"{bad}, line 2, column 1" in out.err

@@ -4,7 +4,10 @@ validation of [V], instructions and cache keys. No model or network is used here
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,7 +242,15 @@ def test_missing_tokenizer_names_the_config_key(tmp_path: Path) -> None:
         ("a [V] mug on a table", "a [V] mug on a table"),
         ("A red Mug on a table", "A red [V] Mug on a table"),  # inserted, case-insensitive
         ("two mugs on a shelf", "two [V] mugs on a shelf"),  # plural
-        ('"a mug, another mug"\n', "a [V] mug, another mug"),  # first mention, quotes stripped
+        ('"a red mug, on a shelf"\n', "a red [V] mug, on a shelf"),  # wrapping quotes stripped
+        ("a mug's handle on a table", "a [V] mug's handle on a table"),  # possessive: the mug
+        ("```text\na [V] mug on a table\n```", "a [V] mug on a table"),  # fence, language tag
+        ("# Caption\na [V] mug on a table", "a [V] mug on a table"),
+        ("# Caption a [V] mug on a table", "a [V] mug on a table"),
+        ("- a **[V] mug** on a *grey* table", "a [V] mug on a grey table"),
+        ("**Caption:** a [V] mug", "a [V] mug"),
+        ('Here is the caption: "a [V] mug on a table."', "a [V] mug on a table."),
+        ('a [V] mug with the text "I love NY" on it', 'a [V] mug with the text "I love NY" on it'),
         ("a [v] mug", "a [V] mug"),
         ("a [V]mug", "a [V] mug"),
         ("Caption: a [V] mug.", "a [V] mug."),
@@ -260,6 +271,16 @@ def test_check_description_accepts(text: str, fixed: str) -> None:
         ("a [V] red mug", 'is not directly before "mug"'),
         ("a [V] on a table", 'is not directly before "mug"'),
         ("   ", "empty"),
+        ('"a mug, another mug"', '"mug" appears 2 times'),  # which one is the subject?
+        ("a red ball with a mug sticker, next to a toy mug", '"mug" appears 2 times'),
+        ("a red ball with a mug sticker", 'only appears in "mug sticker"'),
+        ('**Caption:** "a [V] mug on a table', "unmatched quotation mark"),
+        ("“a [V] mug on a table", "unmatched quotation mark"),
+        ("Sure! a [V] mug on a table. Let me know if you need anything else.", "Sure!"),
+        ("a [V] mug on a table. Hope this helps!", "Hope this helps"),
+        ("I'm sorry, I can't describe this image.", "not part of a caption"),
+        ("- a [V] mug\n- a table", "a list of 2 items"),
+        ("Caption below.\n```\na [V] mug\n```", "outside its code block"),
     ],
 )
 def test_check_description_rejects(text: str, reason: str) -> None:
@@ -269,6 +290,12 @@ def test_check_description_rejects(text: str, reason: str) -> None:
 
 def test_caption_to_description() -> None:
     assert caption_to_description("a red mug on a table", "mug") == "a red [V] mug on a table"
+    # a caption cannot be asked again: a stray quotation mark is dropped
+    assert caption_to_description('a mug with "hi on it', "mug") == "a [V] mug with hi on it"
+    # ambiguous mentions get the template as a prefix instead of a guess
+    assert caption_to_description("a mug cozy next to a mug", "mug") == (
+        "a [V] mug, a mug cozy next to a mug"
+    )
     assert caption_to_description("a cup on a table.", "mug") == "a [V] mug, a cup on a table"
     assert caption_to_description("", "mug") == "a [V] mug"
     assert caption_to_description("a woman with a hat", "painting", style=True) == (
@@ -340,3 +367,47 @@ def test_cache_key_changes_with_each_field() -> None:
     keys.add(cache_key(**{**fields, "settings": {"temperature": 0.5, "max_new_tokens": 200}}))
     keys.add(cache_key(**{**fields, "settings": {**fields["settings"], "mode": "chat"}}))
     assert len(keys) == len(changed) + 3
+
+
+def test_template_rows_record_no_finish_reason(tmp_path: Path, base: str) -> None:
+    rows = run(tmp_path, base, make_references(tmp_path))
+    assert "finish_reason" in FIELDS and {r["finish_reason"] for r in rows} == {""}
+
+
+def test_manual_file_syntax_error_names_line_and_column(tmp_path: Path, base: str) -> None:
+    manual_file = tmp_path / "descriptions.yaml"
+    manual_file.write_text('"01":\n  case2: "a [V] mug\n  case3: a [V] mug: on: a table\n')
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with pytest.raises(SidpipeError) as err:
+        run(tmp_path, base, make_references(tmp_path), case=2, vlm=vlm, manual_file=manual_file)
+    assert f"{manual_file}, line 4, column 1: the descriptions file is not valid YAML" in str(
+        err.value
+    )
+
+
+def test_manual_and_template_sets_do_not_import_torch(tmp_path: Path, base: str) -> None:
+    """The describe_references job of a template or hand-written set loads only the tokenizer:
+    run as the adapter runs it, in a fresh interpreter, torch never gets imported."""
+    refs = make_references(tmp_path)
+    script = f"""
+import sys
+from pathlib import Path
+from sidpipe.io import job_log
+with job_log({str(tmp_path / "job.log")!r}):
+    from sidpipe.descriptions import describe_references
+    for case, vlm in ((1, None), (3, {{"name": "m", "backend": "manual", "model": "d.yaml"}})):
+        describe_references(
+            references_dir=Path({str(refs)!r}), out_csv=Path({str(tmp_path)!r}) / f"{{case}}.csv",
+            cache_dir=Path({str(tmp_path / "cache")!r}), subject="red_mug", class_name="mug",
+            kind="object", description_set=f"set{{case}}", case=case, vlm=vlm,
+            tokenizer={base!r}, manual_file=Path({str(DEMO / "red_mug" / "descriptions.yaml")!r}),
+        )
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr + (tmp_path / "job.log").read_text()
+    assert result.stdout.strip() == "[]", result.stdout
+    assert len(read_csv(tmp_path / "3.csv")) == 4

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,11 @@ from sidpipe.references import (
     IMAGE_SUFFIXES,
     MANIFEST_FIELDS,
     center_crop_resize,
+    image_id_for,
     list_reference_images,
     load_rgb,
     prepare_references,
+    reference_inputs,
 )
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -70,6 +74,7 @@ def run(src: Path, out: Path, **kw) -> list[dict]:
     kw.setdefault("subject", "dog")
     kw.setdefault("resolution", 16)
     kw.setdefault("min_images", 1)
+    kw.setdefault("min_side", 1)  # most images here are tiny on purpose
     return prepare_references(src, out, **kw)
 
 
@@ -285,15 +290,65 @@ def test_rerun_is_byte_identical_and_replaces_old_output(src: Path, out: Path) -
     assert not (out / "stale.txt").exists()
 
 
-def test_failure_keeps_previous_output(src: Path, out: Path) -> None:
-    out.mkdir(parents=True)
-    (out / "previous.txt").write_text("keep me")
+def test_failure_keeps_previous_complete_output(src: Path, out: Path) -> None:
     solid(src / "a.png")
+    run(src, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     (src / "z.jpg").write_text("not an image")
     with pytest.raises(SidpipeError, match="not a readable image"):
         run(src, out)
-    assert (out / "previous.txt").read_text() == "keep me"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in out.parent.iterdir()] == ["subj"]
+
+
+def test_failed_rerun_after_snakemake_removed_the_manifest_leaves_nothing(
+    src: Path, out: Path
+) -> None:
+    # Snakemake deletes a job's declared output (manifest.csv) before rerunning it; the old
+    # PNGs must not outlive a failed rerun as an output without a manifest.
+    solid(src / "a.png")
+    solid(src / "b.png", BLUE)
+    run(src, out)
+    (out / "manifest.csv").unlink()
+    (src / "c.jpg").write_text("a broken image")
+    with pytest.raises(SidpipeError, match=r"c\.jpg: not a readable image"):
+        run(src, out)
+    assert_clean(out)
+    # ... and a successful rerun replaces such a leftover whole.
+    (src / "c.jpg").unlink()
+    run(src, out)
+    (out / "manifest.csv").unlink()
+    (out / "stale.png").write_bytes(b"x")
+    run(src, out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "manifest.csv"]
+
+
+def test_unremovable_previous_output_leaves_no_temporary_folder(
+    src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    solid(src / "a.png")
+    run(src, out)
+    (out / "locked.png").write_bytes(b"held open elsewhere")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    solid(src / "b.png", BLUE)
+    with caplog.at_level(logging.WARNING, logger="sidpipe"):
+        rows = run(src, out)
+    # The new output is complete and in place, and no temporary folder is left behind.
+    assert [r["image_id"] for r in rows] == ["a", "b"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "manifest.csv"]
+    leftovers = [p for p in out.parent.iterdir() if p != out]
+    assert not any(".tmp-" in p.name for p in leftovers), leftovers
+    # Only the undeletable previous output remains, named in the log with the fix.
+    assert len(leftovers) == 1 and (leftovers[0] / "locked.png").exists()
+    assert str(leftovers[0]) in caplog.text and "rm -rf" in caplog.text
+    assert "locked.png" in caplog.text
 
 
 def test_pillow_globals_are_restored(src: Path, out: Path, monkeypatch) -> None:
@@ -566,3 +621,103 @@ def test_bad_arguments(src: Path, out: Path) -> None:
     with pytest.raises(SidpipeError, match=r"references\.max_pixels"):
         run(src, out, max_pixels=0)
     assert_clean(out)
+
+
+# --- hostile folders -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mask_name", "fix"),
+    [
+        ("04.mask.jpg", "save it as a black-and-white PNG named 04.mask.png"),
+        ("04.MASK.PNG", "rename it to 04.mask.png"),
+        ("04.Mask.webp", "save it as a black-and-white PNG named 04.mask.png"),
+    ],
+)
+def test_anything_named_like_a_mask_is_never_a_reference(
+    src: Path, out: Path, mask_name: str, fix: str
+) -> None:
+    solid(src / "04.png")
+    solid(src / "05.png", BLUE)
+    solid(src / mask_name, WHITE)
+    assert [p.name for p in list_reference_images(src)] == ["04.png", "05.png"]
+    assert mask_name in [p.name for p in reference_inputs(src)]  # renaming it reruns the job
+    with pytest.raises(SidpipeError) as info:
+        run(src, out)
+    message = str(info.value)
+    assert f"{src / mask_name}: named like a mask" in message and fix in message
+    assert_clean(out)
+
+
+def test_non_ascii_names_get_distinct_ascii_ids(src: Path, out: Path) -> None:
+    names = ["犬.png", "猫.png", "café.png", "cafe\u0301 2.png", "cafe.png", "my photo.png"]
+    for n, name in enumerate(names):
+        solid(src / name, (n * 40, 0, 0))
+    rows = run(src, out)
+    ids = {Path(r["source_path"]).name: r["image_id"] for r in rows}
+    assert len(set(ids.values())) == len(names), ids
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids.values()), ids
+    assert ids["cafe.png"] == "cafe" and ids["my photo.png"] == "my_photo"  # ASCII: as before
+    assert ids["café.png"].startswith("cafe-") and ids["犬.png"].startswith("img-")
+    # The same name spelt decomposed (as macOS stores it) gets the same id as composed.
+    assert image_id_for(Path("cafe\u0301.png")) == ids["café.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{i}.png" for i in ids.values()] + ["manifest.csv"]
+    )
+
+
+def test_broken_links_are_named(
+    src: Path, out: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    solid(src / "a.png")
+    solid(src / "b.png", BLUE)
+    (src / "c.jpg").symlink_to(tmp_path / "gone" / "c.jpg")
+    with pytest.raises(SidpipeError) as info:
+        run(src, out, min_images=3)
+    message = str(info.value)
+    assert "found 2 reference image(s)" in message
+    assert f"{src / 'c.jpg'} -> {tmp_path / 'gone' / 'c.jpg'}" in message
+    assert_clean(out)
+    with caplog.at_level(logging.WARNING, logger="sidpipe"):
+        rows = run(src, out, min_images=2)
+    assert len(rows) == 2 and "broken link" in caplog.text and str(src / "c.jpg") in caplog.text
+
+
+def test_duplicate_pixels_under_two_names_are_refused(src: Path, out: Path) -> None:
+    bands(20, 20, [RED, BLUE]).save(src / "a.png")
+    bands(20, 20, [RED, BLUE]).save(src / "copy of a.bmp")
+    solid(src / "b.png", GREEN)
+    with pytest.raises(SidpipeError) as info:
+        run(src, out)
+    message = str(info.value)
+    assert "a.png" in message and "copy of a.bmp" in message and "same pixels" in message
+    assert "delete one" in message
+    assert_clean(out)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 3000)])
+def test_images_under_min_side_are_refused(src: Path, out: Path, size) -> None:
+    solid(src / "a.png", size=(80, 80))
+    solid(src / "tiny.png", BLUE, size=size)
+    with pytest.raises(SidpipeError) as info:
+        prepare_references(src, out, subject="dog", resolution=64, min_images=1)  # default
+    message = str(info.value)
+    assert f"tiny.png: {size[0]}x{size[1]} pixels" in message
+    assert "references.min_side" in message and "64 px" in message
+    assert_clean(out)
+
+
+def test_small_and_elongated_images_are_flagged(
+    src: Path, out: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    solid(src / "fine.png", size=(64, 80))
+    solid(src / "small.png", BLUE, size=(20, 20))
+    solid(src / "long.png", GREEN, size=(300, 100))
+    with caplog.at_level(logging.WARNING, logger="sidpipe"):
+        rows = run(src, out, resolution=64, min_side=16)
+    flags = {r["image_id"]: r["warnings"] for r in rows}
+    assert flags["fine"] == ""
+    assert "small" in flags["small"] and "upscaled 3.2x" in flags["small"]
+    assert "elongated" in flags["long"] and "300:100" in flags["long"] and "33 %" in flags["long"]
+    assert read_csv(out / "manifest.csv")[1]["warnings"] == flags["long"]
+    assert "small.png: small" in caplog.text and "long.png: elongated" in caplog.text

@@ -29,7 +29,10 @@ GOOD = "a [V] mug on a blue and white checkered tablecloth next to a small green
 CORPUS = [GOOD, "a mug on a blue checkered tablecloth", "a cup on a table"]
 USAGE = {"prompt_tokens": 120, "completion_tokens": 20, "total_tokens": 140}
 
-# An action answers one request: ("text", content), ("status", code), ("hang", seconds).
+# An action answers one request: ("text", content[, finish_reason]), ("status", code[, message]),
+# ("hang", seconds), ("hang_then", seconds, action), ("json", payload) (any JSON with status 200),
+# ("raw", content_type, body) (status 200), ("drip", seconds) (a good answer, one byte of the
+# body per interval), ("drip_headers", seconds) (status line, then one header byte per interval).
 Action = tuple
 Responder = Callable[[dict, int], Action]
 
@@ -62,23 +65,56 @@ class FakeServer:
                     )
                 action = owner.responder(body, n)
                 try:
-                    if action[0] == "hang":
-                        owner.stop.wait(action[1])
-                        return
-                    if action[0] == "status":
-                        payload = {"error": {"message": action[2] if len(action) > 2 else "boom"}}
-                        self._send(action[1], payload, {"Retry-After": "0"})
-                        return
+                    self._answer(action, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout tests)
+
+            def _answer(self, action: Action, body: dict) -> None:
+                kind = action[0]
+                if kind == "hang":
+                    owner.stop.wait(action[1])
+                elif kind == "hang_then":
+                    if not owner.stop.wait(action[1]):
+                        self._answer(action[2], body)
+                elif kind == "status":
+                    payload = {"error": {"message": action[2] if len(action) > 2 else "boom"}}
+                    self._send(action[1], payload, {"Retry-After": "0"})
+                elif kind == "json":
+                    self._send(200, action[1])
+                elif kind == "raw":
+                    self._send(200, action[2], content_type=action[1])
+                elif kind == "drip":
+                    data = json.dumps(completion(body["model"], GOOD)).encode()
+                    self._send(200, b"", length=len(data))
+                    for byte in data:
+                        if owner.stop.wait(action[1]):
+                            return
+                        self.wfile.write(bytes([byte]))
+                elif kind == "drip_headers":
+                    data = json.dumps(completion(body["model"], GOOD)).encode()
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    head = f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                    for byte in (head + "X-Pad: " + "x" * 400 + "\r\n\r\n").encode():
+                        if owner.stop.wait(action[1]):
+                            return
+                        self.wfile.write(bytes([byte]))
+                    self.wfile.write(data)
+                else:
                     finish = action[2] if len(action) > 2 else "stop"
                     self._send(200, completion(body["model"], action[1], finish))
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
 
-            def _send(self, code: int, payload: dict, headers: dict | None = None) -> None:
-                data = json.dumps(payload).encode()
+            def _send(
+                self,
+                code: int,
+                payload: dict | bytes,
+                headers: dict | None = None,
+                content_type: str = "application/json",
+                length: int | None = None,
+            ) -> None:
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data) if length is None else length))
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
                 self.end_headers()
@@ -376,10 +412,12 @@ def test_missing_class_is_retried_then_fails(tmp_path: Path, base: str, serve) -
     assert len(retried) == 4
     assert all('does not contain the word "mug"' in t and "a cup on a table" in t for t in retried)
     assert_nothing_written(tmp_path)
-    # The rejected answers are cached too: the rerun fails the same way without a request.
-    with pytest.raises(SidpipeError, match="a cup on a table"):
-        describe(tmp_path, base, server, count=2)
-    assert len(server.requests) == 6
+    # Rejected answers are logged, never cached: once the model answers well, the rerun asks
+    # again (one request per image) and succeeds.
+    assert not list((tmp_path / "cache").glob("*.json"))
+    server.responder = lambda body, n: ("text", GOOD)
+    rows = describe(tmp_path, base, server, count=2)
+    assert len(server.requests) == 8 and [r["description"] for r in rows] == [GOOD] * 2
 
 
 def test_overlong_description_is_retried_shorter(tmp_path: Path, base: str, serve) -> None:
@@ -399,3 +437,209 @@ def test_truncated_answer_is_retried(tmp_path: Path, base: str, serve) -> None:
     server = serve(lambda body, n: ("text", GOOD, "length") if n == 0 else ("text", GOOD))
     rows = describe(tmp_path, base, server, count=1)
     assert rows[0]["attempts"] == 2 and "cut off" in server.texts()[1]
+
+
+# --- misbehaving servers ---------------------------------------------------------------------
+
+
+def image_url(tmp_path: Path, n: int) -> str:
+    path = tmp_path / "references" / "red_mug" / f"{n:02d}.png"
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def url_of(body: dict) -> str:
+    return body["messages"][0]["content"][1]["image_url"]["url"]
+
+
+def cache_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "cache").glob("*.json"))
+
+
+@pytest.mark.parametrize("action", [("drip", 0.05), ("drip_headers", 0.05)])
+def test_timeout_bounds_the_whole_request(tmp_path: Path, base: str, serve, action) -> None:
+    """A server that sends its answer one byte at a time (the body, or the headers) is cut off
+    at `timeout`: the job takes at most timeout x attempts plus backoff, not the drip's ~20 s."""
+    server = serve(lambda body, n: action)
+    settings = {"timeout": 1.0, "max_retries": 1}
+    start = time.monotonic()
+    with pytest.raises(SidpipeError) as err:
+        describe(tmp_path, base, server, count=2, settings=settings)
+    elapsed = time.monotonic() - start
+    # 2 images in parallel, 2 tries of 1 s each and a backoff under 0.05 s (+ set-up)
+    assert elapsed < 2.0 + 0.05 + 2.0, elapsed
+    message = str(err.value)
+    assert "within 1.0 s (timeout)" in message and "after 2 attempt(s)" in message
+    assert server.per_image and all(n <= 2 for n in server.per_image.values())
+    assert_nothing_written(tmp_path)
+    # Fixed, the rerun asks once per image and succeeds.
+    server.responder = lambda body, n: ("text", GOOD)
+    sent = len(server.requests)
+    rows = describe(tmp_path, base, server, count=2, settings=settings)
+    assert [r["description"] for r in rows] == [GOOD] * 2 and len(server.requests) == sent + 2
+
+
+def test_a_slow_but_steady_answer_within_timeout_is_accepted(
+    tmp_path: Path, base: str, serve
+) -> None:
+    # ~400 bytes at 1 ms each: well within a 5 s timeout, though every byte arrives apart
+    server = serve(lambda body, n: ("drip", 0.001))
+    rows = describe(tmp_path, base, server, count=1)
+    assert rows[0]["description"] == GOOD and len(server.requests) == 1
+
+
+HTML = "<html><head><title>502 Bad Gateway</title></head><body>nginx; key " + SECRET + "</body>"
+
+
+@pytest.mark.parametrize(
+    ("action", "shown"),
+    [
+        (("raw", "text/html", HTML.encode()), "<html><head><title>502 Bad Gateway"),
+        (("raw", "application/json", b'{"id": "x", "choices": [{"index": 0, '), '{"id": "x"'),
+        (("json", {"error": {"message": "model overloaded"}}), "model overloaded"),
+        (("json", {"id": "x", "object": "chat.completion", "choices": []}), '"choices": []'),
+    ],
+    ids=["html", "broken-json", "error-object", "empty-choices"],
+)
+def test_bodies_that_are_not_completions_are_retried_then_named(
+    tmp_path: Path, base: str, serve, action, shown: str
+) -> None:
+    server = serve(lambda body, n: action)
+    with pytest.raises(SidpipeError) as err:
+        describe(tmp_path, base, server, count=1)
+    message = str(err.value)
+    assert "image 01" in message and server.url in message and "gpt-4o-test" in message
+    assert "after 3 attempt(s)" in message and shown in message
+    assert SECRET not in message and SECRET[:12] not in message  # masked in the quote
+    assert server.per_image and all(n == 3 for n in server.per_image.values())
+    assert not cache_files(tmp_path)
+    # A passing glitch costs one retry, not the job.
+    server.responder = lambda body, n: action if n == 3 else ("text", GOOD)
+    rows = describe(tmp_path, base, server, count=1)
+    assert rows[0]["description"] == GOOD and rows[0]["attempts"] == 1
+    assert len(server.requests) == 5
+
+
+BAD_ANSWERS = {
+    "content-null": (
+        "json",
+        {
+            **completion("m", ""),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": None},
+                    "finish_reason": "stop",
+                }
+            ],
+        },
+    ),
+    "length": ("text", GOOD, "length"),
+    "content-filter": ("text", "a [V] mug on a blue and white", "content_filter"),
+    "chatter": ("text", f"Sure! {GOOD}. Let me know if you need anything else."),
+    "no-class": ("text", "a cup on a table"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_ANSWERS))
+def test_rejected_answers_are_not_cached_and_the_rerun_recovers(
+    tmp_path: Path, base: str, serve, bad: str, caplog
+) -> None:
+    make_references(tmp_path)
+    first = image_url(tmp_path, 1)
+    server = serve(lambda body, n: BAD_ANSWERS[bad] if url_of(body) == first else ("text", GOOD))
+    with pytest.raises(SidpipeError) as err:
+        describe(tmp_path, base, server)
+    assert "image 01" in str(err.value) and "image 02" not in str(err.value)
+    assert server.per_image[first] == 3
+    assert "answer rejected" in caplog.text  # the rejected answers are in the log...
+    entries = [json.loads(p.read_text()) for p in cache_files(tmp_path)]
+    assert len(entries) == 3 and all(e["response"]["text"] == GOOD for e in entries)  # ...only
+    # Fixed: the rerun sends one request, for image 01 alone, and succeeds.
+    server.responder = lambda body, n: ("text", GOOD)
+    sent = len(server.requests)
+    rows = describe(tmp_path, base, server)
+    assert len(server.requests) == sent + 1 and url_of(server.requests[-1]["body"]) == first
+    assert [r["description"] for r in rows] == [GOOD] * 4
+    assert [r["cached"] for r in rows] == [False, True, True, True]
+
+
+def test_content_filter_is_not_a_finished_answer(tmp_path: Path, base: str, serve) -> None:
+    cut = "a [V] mug on a blue and white"
+    server = serve(lambda body, n: ("text", cut, "content_filter") if n == 0 else ("text", GOOD))
+    rows = describe(tmp_path, base, server, count=1)
+    assert rows[0]["description"] == GOOD and rows[0]["attempts"] == 2
+    assert "content filter" in server.texts()[1] and "content_filter" in server.texts()[1]
+    saved = read_csv(tmp_path / "out" / "sid" / "descriptions.csv")
+    assert saved[0]["finish_reason"] == "stop"
+
+
+def test_a_fatal_error_stops_queued_and_retrying_requests(
+    tmp_path: Path, base: str, serve, caplog
+) -> None:
+    """Image 01 is refused at once (401) while image 02 is in flight; 02 ends but is not
+    retried, and images 03 and 04, queued, are never sent."""
+    make_references(tmp_path)
+    urls = {image_url(tmp_path, n): n for n in range(1, 5)}
+
+    def responder(body: dict, n: int) -> Action:
+        image = urls[url_of(body)]
+        if image == 1:
+            return ("status", 401, "invalid key")
+        return ("hang_then", 0.5, ("status", 500, "overloaded"))
+
+    server = serve(responder)
+    with caplog.at_level(logging.INFO, logger="sidpipe"):
+        with pytest.raises(SidpipeError, match=r"image 01 .*HTTP 401"):
+            describe(tmp_path, base, server, settings={"backoff_base": 0.01})
+    counts = {urls[url]: n for url, n in server.per_image.items()}
+    assert counts == {1: 1, 2: 1}, counts
+    assert "2 request(s) sent" in caplog.text  # what the failed job cost is in its log
+
+
+def test_markdown_answers_are_normalised(tmp_path: Path, base: str, serve) -> None:
+    answers = [
+        "```text\n" + GOOD + "\n```",
+        "# Caption\n" + GOOD,
+        "- a **[V] mug** on a *blue and white checkered* tablecloth next to a small green plant",
+        '**Caption:** "' + GOOD + '"',
+    ]
+    make_references(tmp_path)
+    urls = [image_url(tmp_path, n) for n in range(1, 5)]
+    server = serve(lambda body, n: ("text", answers[urls.index(url_of(body))]))
+    rows = describe(tmp_path, base, server)
+    assert [r["description"] for r in rows] == [GOOD] * 4
+    assert [r["attempts"] for r in rows] == [1] * 4
+    assert [r["raw_response"] for r in rows] == answers
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ('**Caption:** "' + GOOD, "unmatched quotation mark"),
+        (f"Sure! {GOOD}. Let me know if you need anything else.", "not part of a caption"),
+        ("a small green plant next to a mug rack, beside a mug", "appears 2 times"),
+        ("a blue and white checkered tablecloth under a mug rack", 'only appears in "mug rack"'),
+    ],
+)
+def test_chatter_and_ambiguous_answers_are_asked_again(
+    tmp_path: Path, base: str, serve, answer: str, reason: str
+) -> None:
+    server = serve(lambda body, n: ("text", answer) if n == 0 else ("text", GOOD))
+    rows = describe(tmp_path, base, server, count=1)
+    assert rows[0]["description"] == GOOD and rows[0]["attempts"] == 2
+    assert reason in server.texts()[1]
+
+
+def test_error_says_when_a_rejected_answer_came_from_the_cache(
+    tmp_path: Path, base: str, serve
+) -> None:
+    """An answer cached when it passed may fail a stricter check later (here: fewer tokens);
+    the error names its cache file and how to have the model asked again."""
+    server = serve(lambda body, n: ("text", GOOD))
+    describe(tmp_path, base, server, count=1)
+    with pytest.raises(SidpipeError) as err:
+        describe(tmp_path, base, server, count=1, max_attempts=1, max_text_tokens=8)
+    message = str(err.value)
+    (entry,) = cache_files(tmp_path)
+    assert f"came from the cache file {entry}; delete that file" in message
+    assert "0 request(s) sent in this run" in message and len(server.requests) == 1

@@ -14,4 +14,5 @@ with job_log(smk.log[0]):
         resolution=smk.params.resolution,
         min_images=smk.params.min_images,
         max_pixels=smk.params.max_pixels,
+        min_side=smk.params.min_side,
     )

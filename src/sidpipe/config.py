@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from sidpipe.io import SidpipeError
+from sidpipe.io import SidpipeError, read_yaml
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rules" / "schemas"
 TINY_MODELS_DIR = "results/models/tiny"
@@ -162,8 +162,12 @@ def validate_config(config: dict, source: str = "config", schema_dir: Path = SCH
 
 
 def load_config(path: str | Path, schema_dir: Path = SCHEMA_DIR) -> dict:
-    with open(path) as handle:
-        return validate_config(yaml.safe_load(handle), str(path), schema_dir)
+    """Read (a syntax error names the line and column) and validate a config file."""
+    try:
+        data = read_yaml(path, "config file")
+    except SidpipeError as err:
+        raise ConfigError(str(err)) from None
+    return validate_config(data, str(path), schema_dir)
 
 
 def load_subjects(
@@ -178,7 +182,8 @@ def load_subjects(
     if not path.is_file():
         raise ConfigError(f"subjects table {path} does not exist (config key `subjects`)")
     schema = load_schema("subjects", schema_dir)
-    with open(path, newline="") as handle:
+    # utf-8-sig: spreadsheet programs often save a byte-order mark before the header
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         # restkey None collects surplus fields (tabs inside a value): reported below
         rows = [
@@ -224,8 +229,10 @@ def load_subjects(
 
 def load_prompts(path: str | Path, config: dict, kinds: set[str]) -> dict[str, list[str]]:
     """The evaluation prompt templates per subject kind, checked for count and placeholders."""
-    with open(path) as handle:
-        prompts = yaml.safe_load(handle)
+    try:
+        prompts = read_yaml(path, "prompts file")
+    except SidpipeError as err:
+        raise ConfigError(f"{err} (config key `prompts`)") from None
     need = config["sampling"]["prompts_per_subject"]
     problems = []
     for kind in sorted(kinds):
@@ -273,13 +280,12 @@ def tokenizer_corpus(files: list[str | Path], classes: list[str], identifier: st
 
     for file in map(Path, files):
         if file.suffix in {".yaml", ".yml"}:
-            with open(file) as handle:
-                for text in strings(yaml.safe_load(handle)):
-                    for cls in classes if "{class}" in text else [None]:
-                        filled = text.replace("{token}", identifier).replace("[V]", identifier)
-                        texts.add(filled.replace("{class}", cls) if cls else filled)
+            for text in strings(read_yaml(file)):
+                for cls in classes if "{class}" in text else [None]:
+                    filled = text.replace("{token}", identifier).replace("[V]", identifier)
+                    texts.add(filled.replace("{class}", cls) if cls else filled)
         else:
-            with open(file, newline="") as handle:
+            with open(file, newline="", encoding="utf-8-sig") as handle:
                 texts.update(" ".join(row) for row in csv.reader(handle, delimiter="\t"))
     return sorted(texts)
 
@@ -296,3 +302,34 @@ def attempt_scaled(
         return (base(wildcards) if callable(base) else int(base)) * attempt
 
     return resource
+
+
+def check_files(config_path: str | Path, base_dir: str | Path = ".") -> dict:
+    """Check a config file and the subjects table and prompts it names, as the workflow does
+    at start-up, with the file, line and column of a YAML syntax error (Snakemake itself only
+    says that a config file "is not valid JSON or YAML")."""
+    config = load_config(config_path)
+    subjects = load_subjects(Path(base_dir) / config["subjects"], config, base_dir=base_dir)
+    load_prompts(Path(base_dir) / config["prompts"], config, {row["kind"] for row in subjects})
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sidpipe.config [CONFIG ...]`: check config files (default config.yaml) run
+    from the workflow's working directory; prints each problem, exit status 1 if any."""
+    import sys
+
+    status = 0
+    for path in (sys.argv[1:] if argv is None else argv) or ["config.yaml"]:
+        try:
+            check_files(path)
+        except SidpipeError as err:
+            print(err, file=sys.stderr)
+            status = 1
+        else:
+            print(f"{path}: valid")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

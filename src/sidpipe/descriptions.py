@@ -5,8 +5,10 @@ Case 1 is the template "a [V] {class}"; Cases 2-4 are written by a vision-langua
 file (`<stem>: {case1: ..., case4: ...}`), whose entries override any model. Every description
 must contain the literal placeholder "[V]" exactly once, directly before the class noun, and fit
 the base model's text encoder; a model whose answer fails either check is asked again with the
-reason, a bounded number of times. Model answers are cached per exact request (one JSON file
-each), so reruns and other description sets that need the same answer send no request.
+reason, a bounded number of times. Answers are normalised (Markdown, labels, wrapping quotes)
+and judged as they arrive; accepted answers are cached per exact request (one JSON file each),
+so reruns and other description sets that need the same answer send no request, while rejected
+answers are only logged, so a rerun asks again for exactly the images still without one.
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from .io import SidpipeError, atomic_file, log, read_csv, sha256_file, write_csv
-from .vlm import Backend, VLMRequest, VLMResponse, make_backend, resolve_vlm, vlm_label
+from .io import SidpipeError, atomic_file, log, read_csv, read_yaml, sha256_file, write_csv
+from .vlm import (
+    FINISHED,
+    Backend,
+    VLMRequest,
+    VLMResponse,
+    make_backend,
+    resolve_vlm,
+    vlm_label,
+)
 
 PLACEHOLDER = "[V]"
 STYLE_NOUN = "art"  # style subjects are named "[V] art"
@@ -48,6 +57,7 @@ FIELDS = [
     "token_count",
     "prompt_tokens",
     "completion_tokens",
+    "finish_reason",
     "attempts",
     "cached",
     "source",
@@ -60,8 +70,9 @@ FIELDS = [
 @functools.cache
 def load_instructions(path: Path = INSTRUCTIONS_FILE) -> dict[str, Any]:
     """The instruction templates (cached); checked for the keys the stage fills."""
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+    data = read_yaml(path, "instructions file")
+    if not isinstance(data, dict):
+        raise SidpipeError(f"{path}: expected a mapping with keys version, cases, style, ...")
     for key in ("version", "cases", "style", "expression", "retry"):
         if key not in data:
             raise SidpipeError(f"{path}: missing key {key!r}")
@@ -105,17 +116,121 @@ def retry_instruction(instruction: str, response: str, reason: str) -> str:
 # --- validation ------------------------------------------------------------------------------
 
 _V_VARIANTS = re.compile(r"\[\s*v\s*\]", re.IGNORECASE)
-_LABEL = re.compile(r"^(?:caption|description)\s*:\s*", re.IGNORECASE)
-_QUOTES = "\"'`“”‘’"
+_LABEL_WORDS = (
+    r"(?:(?:here(?:'s| is) (?:the|a|my|your) )?(?:training |image )?(?:caption|description))"
+)
+_LABEL = re.compile(rf"^{_LABEL_WORDS}\s*[:：]\s*", re.IGNORECASE)
+_LABEL_ONLY = re.compile(rf"^{_LABEL_WORDS}\s*[:：]?$", re.IGNORECASE)
+_HEADING = re.compile(r"^#{1,6}\s*")
+_BULLET = re.compile(r"^(?:[-*+•]|\d{1,2}[.)])\s+")
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:\n?```|$)", re.DOTALL)
+_PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "„": "“", "`": "`"}
+_QUOTES = "\"'`“”‘’«»„"
+# Chatter around a caption: a leading interjection or a closing offer of more help.
+_CHATTER_START = re.compile(
+    r"^(?:sure|certainly|of course|okay|absolutely|gladly|here you go|here it is)\s*[!.:,]",
+    re.IGNORECASE,
+)
+_CHATTER_ANYWHERE = re.compile(
+    r"\b(?:let me know|hope (?:this|that|it) helps|feel free|if you (?:need|want|would like)|"
+    r"is there anything|anything else|as an ai|i can(?:no|')t|i am unable|i'm unable|i'm sorry|"
+    r"i am sorry)\b",
+    re.IGNORECASE,
+)
+
+
+def _strip_emphasis(text: str) -> str:
+    """Markdown emphasis and inline code markers around words (never inside a word)."""
+    text = text.replace("**", "").replace("__", "").replace("*", "")
+    text = re.sub(r"(?<![\w])_(?=\S)|(?<=\S)_(?![\w])", "", text)
+    return re.sub(r"`([^`]*)`", r"\1", text)
+
+
+def _unwrap_quotes(text: str) -> str:
+    """Remove quotes that wrap the whole text (a final full stop may sit outside them)."""
+    while len(text) >= 2:
+        stop = text.endswith(".") and len(text) > 2 and text[-2] in _QUOTES
+        body = text[:-1] if stop else text
+        close = _PAIRS.get(body[0])
+        if close is None or body[-1] != close or len(body) < 2:
+            break
+        text = body[1:-1].strip()
+    return text
+
+
+def _unbalanced_quote(text: str) -> str | None:
+    """A quotation mark without its partner (apostrophes are not quotes)."""
+    if text.count('"') % 2:
+        return '"'
+    for opening, closing in (("“", "”"), ("«", "»")):
+        if text.count(opening) != text.count(closing):
+            return opening
+    if text and text[0] in "'‘" and text.rstrip(".")[-1:] not in ("'", "’"):
+        return text[0]
+    return None
+
+
+def normalise_text(text: str) -> tuple[str, str | None]:
+    """A model answer as one caption line, and why it is unusable (None if it is usable).
+
+    Normalised, because it is safe: code fences (with their language tag), Markdown headings,
+    one list marker, emphasis markers, a leading "Caption:" label, quotes wrapping the whole
+    answer, control characters and runs of spaces; "[v]" becomes "[V]". Rejected, with the
+    reason the model is told when asked again: chatter around the caption ("Sure! ...",
+    "Let me know ..."), refusals, lists of several items and unmatched quotation marks.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    fenced = _FENCE.search(text)
+    if fenced is not None:
+        outside = (text[: fenced.start()] + text[fenced.end() :]).strip()
+        if outside and not outside.endswith(":"):
+            return " ".join(text.split()), (
+                "it has text outside its code block; reply with the caption only, as plain text"
+            )
+        text = fenced.group(1)
+    lines = []
+    for line in text.split("\n"):
+        line = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in line)
+        line = " ".join(line.split())
+        if not line:
+            continue
+        heading = _HEADING.match(line) is not None
+        line = _strip_emphasis(_HEADING.sub("", line)).strip()
+        if _LABEL_ONLY.match(line.strip(_QUOTES + " ")):
+            continue  # "# Caption", "**Caption:**" alone on its line
+        if heading:  # "# Caption a [V] robot ...": the heading's label word goes too
+            line = re.sub(rf"^{_LABEL_WORDS}\b\s*[:：]?\s*", "", line, flags=re.IGNORECASE)
+        lines.append(line)
+    bullets = [line for line in lines if _BULLET.match(line)]
+    if len(bullets) > 1:
+        return " ".join(lines), (
+            f"it is a list of {len(bullets)} items; write one sentence, without list markers"
+        )
+    lines = [_BULLET.sub("", line) for line in lines]
+    text = " ".join(lines).strip()
+    for _ in range(2):  # a label inside quotes, or quotes after a label
+        text = _unwrap_quotes(text.strip())
+        text = _LABEL.sub("", text).strip()
+    text = _V_VARIANTS.sub(PLACEHOLDER, text)
+    text = re.sub(r"\[V\](?=\w)", "[V] ", text)
+    chatter = _CHATTER_START.match(text) or _CHATTER_ANYWHERE.search(text)
+    if chatter is not None:
+        return text, (
+            f'it contains words that are not part of a caption ("{chatter.group(0).strip()}"); '
+            "reply with the caption only, without greetings, comments or offers"
+        )
+    quote = _unbalanced_quote(text)
+    if quote is not None:
+        return text, (
+            f"it has an unmatched quotation mark ({quote}); reply with the caption only, "
+            "without quotes around it"
+        )
+    return text, None
 
 
 def clean_text(text: str) -> str:
-    """One line without control characters, outer quotes or a "Caption:" label; [v] -> [V]."""
-    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
-    text = " ".join(text.split()).strip(_QUOTES + " ")
-    text = _LABEL.sub("", text).strip(_QUOTES + " ")
-    text = _V_VARIANTS.sub(PLACEHOLDER, text)
-    return re.sub(r"\[V\](?=\w)", "[V] ", text)
+    """`normalise_text` without the verdict (captioning models cannot be asked again)."""
+    return normalise_text(text)[0]
 
 
 def _noun_regex(noun: str) -> str:
@@ -124,20 +239,63 @@ def _noun_regex(noun: str) -> str:
     return rf"(?<![\w\-]){body}(?:e?s)?(?![\w\-])"
 
 
-def check_description(text: str, noun: str) -> tuple[str, str | None]:
-    """Return (cleaned text, None) if usable, else (cleaned text, the reason it is not).
-
-    A text that names the noun but lacks "[V]" gets "[V]" inserted before its first mention.
+# Words that may follow the head noun of a noun phrase ("a mug on ...", "a dog with ..."); a
+# mention followed by anything else is taken as a modifier ("a mug cozy", "a robot sticker").
+_AFTER_HEAD = frozenset(
     """
-    text = clean_text(text)
+    on in at with without next beside behind near by under over above below against among
+    between from of to into onto inside outside atop along across around before after for like
+    underneath beneath facing sitting standing lying resting placed positioned perched
+    is are was were sits stands lies rests looks appears that which who whose and or but while
+    as its his her their wearing holding looking surrounded set shown seen
+    """.split()
+)
+
+
+def _is_head(text: str, match: re.Match) -> bool:
+    """Whether a mention of the noun is the head of its noun phrase (not a modifier)."""
+    rest = text[match.end() :].lstrip()
+    if not rest or rest[0] in ",.;:!?)'’\"”":
+        return True
+    word = re.match(r"[\w-]+", rest)
+    return word is not None and word.group(0).lower() in _AFTER_HEAD
+
+
+def _place_placeholder(text: str, noun: str) -> tuple[str, str | None]:
+    """Insert "[V]" before the noun when that is unambiguous: the noun occurs once, as the head
+    of its noun phrase. Otherwise the reason to ask again."""
+    mentions = list(re.finditer(_noun_regex(noun), text, re.IGNORECASE))
+    if not mentions:
+        return text, f'it does not contain the word "{noun}"; write "{PLACEHOLDER} {noun}"'
+    if len(mentions) > 1:
+        return text, (
+            f'"{PLACEHOLDER}" is missing and "{noun}" appears {len(mentions)} times, so it is '
+            f'unclear which is the subject; write "{PLACEHOLDER} {noun}" for the subject'
+        )
+    match = mentions[0]
+    if not _is_head(text, match):
+        after = text[match.start() :].split()[:2]
+        return text, (
+            f'"{PLACEHOLDER}" is missing and "{noun}" only appears in "{" ".join(after)}", '
+            f'which names something else; write "{PLACEHOLDER} {noun}" for the subject'
+        )
+    return f"{text[: match.start()]}{PLACEHOLDER} {text[match.start() :]}", None
+
+
+def check_description(text: str, noun: str) -> tuple[str, str | None]:
+    """Return (normalised text, None) if usable, else (normalised text, the reason it is not).
+
+    A text that lacks "[V]" gets it inserted before the noun when the noun occurs exactly once
+    as the head of a noun phrase; otherwise the model is asked again.
+    """
+    text, problem = normalise_text(text)
+    if problem is not None:
+        return text, problem
     if not text:
         return text, "the answer is empty"
     count = text.count(PLACEHOLDER)
     if count == 0:
-        match = re.search(_noun_regex(noun), text, re.IGNORECASE)
-        if match is None:
-            return text, f'it does not contain the word "{noun}"; write "{PLACEHOLDER} {noun}"'
-        return f"{text[: match.start()]}{PLACEHOLDER} {text[match.start() :]}", None
+        return _place_placeholder(text, noun)
     if count > 1:
         return text, (
             f'"{PLACEHOLDER}" appears {count} times; '
@@ -152,26 +310,53 @@ def check_description(text: str, noun: str) -> tuple[str, str | None]:
 
 
 def caption_to_description(caption: str, class_name: str, style: bool = False) -> str:
-    """A plain caption (BLIP-2) as a description: "[V]" before the class noun, else a prefix."""
+    """A plain caption (BLIP-2) as a description: "[V]" before the class noun when it occurs
+    once as a head noun, else the template as a prefix."""
     caption = clean_text(caption).rstrip(" .")
+    if _unbalanced_quote(caption):  # a caption cannot be asked again: drop the stray quote
+        caption = re.sub('["“”«»]', "", caption).strip(_QUOTES + " ")
     if style:  # "art" in a caption rarely names the style itself
         return f"{STYLE_PREFIX}, {caption}" if caption else STYLE_PREFIX
     if PLACEHOLDER not in caption:
-        match = re.search(_noun_regex(class_name), caption, re.IGNORECASE)
-        if match is not None:
-            return f"{caption[: match.start()]}{PLACEHOLDER} {caption[match.start() :]}"
+        placed, problem = _place_placeholder(caption, class_name)
+        if problem is None:
+            return placed
     prefix = template_description(class_name)
     return f"{prefix}, {caption}" if caption else prefix
 
 
+def _looks_local(model: str) -> bool:
+    """As sidpipe.models._looks_local (not imported: that module imports torch)."""
+    return (
+        Path(model).is_absolute()
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or Path(model).exists()
+    )
+
+
 def load_base_tokenizer(model: str) -> Any:
-    """The base model's CLIP tokenizer (`<model>/tokenizer`), to count what the encoder reads."""
-    from transformers import CLIPTokenizer
+    """The base model's CLIP tokenizer (`<model>/tokenizer`), to count what the encoder reads.
 
-    from .models import _loading
+    Only the tokenizer is imported (no torch), so template and hand-written sets stay light.
+    """
+    what = "the base model's tokenizer"
+    if _looks_local(model) and not Path(model).expanduser().is_dir():
+        raise SidpipeError(
+            f"{what}: model folder {model!r} (config key models.base) does not exist; "
+            "point it at a hub id or a folder written by save_pretrained / build_tiny_models"
+        )
+    try:
+        from transformers import CLIPTokenizer
 
-    with _loading("the base model's tokenizer", model, "base"):
         return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    except Exception as err:
+        raise SidpipeError(
+            f"cannot load {what} from {model!r} (config key models.base): "
+            f"{type(err).__name__}: {str(err).rstrip('.')}. It must be a Hugging Face hub id "
+            "(already cached when HF_HUB_OFFLINE=1) or a local folder written by "
+            "save_pretrained / build_tiny_models."
+        ) from err
 
 
 def count_tokens(tokenizer: Any, text: str, identifier: str = "sks") -> int:
@@ -216,8 +401,12 @@ def cache_key(
     return sha256_text(json.dumps(fields, sort_keys=True, separators=(",", ":")))
 
 
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"{key}.json"
+
+
 def read_cache(cache_dir: Path, key: str) -> VLMResponse | None:
-    path = Path(cache_dir) / f"{key}.json"
+    path = cache_path(cache_dir, key)
     if not path.is_file():
         return None
     try:
@@ -228,7 +417,7 @@ def read_cache(cache_dir: Path, key: str) -> VLMResponse | None:
 
 
 def write_cache(cache_dir: Path, key: str, entry: dict[str, Any]) -> None:
-    with atomic_file(Path(cache_dir) / f"{key}.json", encoding="utf-8") as handle:
+    with atomic_file(cache_path(cache_dir, key), encoding="utf-8") as handle:
         json.dump(entry, handle, indent=2, ensure_ascii=False, sort_keys=True)
         handle.write("\n")
 
@@ -270,11 +459,7 @@ def read_references(references_dir: Path, subject: str) -> list[Reference]:
 
 def load_manual(path: Path) -> dict[str, dict[str, str]]:
     """A hand-written descriptions file: image stem -> {case1: text, ..., case4: text}."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
-    except yaml.YAMLError as err:
-        raise SidpipeError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path, "descriptions file") or {}
     if not isinstance(data, dict):
         raise SidpipeError(f"{path}: expected a mapping of image stem -> {{case1: ..., ...}}")
     manual: dict[str, dict[str, str]] = {}
@@ -303,8 +488,19 @@ class _Pending:
     completion_tokens: int = 0
     last: str = ""
     problem: str = ""
+    last_cache: Path | None = None  # the cache file the last (rejected) answer came from
     spent_prompt: int = 0  # tokens of requests sent in this run
     spent_completion: int = 0
+
+
+@dataclass
+class _Answer:
+    """A model answer with its verdict: the description made from it, or why it is rejected."""
+
+    response: VLMResponse
+    text: str
+    problem: str | None
+    cache_file: Path | None  # where it came from, if from the cache
 
 
 def _quote(text: str, limit: int = 300) -> str:
@@ -445,6 +641,7 @@ def _row(
         "token_count": 0,
         "prompt_tokens": 0,
         "completion_tokens": 0,
+        "finish_reason": "",
         "attempts": 1,
         "cached": False,
         "source": "",
@@ -466,7 +663,11 @@ def _describe_with_vlm(
     max_text_tokens: int,
     max_attempts: int,
 ) -> dict[str, dict]:
-    """Ask the model (or the cache) in rounds; each round re-asks only the rejected images."""
+    """Ask the model (or the cache) in rounds; each round re-asks only the rejected images.
+
+    Every answer is judged as it arrives; only accepted ones are cached, so a rerun asks again
+    exactly for the images that have no accepted answer yet.
+    """
     case = int(common["case"])
     # A captioning model gets no instruction; asking it again would give the same caption.
     base = (
@@ -480,81 +681,99 @@ def _describe_with_vlm(
     pending = [_Pending(ref, base) for ref in references]
     everyone = list(pending)
     done: dict[str, dict] = {}
-    bar = tqdm(
-        total=len(references),
-        desc=f"describe {common['subject']}/{common['descriptions']}",
-        unit="image",
-        file=sys.stderr,
-    )
-    with bar:
-        for _ in range(rounds):
-            if not pending:
-                break
-            keys = [
-                cache_key(
-                    p.ref.sha256,
-                    backend.name,
-                    backend.model,
-                    backend.base_url,
-                    sha256_text(p.instruction),
-                    case,
-                    settings,
-                )
-                for p in pending
-            ]
-            answers = _ask(backend, pending, keys, cache_dir, case, settings)
-            still: list[_Pending] = []
-            for item, answer in zip(pending, answers, strict=True):
-                item.attempts += 1
-                item.prompt_tokens += answer.prompt_tokens
-                item.completion_tokens += answer.completion_tokens
-                text, problem = _evaluate(
-                    answer, backend, class_name, noun, style, tokenizer, identifier, max_text_tokens
-                )
-                if problem is None:
-                    row = _row(
-                        common, item.ref, text, answer.text, backend.name, backend.model, base_sha
-                    )
-                    row.update(
-                        token_count=count_tokens(tokenizer, text, identifier),
-                        prompt_tokens=item.prompt_tokens,
-                        completion_tokens=item.completion_tokens,
-                        attempts=item.attempts,
-                        cached=item.sent == 0,
-                        source="vlm",
-                    )
-                    done[item.ref.image_id] = row
-                    bar.update()
-                else:
-                    item.last, item.problem = answer.text, problem
-                    # Appended: each attempt shows every rejected answer, so none repeats.
-                    item.instruction = retry_instruction(item.instruction, answer.text, problem)
-                    still.append(item)
-            pending = still
+    where = f"{common['subject']}/{common['descriptions']}"
 
-    log.info(
-        "%s/%s: %s %s: %d request(s) sent, %d of %d image(s) answered wholly from the cache; "
-        "tokens spent this run: %d prompt, %d completion",
-        common["subject"],
-        common["descriptions"],
-        backend.name,
-        backend.model,
-        backend.requests_sent,
-        sum(1 for row in done.values() if row["cached"]),
-        len(references),
-        sum(p.spent_prompt for p in everyone),
-        sum(p.spent_completion for p in everyone),
-    )
+    def judge(response: VLMResponse) -> tuple[str, str | None]:
+        return _evaluate(
+            response, backend, class_name, noun, style, tokenizer, identifier, max_text_tokens
+        )
+
+    bar = tqdm(total=len(references), desc=f"describe {where}", unit="image", file=sys.stderr)
+    try:
+        with bar:
+            for attempt in range(1, rounds + 1):
+                if not pending:
+                    break
+                keys = [
+                    cache_key(
+                        p.ref.sha256,
+                        backend.name,
+                        backend.model,
+                        backend.base_url,
+                        sha256_text(p.instruction),
+                        case,
+                        settings,
+                    )
+                    for p in pending
+                ]
+                answers = _ask(backend, pending, keys, cache_dir, case, settings, judge, attempt)
+                still: list[_Pending] = []
+                for item, answer in zip(pending, answers, strict=True):
+                    item.attempts += 1
+                    item.prompt_tokens += answer.response.prompt_tokens
+                    item.completion_tokens += answer.response.completion_tokens
+                    if answer.problem is None:
+                        row = _row(
+                            common,
+                            item.ref,
+                            answer.text,
+                            answer.response.text,
+                            backend.name,
+                            backend.model,
+                            base_sha,
+                        )
+                        row.update(
+                            token_count=count_tokens(tokenizer, answer.text, identifier),
+                            prompt_tokens=item.prompt_tokens,
+                            completion_tokens=item.completion_tokens,
+                            finish_reason=answer.response.finish_reason,
+                            attempts=item.attempts,
+                            cached=item.sent == 0,
+                            source="vlm",
+                        )
+                        done[item.ref.image_id] = row
+                        bar.update()
+                    else:
+                        item.last, item.problem = answer.response.text, answer.problem
+                        item.last_cache = answer.cache_file
+                        # Appended: each attempt shows every rejected answer, so none repeats.
+                        item.instruction = retry_instruction(
+                            item.instruction, answer.response.text, answer.problem
+                        )
+                        still.append(item)
+                pending = still
+    finally:  # also when the job fails: what it cost is in the log
+        log.info(
+            "%s: %s %s: %d request(s) sent, %d of %d image(s) answered wholly from the cache; "
+            "tokens spent this run: %d prompt, %d completion",
+            where,
+            backend.name,
+            backend.model,
+            backend.requests_sent,
+            sum(1 for row in done.values() if row["cached"]),
+            len(references),
+            sum(p.spent_prompt for p in everyone),
+            sum(p.spent_completion for p in everyone),
+        )
     if pending:
-        lines = [
-            f"image {p.ref.image_id} (source {p.ref.stem}): {p.problem}; last response: "
-            f"{_quote(p.last)}"
-            for p in pending
-        ]
+        lines = []
+        for p in pending:
+            line = (
+                f"image {p.ref.image_id} (source {p.ref.stem}): {p.problem}; last response: "
+                f"{_quote(p.last)}"
+            )
+            if p.last_cache is not None:
+                line += (
+                    f" (this answer came from the cache file {p.last_cache}; delete that file "
+                    "to have the model asked again)"
+                )
+            lines.append(line)
+        from_cache = sum(1 for p in pending if p.sent < p.attempts)
         raise SidpipeError(
-            f"{common['subject']}/{common['descriptions']}: no valid description from "
-            f"{backend.name} model {backend.model} after {rounds} attempt(s) for "
-            f"{len(pending)} image(s):\n  " + "\n  ".join(lines)
+            f"{where}: no valid description from {backend.name} model {backend.model} after "
+            f"{rounds} attempt(s) for {len(pending)} image(s) ({backend.requests_sent} request(s) "
+            f"sent in this run; {from_cache} of these image(s) had answers from the cache "
+            f"{cache_dir}):\n  " + "\n  ".join(lines)
         )
     return done
 
@@ -566,19 +785,40 @@ def _ask(
     cache_dir: Path,
     case: int,
     settings: dict[str, Any],
-) -> list[VLMResponse]:
-    """One answer per pending image: from the cache, else from the model (cached on arrival)."""
-    answers: list[VLMResponse | None] = [read_cache(cache_dir, key) for key in keys]
-    missing = [i for i, answer in enumerate(answers) if answer is None]
+    judge: Any,
+    attempt: int,
+) -> list[_Answer]:
+    """One judged answer per pending image: from the cache, else from the model. A new answer
+    is cached as it arrives if it is accepted, and logged with the reason if it is not."""
+    answers: list[_Answer | None] = []
+    missing = []
+    for i, key in enumerate(keys):
+        cached = read_cache(cache_dir, key)
+        if cached is None:
+            answers.append(None)
+            missing.append(i)
+        else:
+            answers.append(_Answer(cached, *judge(cached), cache_path(cache_dir, key)))
 
     def remember(j: int, response: VLMResponse) -> None:
         i = missing[j]
-        answers[i] = response
-        pending[i].sent += 1
-        pending[i].spent_prompt += response.prompt_tokens
-        pending[i].spent_completion += response.completion_tokens
-        entry = _cache_entry(backend, pending[i], case, keys[i], settings, response)
-        write_cache(cache_dir, keys[i], entry)
+        item = pending[i]
+        item.sent += 1
+        item.spent_prompt += response.prompt_tokens
+        item.spent_completion += response.completion_tokens
+        answers[i] = answer = _Answer(response, *judge(response), None)
+        if answer.problem is None:
+            entry = _cache_entry(backend, item, case, keys[i], settings, response)
+            write_cache(cache_dir, keys[i], entry)
+        else:  # kept in the log, never in the cache: a rerun asks again
+            log.warning(
+                "image %s, attempt %d: answer rejected (%s), finish_reason %r: %s",
+                item.ref.image_id,
+                attempt,
+                answer.problem,
+                response.finish_reason,
+                _quote(response.text),
+            )
 
     if missing:
         requests = [
@@ -638,11 +878,20 @@ def _evaluate(
             log.warning("caption trimmed to fit %d tokens: %s", max_text_tokens, _quote(trimmed))
             text = trimmed
         return text, problem
+    finish = answer.finish_reason
+    if finish == "length":
+        return answer.text, (
+            "it was cut off at the answer length limit; write a shorter description"
+        )
+    if finish and finish not in FINISHED:
+        what = "a content filter" if finish == "content_filter" else "the server"
+        return answer.text, (
+            f'it was stopped by {what} before it was finished (finish_reason "{finish}"); '
+            "write a complete, plain description of what is visible"
+        )
     text, problem = check_description(answer.text, noun)
     if problem is not None:
         return text, problem
-    if answer.finish_reason == "length":
-        return text, "it was cut off at the answer length limit; write a shorter description"
     n_tokens = count_tokens(tokenizer, text, identifier)
     if n_tokens > max_text_tokens:
         words = max(8, int(len(text.split()) * max_text_tokens / n_tokens) - 4)

@@ -7,11 +7,14 @@ import csv
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("sidpipe")
 
@@ -28,29 +31,110 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux /proc),
+    else by setting and restoring it under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _cleanup_hint(path: Path, err: OSError) -> str:
+    return (
+        f"{path} could not be removed ({err.strerror or err}: {err.filename or path}); "
+        f"delete it yourself (rm -rf '{path}'; a read-only folder needs chmod -R u+w first, a "
+        "file still open on a network filesystem goes once the process holding it exits)"
+    )
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only if the block succeeds.
 
     A failing job therefore leaves no partial output for Snakemake (or a user) to mistake
-    for a finished one.
+    for a finished one, and no temporary folder either. A previous `final` is first renamed
+    aside, so it is replaced as a whole even if part of it cannot be deleted. The new folder
+    gets the permissions the umask gives (mkdtemp makes it private).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old: Path | None = None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
+        if final.exists() or final.is_symlink():
+            old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+            os.replace(final, old)  # a rename: the previous output stays whole until replaced
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:
+                os.replace(old, final)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _remove(tmp)
+        except OSError as err:
+            log.error("the temporary folder %s", _cleanup_hint(tmp, err))
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if old is not None:
+        try:
+            _remove(old)
+        except OSError as err:
+            # The new output is complete and in place; only the previous one lingers.
+            log.warning(
+                "%s was replaced, but its previous version, moved aside to %s",
+                final,
+                _cleanup_hint(old, err),
+            )
+
+
+def remove_incomplete(folder: str | os.PathLike, marker: str) -> None:
+    """Remove an output folder that lacks its `marker` file (its manifest).
+
+    Snakemake deletes a job's declared output before a rerun and after a failure; when that is
+    a file inside a folder written by `atomic_dir`, the rest of the folder stays behind, neither
+    the previous complete output nor a new one. A stage calls this before it starts and when it
+    fails, so a failed job leaves the previous complete output or nothing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / marker).is_file():
+        return
+    log.info("%s has no %s (an incomplete earlier output): removing it", folder, marker)
+    try:
+        shutil.rmtree(folder)
+    except OSError as err:
+        raise SidpipeError(
+            f"{folder} holds an incomplete earlier output (no {marker}) and "
+            f"{_cleanup_hint(folder, err)}; then rerun"
+        ) from err
 
 
 @contextlib.contextmanager
 def atomic_file(final: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
-    """Open a temporary sibling file for writing; rename it to `final` on success."""
+    """Open a temporary sibling file for writing; rename it to `final` on success.
+
+    The final file gets the permissions the umask gives (mkstemp makes it private)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
@@ -58,10 +142,11 @@ def atomic_file(final: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
     try:
         with open(tmp, mode, **kwargs) as handle:
             yield handle
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    os.replace(tmp, final)
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping], fieldnames: list[str]) -> None:
@@ -76,6 +161,35 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping], fieldnames: list
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """Parse a YAML file (a UTF-8 byte-order mark is fine); a syntax error names the file, the
+    line and the column (1-based), as an editor shows them."""
+    import yaml
+
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            return yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise SidpipeError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise SidpipeError(
+            f"{path}: byte {err.start} is not UTF-8 ({err.reason}); save the {what} as UTF-8"
+        ) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(
+            str(part)
+            for part in (getattr(err, "context", None), getattr(err, "problem", None))
+            if part
+        ) or str(err)
+        raise SidpipeError(
+            f"{path}{where}: the {what} is not valid YAML ({problem}); fix the syntax there "
+            "(indent with spaces, not tabs; quote values that contain ': ' or ' #')"
+        ) from None
 
 
 def read_manifest(

@@ -2,16 +2,23 @@
 
 Every source image is opened defensively (size checked before any pixel is decoded, animated
 and truncated files refused), EXIF-rotated, converted to 8-bit RGB, centre-cropped to a square
-and resized. An optional binary mask `<stem>.mask.png` next to an image gets the same geometry.
-Outputs and `manifest.csv` are written through `atomic_dir`, so a failure leaves nothing behind.
+and resized. An optional binary mask `<stem>.mask.png` next to an image gets the same geometry;
+anything named like a mask (`<stem>.mask.<image suffix>`, any case) is never a reference.
+Duplicates (same pixels) and images under `min_side` are refused; small or very elongated ones
+are flagged in the log and the manifest's `warnings` column.
+Outputs and `manifest.csv` are written through `atomic_dir`, so a failed run leaves the previous
+complete output or nothing (an output whose manifest is gone is removed, never kept half).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import re
 import struct
 import sys
+import unicodedata
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +27,15 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from sidpipe.io import SidpipeError, atomic_dir, log, read_csv, sha256_file, write_csv
+from sidpipe.io import (
+    SidpipeError,
+    atomic_dir,
+    log,
+    read_csv,
+    remove_incomplete,
+    sha256_file,
+    write_csv,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MASK_SUFFIX = ".mask.png"
@@ -37,7 +52,12 @@ MANIFEST_FIELDS = [
     "source_height",
     "source_mode",
     "mask_path",
+    "warnings",
 ]
+# A source image whose centre crop keeps less than 1/MAX_ASPECT of it, or that is upscaled more
+# than UPSCALE_WARN times, is flagged (log and manifest `warnings`).
+MAX_ASPECT = 2.5
+UPSCALE_WARN = 2.0
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
@@ -46,13 +66,18 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 _INVALID_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
-def list_reference_images(source_dir: Path) -> list[Path]:
-    """Return the image files directly inside `source_dir`, sorted by name.
+def is_mask_file(path: Path) -> bool:
+    """Whether a file is named like a subject mask: `<stem>.mask.<image suffix>`, any case."""
+    name = Path(path).name.lower()
+    return any(name.endswith(".mask" + suffix) for suffix in IMAGE_SUFFIXES)
 
-    Provided masks (`*.mask.png`), files without an image suffix (descriptions.yaml, README,
-    .DS_Store) and hidden files (macOS `._photo.jpg` resource forks are not images) are skipped.
-    """
-    source_dir = Path(source_dir)
+
+def mask_path_for(image: Path) -> Path:
+    """Where the optional mask of a reference image must be: `<stem>.mask.png` beside it."""
+    return Path(image).with_name(Path(image).stem + MASK_SUFFIX)
+
+
+def _check_folder(source_dir: Path) -> None:
     if not source_dir.exists():
         raise SidpipeError(
             f"reference folder {source_dir} does not exist; "
@@ -63,15 +88,76 @@ def list_reference_images(source_dir: Path) -> list[Path]:
             f"reference folder {source_dir} is not a directory; "
             "point the config at the folder that holds the subject's photos"
         )
-    images = [
+
+
+def _visible(source_dir: Path) -> list[Path]:
+    return sorted(
+        (path for path in source_dir.iterdir() if not path.name.startswith(".")),
+        key=lambda path: path.name,
+    )
+
+
+def list_reference_images(source_dir: Path) -> list[Path]:
+    """Return the image files directly inside `source_dir`, sorted by name.
+
+    Masks (anything named `*.mask.<image suffix>`, any case), files without an image suffix
+    (descriptions.yaml, README, .DS_Store), hidden files (macOS `._photo.jpg` resource forks are
+    not images) and broken links (see `broken_links`) are skipped.
+    """
+    source_dir = Path(source_dir)
+    _check_folder(source_dir)
+    return [
         path
-        for path in source_dir.iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and not path.name.lower().endswith(MASK_SUFFIX)
-        and path.suffix.lower() in IMAGE_SUFFIXES
+        for path in _visible(source_dir)
+        if path.is_file() and not is_mask_file(path) and path.suffix.lower() in IMAGE_SUFFIXES
     ]
-    return sorted(images, key=lambda path: path.name)
+
+
+def list_mask_files(source_dir: Path) -> list[Path]:
+    """Every file in `source_dir` named like a mask, well-formed (`<stem>.mask.png`) or not."""
+    source_dir = Path(source_dir)
+    _check_folder(source_dir)
+    return [path for path in _visible(source_dir) if path.is_file() and is_mask_file(path)]
+
+
+def reference_inputs(source_dir: Path) -> list[Path]:
+    """The files `prepare_references` reads from a folder: images and anything named like a
+    mask (so that renaming a mask reruns the subject)."""
+    return sorted(
+        list_reference_images(source_dir) + list_mask_files(source_dir), key=lambda p: p.name
+    )
+
+
+def broken_links(source_dir: Path) -> list[Path]:
+    """Symbolic links with an image suffix whose target is missing."""
+    return [
+        path
+        for path in _visible(Path(source_dir))
+        if path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+def _check_mask_names(source_dir: Path) -> None:
+    """Masks must be `<stem>.mask.png` exactly; any other mask-like name is an error (it would
+    otherwise be ignored, and the subject segmented without it)."""
+    problems = []
+    for mask in list_mask_files(source_dir):
+        if mask.name.endswith(MASK_SUFFIX):
+            continue
+        stem = mask.name[: mask.name.lower().rindex(".mask.")]
+        target = mask.with_name(stem + MASK_SUFFIX)
+        how = (
+            f"rename it to {target.name}"
+            if mask.name.lower().endswith(MASK_SUFFIX)
+            else f"save it as a black-and-white PNG named {target.name} (lossy formats such as "
+            "JPEG blur its edges) and delete this file"
+        )
+        problems.append(f"{mask}: named like a mask, but masks must be <stem>{MASK_SUFFIX}; {how}")
+    if problems:
+        raise SidpipeError(
+            f"{source_dir}: mask file name(s) the workflow would not use:\n  "
+            + "\n  ".join(problems)
+        )
 
 
 @contextlib.contextmanager
@@ -263,8 +349,21 @@ def center_crop_resize(
 
 
 def image_id_for(path: Path) -> str:
-    """The manifest id of a source image: its stem with characters outside [A-Za-z0-9_-] -> _."""
-    return _INVALID_ID_CHARS.sub("_", Path(path).stem)
+    """The manifest id of a source image: its stem with characters outside [A-Za-z0-9_-] -> _.
+
+    A stem with non-ASCII characters is transliterated (accents dropped, other characters
+    removed; `img` if nothing is left) and suffixed with 8 hex digits of its sha256, so
+    `café`, `cafe`, `犬` and `猫` all get distinct ids (the hash of the NFC form: macOS and Linux
+    spellings of the same name agree).
+    """
+    stem = unicodedata.normalize("NFC", Path(path).stem)
+    if stem.isascii():
+        return _INVALID_ID_CHARS.sub("_", stem)
+    plain = "".join(
+        ch for ch in unicodedata.normalize("NFKD", stem) if not unicodedata.combining(ch)
+    )
+    plain = re.sub(r"_+", "_", _INVALID_ID_CHARS.sub("_", plain)).strip("_-") or "img"
+    return f"{plain}-{hashlib.sha256(stem.encode('utf-8')).hexdigest()[:8]}"
 
 
 def _check_ids(images: list[Path]) -> dict[str, Path]:
@@ -308,6 +407,22 @@ def _prepare_mask(
     )
 
 
+def _size_warnings(width: int, height: int, resolution: int) -> list[str]:
+    short, long = min(width, height), max(width, height)
+    found = []
+    if short * UPSCALE_WARN < resolution:
+        found.append(
+            f"small: its shorter side of {short} px is upscaled {resolution / short:.1f}x to "
+            f"the {resolution} px training resolution (blurry)"
+        )
+    if long > MAX_ASPECT * short:
+        found.append(
+            f"elongated: aspect ratio {width}:{height}, the square centre crop keeps "
+            f"{100 * short / long:.0f} % of it"
+        )
+    return found
+
+
 def prepare_references(
     source_dir: Path,
     out_dir: Path,
@@ -315,11 +430,14 @@ def prepare_references(
     resolution: int,
     min_images: int = 3,
     max_pixels: int = 40_000_000,
+    min_side: int = 64,
 ) -> list[dict]:
     """Write square RGB PNGs, optional binary masks and `manifest.csv` for one subject.
 
-    `out_dir` is created (or replaced) only if every image succeeds. Returns the manifest rows;
-    `source_width`/`source_height` are the source size after EXIF orientation.
+    `out_dir` is created (or replaced) only if every image succeeds; a failure leaves the
+    previous complete output, or nothing. Returns the manifest rows; `source_width`/
+    `source_height` are the source size after EXIF orientation. Images whose shorter side is
+    under `min_side` pixels and images with the same pixels as another are refused.
     """
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if resolution <= 0:
@@ -328,52 +446,119 @@ def prepare_references(
         raise SidpipeError(
             f"references.max_pixels must be a positive number of pixels, got {max_pixels}"
         )
+    if min_side <= 0:
+        raise SidpipeError(f"references.min_side must be a positive number, got {min_side}")
+    remove_incomplete(out_dir, "manifest.csv")
+    try:
+        return _prepare(source_dir, out_dir, subject, resolution, min_images, max_pixels, min_side)
+    except BaseException:
+        remove_incomplete(out_dir, "manifest.csv")
+        raise
+
+
+def _prepare(
+    source_dir: Path,
+    out_dir: Path,
+    subject: str,
+    resolution: int,
+    min_images: int,
+    max_pixels: int,
+    min_side: int,
+) -> list[dict]:
     images = list_reference_images(source_dir)
+    links = broken_links(source_dir)
+    skipped = (
+        "; skipped broken link(s): "
+        + ", ".join(f"{link} -> {os.readlink(link)}" for link in links)
+        + " (restore their targets or delete the links)"
+        if links
+        else ""
+    )
     if not images:
         raise SidpipeError(
             f"no reference images in {source_dir}; expected files with suffixes "
             f"{', '.join(sorted(IMAGE_SUFFIXES))} (masks named *{MASK_SUFFIX} do not count)"
+            + skipped
         )
     if len(images) < min_images:
         raise SidpipeError(
             f"{source_dir}: found {len(images)} reference image(s) but at least {min_images} "
             "are needed; add more photos of the subject, or lower references.min_images "
-            "in the config"
+            "in the config" + skipped
         )
+    if links:
+        log.warning("%s: %d reference image(s) used%s", source_dir, len(images), skipped)
+    _check_mask_names(source_dir)
     by_id = _check_ids(images)
+    stems = {path.stem for path in images}
     for mask in sorted(source_dir.glob(f"*{MASK_SUFFIX}")):
         source_stem = mask.name[: -len(MASK_SUFFIX)]
-        if not any(path.stem == source_stem for path in images):
+        if source_stem not in stems:
             log.warning("%s: mask has no matching image %s.<suffix>; ignored", mask, source_stem)
 
     rows: list[dict] = []
+    seen: dict[str, Path] = {}  # pixel digest -> source
     with atomic_dir(out_dir) as tmp:
         progress = tqdm(by_id.items(), desc=f"references {subject}", unit="img", file=sys.stderr)
         with progress:
             for image_id, source in progress:
-                rows.append(_prepare_one(tmp, image_id, source, subject, resolution, max_pixels))
+                row, digest = _prepare_one(
+                    tmp, image_id, source, subject, resolution, max_pixels, min_side
+                )
+                if digest in seen:
+                    raise SidpipeError(
+                        f"{seen[digest]} and {source} have the same pixels (one photo under two "
+                        "names): training would see that view twice; delete one of them"
+                    )
+                seen[digest] = source
+                rows.append(row)
         write_csv(tmp / "manifest.csv", rows, MANIFEST_FIELDS)
+    flagged = [row for row in rows if row["warnings"]]
+    if flagged:
+        log.warning(
+            "%s: %d of %d reference image(s) flagged (see the manifest's `warnings` column)",
+            subject,
+            len(flagged),
+            len(rows),
+        )
     return rows
 
 
 def _prepare_one(
-    tmp: Path, image_id: str, source: Path, subject: str, resolution: int, max_pixels: int
-) -> dict:
-    """Write one image (and its mask, if any) into `tmp`; return its manifest row."""
+    tmp: Path,
+    image_id: str,
+    source: Path,
+    subject: str,
+    resolution: int,
+    max_pixels: int,
+    min_side: int,
+) -> tuple[dict, str]:
+    """Write one image (and its mask, if any) into `tmp`; return its manifest row and the
+    sha256 of its decoded pixels."""
     oriented = _load_oriented(source, max_pixels)
+    width, height = oriented.size
+    if min(width, height) < min_side:
+        raise SidpipeError(
+            f"{source}: {width}x{height} pixels; its shorter side is under the {min_side} px "
+            "that references.min_side asks for; use a larger photo, move this one out of the "
+            "folder, or lower references.min_side in the config"
+        )
     rgb = _to_rgb(oriented, source)
+    pixels = hashlib.sha256(f"{width}x{height}".encode() + rgb.tobytes()).hexdigest()
     out_name = f"{image_id}.png"
     center_crop_resize(rgb, resolution, Image.Resampling.LANCZOS).save(tmp / out_name, "PNG")
 
     mask_rel = ""
-    mask_source = source.with_name(source.stem + MASK_SUFFIX)
+    mask_source = mask_path_for(source)
     if mask_source.is_file():
         mask = _prepare_mask(mask_source, source, oriented.size, resolution, max_pixels)
         mask_rel = f"masks/{image_id}.png"
         (tmp / "masks").mkdir(exist_ok=True)
         mask.save(tmp / mask_rel, "PNG")
 
-    width, height = oriented.size
+    flags = _size_warnings(width, height, resolution)
+    for flag in flags:
+        log.warning("%s: %s: %s", subject, source, flag)
     log.info(
         "%s: %s (%dx%d %s) -> %s%s",
         subject,
@@ -384,7 +569,7 @@ def _prepare_one(
         out_name,
         f" + {mask_rel}" if mask_rel else "",
     )
-    return {
+    row = {
         "subject": subject,
         "image_id": image_id,
         "path": out_name,
@@ -397,7 +582,9 @@ def _prepare_one(
         "source_height": height,
         "source_mode": oriented.mode,
         "mask_path": mask_rel,
+        "warnings": "; ".join(flags),
     }
+    return row, pixels
 
 
 def summarize_manifests(

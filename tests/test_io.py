@@ -1,0 +1,109 @@
+"""sidpipe.io: atomic outputs (permissions, replacement, cleanup) and YAML errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sidpipe.descriptions import write_cache
+from sidpipe.io import (
+    SidpipeError,
+    atomic_dir,
+    atomic_file,
+    current_umask,
+    read_yaml,
+    write_csv,
+)
+from sidpipe.references import prepare_references
+
+
+@pytest.fixture(params=[0o022, 0o027, 0o002])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_current_umask_reads_without_changing_it(umask: int) -> None:
+    assert current_umask() == umask
+    assert current_umask() == umask
+
+
+def test_atomic_outputs_take_the_umask(tmp_path: Path, umask: int) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) files and folders; a lab mate in the same group
+    must be able to read the results, as with any file the user writes."""
+    with atomic_file(tmp_path / "a.txt") as handle:
+        handle.write("x")
+    write_csv(tmp_path / "t.csv", [{"a": 1}], ["a"])
+    write_cache(tmp_path / "cache", "k", {"response": {"text": "a [V] mug"}})
+    with atomic_dir(tmp_path / "folder") as tmp:
+        (tmp / "inside.txt").write_text("y")
+    for name in ("a.txt", "t.csv", "cache/k.json"):
+        assert mode(tmp_path / name) == 0o666 & ~umask, name
+    assert mode(tmp_path / "folder") == 0o777 & ~umask
+    assert mode(tmp_path / "folder" / "inside.txt") == 0o666 & ~umask
+
+
+def test_stage_outputs_are_readable_by_the_group(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        for n, color in enumerate([(255, 0, 0), (0, 0, 255)]):
+            Image.new("RGB", (70, 70), color).save(src / f"{n}.png")
+        out = tmp_path / "results" / "references" / "dog"
+        prepare_references(src, out, subject="dog", resolution=64, min_images=2)
+    finally:
+        os.umask(old)
+    assert mode(out) == 0o755
+    assert {p.name: mode(p) for p in out.iterdir()} == {
+        "0.png": 0o644,
+        "1.png": 0o644,
+        "manifest.csv": 0o644,
+    }
+
+
+def test_atomic_dir_replaces_a_previous_file_or_folder_whole(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    (tmp_path / "file").write_text("a file where the folder goes")
+    with atomic_dir(tmp_path / "file") as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "file" / "x").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
+
+
+def test_failed_atomic_dir_keeps_the_previous_output(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+
+
+def test_read_yaml_accepts_a_byte_order_mark_and_names_errors(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xef\xbb\xbfa: 1\n")
+    assert read_yaml(path) == {"a": 1}
+    path.write_text("a: 1\nb: [2\n")
+    with pytest.raises(SidpipeError, match=r"c\.yaml, line 3, column 1: the x file is not valid"):
+        read_yaml(path, "x file")
+    path.write_bytes(b"a: \xff\n")
+    with pytest.raises(SidpipeError, match="not UTF-8"):
+        read_yaml(path)
+    with pytest.raises(SidpipeError, match="does not exist"):
+        read_yaml(tmp_path / "nope.yaml")
