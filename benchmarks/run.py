@@ -14,6 +14,9 @@ dag.json: wall time and job count of building the DAG of the paper's full grid (
 a dry-run), median of a few repeats, so a change that slows Snakemake's start-up shows.
 slurm.json: wall time of the demo through the local SLURM test cluster against a local run, and
 sbatch submissions with and without job grouping (root only; about 25 minutes on 2 cores).
+overhead.json: per adapter, seconds before a job's first real computation (start-up, imports,
+model loads), and the demo's workflow time, each against the baseline commit's code timed in the
+same run (a git worktree; about 20 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_overhead import bench_overhead
     from bench_sampling import bench_sampling
     from bench_scoring import bench_scoring
     from bench_slurm import bench_slurm
@@ -122,6 +126,7 @@ def main() -> None:
         "sampling_real_size": lambda: bench_sampling(real_size=True),  # skipped without CUDA
         "scoring": lambda: bench_scoring(),
         "slurm": lambda: bench_slurm(),  # skipped without root
+        "overhead": lambda: bench_overhead(repeats=args.repeats),
     }
     for name, bench in benches.items():
         if args.only and name not in args.only:

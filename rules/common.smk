@@ -1,5 +1,6 @@
 # Validation, tables, wildcard constraints and input functions shared by every stage.
 import json
+import re
 from pathlib import Path
 
 from sidpipe.config import (
@@ -307,6 +308,7 @@ def sample_settings(wildcards):
 
 
 def attention_inputs(wildcards):
+    """Those of sample, plus the detector and segmenter for the generated images' masks."""
     inputs = sample_inputs(wildcards)
     inputs["detector"] = model_input("grounding_dino")
     inputs["segmenter"] = model_input("sam")
@@ -314,9 +316,12 @@ def attention_inputs(wildcards):
 
 
 def attention_settings(wildcards):
+    """Arguments of sidpipe.attention.attention_for_arm besides paths, prompts and the arm's
+    token; sample_and_attention jobs draw them with the pipeline they sampled with."""
     settings = sample_settings(wildcards)
     attention = config.get("attention", {"prompt_ids": [0], "seeds": [0]})
     settings.pop("batch_size")
+    settings.pop("templates")  # the prompts are expanded once, for both stages
     settings.update(
         seeds=attention["seeds"],
         prompt_ids=attention["prompt_ids"],
@@ -345,6 +350,32 @@ def attention_pairs():
     """(arm, subject) pairs that get attention maps: those of `attention.experiments` (all)."""
     chosen = config.get("attention", {}).get("experiments") or list(EXPERIMENTS)
     return sorted({pair for name in chosen for pair in EXPERIMENTS[name]})
+
+
+# Arms with attention maps are sampled and mapped by one job (sample_and_attention), which
+# loads the arm's pipeline once for both; the other arms only sample (sample). The path decides
+# which of the two makes a samples folder, by a lookahead on `method` that matches
+# "method/descriptions/inference/subject/" against the mapped pairs; so every folder has
+# exactly one producer.
+def attention_arms_constraint(mapped):
+    """Regex for `method`: only mapped (arm, subject) paths (mapped=True) or only the others."""
+    pairs = "|".join(
+        re.escape(f"{arm.name}/{subject}") for arm, subject in attention_pairs()
+    )
+    if not pairs:
+        return NEVER if mapped else NAME
+    return f"(?{'=' if mapped else '!'}(?:{pairs})/){NAME}"
+
+
+def sample_and_attention_resource(key, sample_default, attention_default, combine):
+    """One job does both stages: memory is the larger of the two (the pipeline is released
+    before GroundingDINO and SAM load), runtime the sum (`job_resources` of either rule).
+    """
+    stages = [
+        attempt_scaled(config, "sample", key, sample_default),
+        attempt_scaled(config, "attention_maps", key, attention_default),
+    ]
+    return lambda wildcards, attempt: combine(s(wildcards, attempt) for s in stages)
 
 
 def compared_methods():

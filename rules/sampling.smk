@@ -18,6 +18,8 @@ rule sample:
         "results/logs/sample/{method}/{descriptions}/{inference}/{subject}.log",
     benchmark:
         "results/benchmarks/sample/{method}/{descriptions}/{inference}/{subject}.tsv"
+    wildcard_constraints:
+        method=attention_arms_constraint(mapped=False),
     conda:
         "../envs/gpu.yaml"
     resources:
@@ -28,6 +30,49 @@ rule sample:
         settings=sample_settings,
     script:
         "../workflow_scripts/sample.py"
+
+
+use rule sample as sample_and_attention with:
+    input:
+        unpack(attention_inputs),
+    output:
+        manifest="results/samples/{method}/{descriptions}/{inference}/{subject}/manifest.csv",
+        grid=report(
+            "results/samples/{method}/{descriptions}/{inference}/{subject}/grid.png",
+            caption="report/samples_grid.rst",
+            category="Samples",
+            subcategory="{subject}",
+            labels={
+                "method": "{method}",
+                "descriptions": "{descriptions}",
+                "inference": "{inference}",
+            },
+        ),
+        attention="results/attention/{method}/{descriptions}/{inference}/{subject}/attention.csv",
+        attention_grid=report(
+            "results/attention/{method}/{descriptions}/{inference}/{subject}/overlays.png",
+            caption="report/attention.rst",
+            category="Attention",
+            subcategory="{subject}",
+            labels={
+                "method": "{method}",
+                "descriptions": "{descriptions}",
+                "inference": "{inference}",
+            },
+        ),
+    log:
+        "results/logs/sample_and_attention/{method}/{descriptions}/{inference}/{subject}.log",
+    benchmark:
+        "results/benchmarks/sample_and_attention/{method}/{descriptions}/{inference}/{subject}.tsv"
+    wildcard_constraints:
+        method=attention_arms_constraint(mapped=True),
+    resources:
+        gpu=1,
+        mem_mb=sample_and_attention_resource("mem_mb", 16000, 16000, max),
+        runtime=sample_and_attention_resource("runtime", 120, 60, sum),
+    params:
+        settings=sample_settings,
+        attention=attention_settings,
 
 
 rule compare_samples:
@@ -57,35 +102,3 @@ rule compare_samples:
         seed=0,
     script:
         "../workflow_scripts/compare_samples.py"
-
-
-rule attention_maps:
-    input:
-        unpack(attention_inputs),
-    output:
-        table="results/attention/{method}/{descriptions}/{inference}/{subject}/attention.csv",
-        grid=report(
-            "results/attention/{method}/{descriptions}/{inference}/{subject}/overlays.png",
-            caption="report/attention.rst",
-            category="Attention",
-            subcategory="{subject}",
-            labels={
-                "method": "{method}",
-                "descriptions": "{descriptions}",
-                "inference": "{inference}",
-            },
-        ),
-    log:
-        "results/logs/attention_maps/{method}/{descriptions}/{inference}/{subject}.log",
-    benchmark:
-        "results/benchmarks/attention_maps/{method}/{descriptions}/{inference}/{subject}.tsv"
-    conda:
-        "../envs/gpu.yaml"
-    resources:
-        gpu=1,
-        mem_mb=job_memory("attention_maps", 16000),
-        runtime=job_runtime("attention_maps", 60),
-    params:
-        settings=attention_settings,
-    script:
-        "../workflow_scripts/attention_maps.py"

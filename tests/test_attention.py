@@ -28,8 +28,8 @@ from sidpipe.attention import (
     token_attention,
 )
 from sidpipe.io import SidpipeError, read_csv
-from sidpipe.models import build_tiny_models
-from sidpipe.sampling import expand_prompts, load_arm_pipeline, sample_arm
+from sidpipe.sampling import LazyPipeline, expand_prompts, load_arm_pipeline, sample_arm
+from sidpipe.tiny_models import build_tiny_models
 
 CORPUS = ["a photo of sks dog", "a sks dog in the jungle", "a red sks dog on the beach"]
 RES, STEPS = 64, 2
@@ -189,3 +189,53 @@ def test_generated_mask_is_none_without_a_box(models: dict[str, str]) -> None:
         [image], "dog", models["grounding_dino"], models["sam"], box_threshold=1.1, device="cpu"
     )
     assert masks == [None]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix != ".npz"  # zip entries carry their write time
+    }
+
+
+def test_a_job_samples_and_maps_with_one_pipeline_load(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    """Rule sample_and_attention: sample_arm and attention_for_arm share a LazyPipeline, so the
+    model is loaded once; the maps are those of a job that loads its own pipeline."""
+    prompts = expand_prompts(
+        ["a {token} {class} in the jungle", "a red {token} {class}"], "dog", "sks"
+    )
+    arm = {"base_model": models["sd"], "algorithm": None, "weights_dir": None, "token": "sks"}
+    shared = {"dtype": "float32", "device": "cpu", **GEN}
+    maps = {
+        "class_name": "dog",
+        "detector": models["grounding_dino"],
+        "segmenter": models["sam"],
+        "prompt_ids": [1],
+        "seeds": [0],
+        "segmentation": {"box_threshold": 0.0, "text_threshold": 0.0},
+    }
+
+    def job(out: Path) -> tuple[int, int]:
+        """Pipeline loads after sampling and after mapping."""
+        loader = LazyPipeline(models["sd"], None, None, "float32", "cpu")
+        sample_arm(
+            out_dir=out / "samples", prompts=prompts, seeds=[0, 1], loader=loader, **arm, **shared
+        )
+        sampled = loader.loads
+        attention_for_arm(
+            out_dir=out / "att", prompts=prompts, loader=loader, **arm, **shared, **maps
+        )
+        assert loader._pipe is None  # released before GroundingDINO and SAM
+        return sampled, loader.loads
+
+    assert job(tmp_path / "first") == (1, 1)
+    assert job(tmp_path / "first") == (0, 1)  # a rerun keeps the samples; the maps load it
+    alone = tmp_path / "alone"
+    attention_for_arm(out_dir=alone, prompts=prompts, **arm, **shared, **maps)
+    assert _files(tmp_path / "first/att") == _files(alone)
+    first, again = np.load(tmp_path / "first/att/maps.npz"), np.load(alone / "maps.npz")
+    assert sorted(first.files) == sorted(again.files) == ["01_00"]
+    np.testing.assert_array_equal(first["01_00"], again["01_00"])

@@ -11,7 +11,8 @@ from PIL import Image
 from sidpipe import class_images
 from sidpipe.class_images import MANIFEST_FIELDS, generate_class_images, image_seed
 from sidpipe.io import SidpipeError, read_csv
-from sidpipe.models import build_tiny_models, load_sd_pipeline
+from sidpipe.models import load_sd_pipeline
+from sidpipe.tiny_models import build_tiny_models
 
 SIZE = 64
 

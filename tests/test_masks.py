@@ -25,8 +25,8 @@ from sidpipe.masks import (
     segment_references,
     subject_segment,
 )
-from sidpipe.models import build_tiny_models
 from sidpipe.references import prepare_references
+from sidpipe.tiny_models import build_tiny_models
 
 CORPUS = ["a photo of sks dog", "a dog on the beach", "a red mug on a table"]
 COLOR = (200, 60, 40)

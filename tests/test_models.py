@@ -28,7 +28,6 @@ from transformers import (
 from sidpipe.io import SidpipeError, sha256_file
 from sidpipe.models import (
     SD_SCHEDULER_KWARGS,
-    build_tiny_models,
     load_clip,
     load_dino,
     load_grounding_dino,
@@ -37,9 +36,8 @@ from sidpipe.models import (
     load_sd_pipeline,
     pick_device,
     torch_dtype,
-    train_bert_tokenizer,
-    train_clip_tokenizer,
 )
+from sidpipe.tiny_models import build_tiny_models, train_bert_tokenizer, train_clip_tokenizer
 
 CORPUS = [
     "a photo of sks dog",
@@ -85,7 +83,7 @@ def test_build_is_byte_identical_across_processes(tiny: dict[str, str], tmp_path
     # A second *process*: the BPE trainer's hash maps are seeded per process, so an in-process
     # rebuild would miss the non-determinism this guards against.
     script = (
-        "import sys; from pathlib import Path; from sidpipe.models import build_tiny_models; "
+        "import sys; from pathlib import Path; from sidpipe.tiny_models import build_tiny_models; "
         "build_tiny_models(Path(sys.argv[1]), sys.argv[2:], seed=0)"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
@@ -352,3 +350,34 @@ def test_dtype_and_device() -> None:
         torch_dtype("float64")
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_hidden_bitsandbytes_is_skipped_by_diffusers_and_peft_until_asked_for() -> None:
+    """Jobs hide it (diffusers' quantizers and peft import it, and torch._inductor with it,
+    whenever it is installed); 8-bit Adam still gets the real module."""
+    code = (
+        "import sys\n"
+        "from sidpipe.models import hide_bitsandbytes, import_bitsandbytes\n"
+        "hide_bitsandbytes()\n"
+        "import diffusers.quantizers.bitsandbytes.utils, peft.helpers\n"
+        "from diffusers import UNet2DConditionModel\n"
+        "assert sys.modules['bitsandbytes'] is None, 'imported'\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+        "print(import_bitsandbytes().optim.AdamW8bit.__name__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "AdamW8bit"
+
+
+def test_tiny_model_builders_still_resolve_from_models() -> None:
+    import sidpipe.models
+    import sidpipe.tiny_models
+
+    assert sidpipe.models.build_tiny_models is sidpipe.tiny_models.build_tiny_models
+    assert sidpipe.models.train_clip_tokenizer is sidpipe.tiny_models.train_clip_tokenizer
+    with pytest.raises(AttributeError, match="no_such_name"):
+        sidpipe.models.no_such_name  # noqa: B018

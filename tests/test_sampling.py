@@ -13,7 +13,6 @@ import yaml
 from PIL import Image
 
 from sidpipe.io import SidpipeError, read_csv, write_csv
-from sidpipe.models import build_tiny_models
 from sidpipe.sampling import (
     MANIFEST_FIELDS,
     arm_prompts,
@@ -24,6 +23,7 @@ from sidpipe.sampling import (
     write_grids,
     write_side_by_side,
 )
+from sidpipe.tiny_models import build_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = ["a photo of sks dog", "a sks dog in the jungle", "a red sks dog on the beach"]

@@ -83,7 +83,7 @@ TIMING_KEYS |= {"peak_memory_bytes"}
 # The rules the SLURM profile groups into small_cpu jobs (read, so the two cannot drift apart).
 _PROFILE = yaml.safe_load((REPO / "slurm/config.yaml").read_text())
 SMALL_CPU = [rule for rule, group in _PROFILE["groups"].items() if group == "small_cpu"]
-GPU_RULES = ["class_images", "train", "sample", "attention_maps", "score"]
+GPU_RULES = ["class_images", "train", "sample", "sample_and_attention", "score"]
 
 
 def _results(workdir: Path) -> dict[str, bytes]:

@@ -12,7 +12,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
-from sidpipe.models import build_tiny_models, load_sd_components, load_sd_pipeline
+from sidpipe.models import load_sd_components, load_sd_pipeline
+from sidpipe.tiny_models import build_tiny_models
 from sidpipe.training import trainer_class
 from sidpipe.training.base import Batch, Trainer, diffusion_loss
 from sidpipe.training.custom_diffusion import (

@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 from sidpipe.class_images import generate_class_images
 from sidpipe.io import SidpipeError, read_csv, write_csv
 from sidpipe.masks import segment_references
-from sidpipe.models import build_tiny_models, load_sd_components
+from sidpipe.models import load_sd_components
 from sidpipe.references import prepare_references
+from sidpipe.tiny_models import build_tiny_models
 from sidpipe.training import base, loop, trainer_class
 from sidpipe.training.base import diffusion_loss
 from sidpipe.training.data import LatentSource, read_training_set, tokenize

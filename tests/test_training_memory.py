@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sidpipe.models import build_tiny_models
+from sidpipe.tiny_models import build_tiny_models
 from sidpipe.training.memory import (
     LiveTensorBytes,
     components_from_configs,

@@ -21,8 +21,9 @@ from transformers import CLIPTextModel
 from sidpipe.class_images import generate_class_images
 from sidpipe.io import read_csv, write_csv
 from sidpipe.masks import segment_references
-from sidpipe.models import build_tiny_models, load_sd_components, load_sd_pipeline
+from sidpipe.models import load_sd_components, load_sd_pipeline
 from sidpipe.references import prepare_references
+from sidpipe.tiny_models import build_tiny_models
 from sidpipe.training import loop, trainer_class
 from sidpipe.training.base import Batch, diffusion_loss
 from sidpipe.training.data import LatentSource, read_training_set, tokenize
@@ -155,9 +156,23 @@ def _generate(pipe, prompt: str) -> np.ndarray:
     ).images[0]
 
 
+def _record_loads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The folders UNet2DConditionModel and CLIPTextModel load from, pipelines' loads included."""
+    loads: list[Path] = []
+    for cls in (UNet2DConditionModel, CLIPTextModel):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, path, *args, _original=original, **kwargs):
+            loads.append(Path(path) / kwargs.get("subfolder", ""))
+            return _original(klass, path, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    return loads
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_trained_result_loads_back_and_changes_the_output(
-    subject: SimpleNamespace, tmp_path: Path, name: str
+    subject: SimpleNamespace, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     algorithm, settings = METHODS[name]
     out = tmp_path / "run"
@@ -202,6 +217,21 @@ def test_trained_result_loads_back_and_changes_the_output(
     assert np.abs(after - before).max() > 1e-3
     if algorithm == "textual_inversion":
         assert token in tuned.tokenizer.get_vocab()
+
+    # What sampling loads (Trainer.load_pipeline) is the same pipeline; a full fine-tune's
+    # never loads the base model's UNet and text encoder, which its own replace.
+    loads = _record_loads(monkeypatch)
+    direct = trainer_class(algorithm).load_pipeline(subject.sd, out / "weights", "float32", "cpu")
+    direct.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(_generate(direct, prompt), after)
+    base, weights = Path(subject.sd), out / "weights"
+    if algorithm == "dreambooth":
+        assert weights / "unet" in loads and base / "unet" not in loads
+        trained_text = (weights / "text_encoder").is_dir()
+        assert (weights / "text_encoder" in loads) == trained_text
+        assert (base / "text_encoder" in loads) != trained_text
+    else:
+        assert {base / "unet", base / "text_encoder"} <= set(loads)  # the spy sees them
 
 
 def test_dreambooth_step_matches_a_hand_written_step(

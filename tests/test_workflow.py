@@ -81,8 +81,9 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         "class_images": 11,  # one per class noun, shared by its subjects and methods
         "train_full_finetune": 15 * 7,  # dreambooth x 6 description sets + dreambooth_masked
         "train": 15 * 6,  # custom_diffusion, svdiff, textual_inversion x {case1, sid}
-        "sample": 210,  # every arm x subject, the negative-prompt arm sharing its weights
-        "attention_maps": 210,
+        # every arm x subject, the negative-prompt arm sharing its weights; each with its
+        # attention maps (attention.experiments: all), drawn by the job that samples it
+        "sample_and_attention": 210,
         "compare_samples": 15 * 4,
         "score": 210,
         "gather_metrics": 1,
@@ -90,7 +91,7 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         "summarize_references": 1,
         "plan_experiments": 1,
         "all": 1,
-        "total": 1039,
+        "total": 829,
     }
 
 

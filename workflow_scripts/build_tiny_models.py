@@ -4,10 +4,12 @@ from pathlib import Path
 
 from sidpipe.config import tokenizer_corpus
 from sidpipe.io import job_log
+from sidpipe.models import hide_bitsandbytes
 
 smk = snakemake  # noqa: F821
+hide_bitsandbytes()  # only 8-bit Adam needs it, but diffusers and peft would import it
 with job_log(smk.log[0]):
-    from sidpipe.models import build_tiny_models  # imported here so library warnings reach the log
+    from sidpipe.tiny_models import build_tiny_models  # here: library warnings reach the log
 
     corpus = tokenizer_corpus(list(smk.input.corpus), smk.params.classes, smk.params.identifier)
     build_tiny_models(

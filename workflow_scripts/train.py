@@ -3,8 +3,10 @@
 from pathlib import Path
 
 from sidpipe.io import job_log
+from sidpipe.models import hide_bitsandbytes
 
 smk = snakemake  # noqa: F821
+hide_bitsandbytes()  # diffusers and peft would import it; with use_8bit_adam the loop does
 with job_log(smk.log[0]):
     from sidpipe.training.loop import train_subject
 

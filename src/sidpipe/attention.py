@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sidpipe.io import SidpipeError, atomic_dir, log, write_csv
-from sidpipe.sampling import encode_prompt, image_name, load_arm_pipeline, seed_latents
+from sidpipe.sampling import LazyPipeline, encode_prompt, image_name, seed_latents
 
 CSV_FIELDS = [
     "prompt_id",
@@ -395,12 +395,16 @@ def attention_for_arm(
     negative_prompt: str | None = None,
     segmentation: dict | None = None,
     pipe: Any = None,
+    loader: LazyPipeline | None = None,
 ) -> list[dict]:
     """For the chosen prompts (all when `prompt_ids` is None) x `seeds`: the image, the
     identifier's map (maps/*.png, maps.npz), its overlay, the subject's mask and
     `attention.csv` (prompt_id, seed, attention_mass_in_mask, mask_fraction, ...).
 
     `segmentation`: keyword arguments for `generated_subject_mask` (thresholds, box_mode, ...).
+    `pipe` (tests) is used as given; otherwise the pipeline comes from `loader` (the one the
+    job's `sample_arm` used, so the model is loaded once per job) or is loaded here, and is
+    released before GroundingDINO and SAM are loaded.
     """
     wanted = None if prompt_ids is None else {int(i) for i in prompt_ids}
     chosen = [r for r in prompts if wanted is None or int(r["prompt_id"]) in wanted]
@@ -408,7 +412,8 @@ def attention_for_arm(
         raise SidpipeError(f"none of the prompt ids {list(prompt_ids or [])} is in the prompts")
     own_pipe = pipe is None
     if own_pipe:
-        pipe = load_arm_pipeline(base_model, algorithm, weights_dir, dtype, device)
+        loader = loader or LazyPipeline(base_model, algorithm, weights_dir, dtype, device)
+        pipe = loader()
     jobs = [(row, int(seed)) for row in chosen for seed in seeds]
     images, maps = [], {}
     for row, seed in tqdm(jobs, desc="attention", unit="image", file=sys.stderr):
@@ -419,8 +424,7 @@ def attention_for_arm(
         maps[image_name(row["prompt_id"], seed)[:-4]] = attention
     if own_pipe:  # free the accelerator for GroundingDINO and SAM
         del pipe
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        loader.release()
     masks = generated_subject_mask(
         images, class_name, detector, segmenter, device=device, **(segmentation or {})
     )

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -228,7 +227,9 @@ def _detect(
     `box_threshold` decides which boxes count; `text_threshold` only picks the prompt tokens
     that name a box (its label), as in Grounded-SAM.
     """
-    from sidpipe.models import load_grounding_dino  # heavy import, only for this backend
+    import torch  # heavy imports, only for this backend (provided masks need neither)
+
+    from sidpipe.models import load_grounding_dino
 
     detector, processor = load_grounding_dino(detector_name, device)
     detections: list[_Detection] = []
@@ -275,7 +276,9 @@ def _segment_boxes(
     subject: str,
 ) -> list[tuple[np.ndarray, float]]:
     """SAM mask (the best of its three by predicted IoU) and that IoU per image and box."""
-    from sidpipe.models import load_sam  # heavy import, only for this backend
+    import torch  # heavy imports, only for this backend
+
+    from sidpipe.models import load_sam
 
     sam, processor = load_sam(segmenter_name, device)
     out: list[tuple[np.ndarray, float]] = []

@@ -7,20 +7,26 @@ written through temp + rename and kept on a rerun, so a killed job loses at most
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from sidpipe.io import SidpipeError, atomic_file, log, read_csv, write_csv
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that generate: prompts, grids and the side-by-side
+# figures (rule compare_samples) need only PIL.
 
 PLACEHOLDER = "[V]"
 MANIFEST_FIELDS = ["prompt_id", "prompt", "prompt_plain", "seed", "path", "negative_prompt"]
@@ -127,27 +133,65 @@ def load_arm_pipeline(
     device: str = "auto",
 ) -> Any:
     """Base SD pipeline (DDIM) with an arm's trained weights applied; half precision on GPU
-    only (on CPU it is slow and some ops lack kernels, so it falls back to float32)."""
+    only (on CPU it is slow and some ops lack kernels, so it falls back to float32).
+
+    Each method's `Trainer.load_pipeline` builds it: DreamBooth hands its fine-tuned UNet and
+    text encoder to the pipeline, so the base model's are never loaded only to be replaced."""
     from sidpipe.models import load_sd_pipeline, pick_device
 
     if pick_device(device).type == "cpu" and dtype != "float32":
         log.warning("sampling on CPU: using float32 instead of %s", dtype)
         dtype = "float32"
-    pipe = load_sd_pipeline(base_model, dtype, device)
     if algorithm:
         if weights_dir is None:
             raise SidpipeError(f"algorithm {algorithm!r} given without a weights folder")
         from sidpipe.training import trainer_class
 
-        pipe = trainer_class(algorithm).load_into(pipe, Path(weights_dir)) or pipe
+        pipe = trainer_class(algorithm).load_pipeline(base_model, Path(weights_dir), dtype, device)
     elif weights_dir is not None:
         raise SidpipeError(f"weights folder {weights_dir} given without an algorithm")
+    else:
+        pipe = load_sd_pipeline(base_model, dtype, device)
     pipe.set_progress_bar_config(disable=True)  # one bar over batches instead
     return pipe
 
 
+class LazyPipeline:
+    """An arm's pipeline (`load_arm_pipeline`'s arguments), loaded on the first call and then
+    shared: a job that samples an arm and draws its attention maps loads the model once, and
+    not at all when every image is kept from an earlier run and no map is due."""
+
+    def __init__(
+        self,
+        base_model: str,
+        algorithm: str | None = None,
+        weights_dir: Path | None = None,
+        dtype: str = "float16",
+        device: str = "auto",
+    ) -> None:
+        self.args = (base_model, algorithm, weights_dir, dtype, device)
+        self.loads = 0
+        self._pipe: Any = None
+
+    def __call__(self) -> Any:
+        if self._pipe is None:
+            self._pipe = load_arm_pipeline(*self.args)
+            self.loads += 1
+        return self._pipe
+
+    def release(self) -> None:
+        """Drop the pipeline and give its accelerator memory back (e.g. to GroundingDINO)."""
+        self._pipe = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def seed_latents(pipe: Any, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
     """Starting latents, one seeded CPU generator per image: independent of batch and device."""
+    import torch
     from diffusers.utils.torch_utils import randn_tensor
 
     shape = (
@@ -167,6 +211,8 @@ def seed_latents(pipe: Any, seeds: Sequence[int], height: int, width: int) -> to
 def encode_prompt(pipe: Any, prompt: str, negative_prompt: str | None, cfg: bool) -> tuple:
     """(prompt_embeds, negative_prompt_embeds or None), each (1, 77, dim), via the pipeline's
     own encode_prompt (so textual-inversion tokens and clip_skip behave as in pipe(...))."""
+    import torch
+
     with torch.no_grad():
         positive, negative = pipe.encode_prompt(
             prompt, pipe._execution_device, 1, cfg, negative_prompt=negative_prompt or None
@@ -246,13 +292,16 @@ def sample_arm(
     device: str = "auto",
     negative_prompt: str | None = None,
     pipe: Any = None,
+    loader: Callable[[], Any] | None = None,
 ) -> list[dict]:
     """Generate every (prompt, seed) image of an arm into `out_dir` as
     `{prompt_id:02d}_{seed:02d}.png` plus `manifest.csv` (written last); return its rows.
 
     Up to `batch_size` images per pipeline call; prompt embeddings are computed once per
     prompt. Resumable: verified images from a previous run with the same settings are kept.
-    `pipe` (tests, benchmarks) replaces loading `base_model` + the arm's weights.
+    `pipe` (tests, benchmarks) replaces loading `base_model` + the arm's weights; `loader`
+    (a `LazyPipeline` the job shares with `attention_for_arm`) is called for the pipeline
+    when images are due, instead of `load_arm_pipeline`.
     """
     out_dir = Path(out_dir)
     if batch_size < 1:
@@ -329,7 +378,8 @@ def sample_arm(
 
     if todo:
         if pipe is None:
-            pipe = load_arm_pipeline(base_model, algorithm, weights_dir, dtype, device)
+            loader = loader or LazyPipeline(base_model, algorithm, weights_dir, dtype, device)
+            pipe = loader()
         _generate(pipe, out_dir, todo, steps, guidance_scale, resolution, batch_size, negative)
     write_csv(out_dir / "manifest.csv", manifest, MANIFEST_FIELDS)
     return manifest
@@ -345,6 +395,8 @@ def _generate(
     batch_size: int,
     negative: str,
 ) -> None:
+    import torch
+
     cfg = guidance_scale > 1.0  # the pipeline's own rule for classifier-free guidance
     embeds: dict[int, tuple] = {}
     for row in todo:
@@ -483,6 +535,7 @@ def write_side_by_side(
 
 __all__ = [
     "MANIFEST_FIELDS",
+    "LazyPipeline",
     "encode_prompt",
     "expand_prompts",
     "image_ok",

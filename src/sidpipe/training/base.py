@@ -155,3 +155,12 @@ class Trainer(ABC):
     @abstractmethod
     def load_into(pipe: Any, weights_dir: Path) -> Any:
         """Apply weights written by `save` to a base pipeline (in place); return it."""
+
+    @classmethod
+    def load_pipeline(cls, base_model: str, weights_dir: Path, dtype: str, device: str) -> Any:
+        """The base model's SD pipeline with these weights applied (sampling). A method whose
+        weights replace whole modules overrides it to skip loading the base model's."""
+        from sidpipe.models import load_sd_pipeline
+
+        pipe = load_sd_pipeline(base_model, dtype, device)
+        return cls.load_into(pipe, Path(weights_dir)) or pipe

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from sidpipe.io import SidpipeError, atomic_dir, log, write_csv
-from sidpipe.models import load_sd_components, pick_device
+from sidpipe.models import import_bitsandbytes, load_sd_components, pick_device
 from sidpipe.training import trainer_class
 from sidpipe.training.base import PLACEHOLDER, Batch, Trainer, diffusion_loss
 from sidpipe.training.data import (
@@ -259,7 +259,7 @@ def _make_optimizer(param_groups: list[dict], settings: dict, use_8bit_adam: boo
         fused = devices <= {"cpu", "cuda"}
         return torch.optim.AdamW(param_groups, fused=fused, foreach=not fused, **kwargs)
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()  # the only user of bitsandbytes: jobs hide it otherwise
     except ImportError as err:
         raise SidpipeError(
             "training.use_8bit_adam is true but bitsandbytes is not installed; install it "
