@@ -42,8 +42,8 @@ ARM = "dreambooth/case1"  # weights timed by the sample stages (9 of the demo's 
 
 # What each job does before its first real computation, in a fresh interpreter: `imports`
 # (the adapter's modules, as it imports them), then `load` (its model loads, code run with the
-# demo's model folders in `P`). `hide`: the new adapter first hides bitsandbytes. A stage may
-# give per-code imports as {"old": [...], "new": [...]}.
+# demo's model folders in `P`). `setup`: the new adapter first calls setup_job (torch threads,
+# bitsandbytes hidden). A stage may give per-code imports as {"old": [...], "new": [...]}.
 PREAMBLE = ["snakemake.logging", "snakemake.iocontainers"]  # Snakemake's script preamble
 _PIPELINE = "load_arm_pipeline(P['sd'], 'dreambooth', P['weights'], 'float32', 'cpu')"
 _MASKERS = "load_grounding_dino(P['grounding_dino'], 'cpu'); load_sam(P['sam'], 'cpu')"
@@ -54,7 +54,7 @@ STAGES: dict[str, dict] = {
         "load_clip(P['clip'], 'cpu'); load_dino(P['dino'], 'cpu')",
     },
     "sample": {
-        "hide": True,
+        "setup": True,
         "imports": ["sidpipe.io", "sidpipe.sampling"],
         "load": f"from sidpipe.sampling import load_arm_pipeline\n{_PIPELINE}",
     },
@@ -65,30 +65,35 @@ STAGES: dict[str, dict] = {
         f"{_PIPELINE}\n{_MASKERS}",
     },
     "sample_and_attention": {  # new code only: one job, one pipeline load, then the maskers
-        "hide": True,
+        "setup": True,
         "imports": ["sidpipe.io", "sidpipe.sampling"],
         "load": "from sidpipe.sampling import load_arm_pipeline\n"
         f"{_PIPELINE}\nimport sidpipe.attention\n"
         f"from sidpipe.models import load_grounding_dino, load_sam\n{_MASKERS}",
     },
     "train": {
-        "hide": True,
+        "setup": True,
         "imports": ["sidpipe.io", "sidpipe.training.loop"],
         "load": "from sidpipe.models import load_sd_components\n"
         "from sidpipe.training import trainer_class\n"
         "load_sd_components(P['sd'], device='cpu'); trainer_class('dreambooth')",
     },
     "class_images": {
-        "hide": True,
+        "setup": True,
         "imports": ["sidpipe.io", "sidpipe.class_images"],
         "load": "from sidpipe.models import load_sd_pipeline\n"
         "load_sd_pipeline(P['sd'], device='cpu')",
     },
     "segment_references_grounded_sam": {
+        "setup": True,
         "imports": ["sidpipe.io", "sidpipe.masks"],
         "load": f"from sidpipe.models import load_grounding_dino, load_sam\n{_MASKERS}",
     },
-    "segment_references_provided": {"imports": ["sidpipe.io", "sidpipe.masks"], "load": ""},
+    "segment_references_provided": {
+        "setup": True,
+        "imports": ["sidpipe.io", "sidpipe.masks"],
+        "load": "",
+    },
     "describe_references_manual": {
         "imports": ["sidpipe.io", "sidpipe.descriptions"],
         "load": "from sidpipe.descriptions import load_base_tokenizer\n"
@@ -96,7 +101,7 @@ STAGES: dict[str, dict] = {
     },
     "compare_samples": {"imports": ["sidpipe.io", "sidpipe.sampling"], "load": ""},
     "build_tiny_models": {
-        "hide": True,
+        "setup": True,
         "imports": {"old": ["sidpipe.io", "sidpipe.models"], "new": ["sidpipe.tiny_models"]},
         "load": "",
     },
@@ -111,9 +116,9 @@ start = time.time()
 spec = json.loads(sys.argv[1])
 for name in spec["preamble"]:
     importlib.import_module(name)
-if spec["hide"]:
-    from sidpipe.models import hide_bitsandbytes
-    hide_bitsandbytes()
+if spec["setup"]:
+    from sidpipe.models import setup_job
+    setup_job(1)
 for name in spec["imports"]:
     importlib.import_module(name)
 imported = time.time()
@@ -219,7 +224,7 @@ def time_stage(src: Path, stage: str, version: str, paths: dict[str, str]) -> di
         imports = imports[version]
     child = {
         "preamble": PREAMBLE,
-        "hide": bool(spec.get("hide")) and version == "new",
+        "setup": bool(spec.get("setup")) and version == "new",
         "imports": imports,
         "load": spec["load"],
         "paths": paths,

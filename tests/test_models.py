@@ -381,3 +381,16 @@ def test_tiny_model_builders_still_resolve_from_models() -> None:
     assert sidpipe.models.train_clip_tokenizer is sidpipe.tiny_models.train_clip_tokenizer
     with pytest.raises(AttributeError, match="no_such_name"):
         sidpipe.models.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_setup_job_runs_torch_on_the_jobs_threads(torch_first: bool) -> None:
+    code = (
+        ("import torch\n" if torch_first else "")
+        + "import sys\nfrom sidpipe.models import setup_job\nsetup_job(1)\n"
+        + "import torch\nprint(torch.get_num_threads(), sys.modules['bitsandbytes'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "None"]

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from sidpipe.io import job_log
-from sidpipe.models import hide_bitsandbytes
+from sidpipe.models import setup_job
 
 smk = snakemake  # noqa: F821
-hide_bitsandbytes()  # only 8-bit Adam needs it, but diffusers and peft would import it
+setup_job(smk.threads)  # torch on the job's threads, bitsandbytes hidden: before imports
 with job_log(smk.log[0]):
     from sidpipe.class_images import generate_class_images
 

@@ -3,8 +3,10 @@
 from pathlib import Path
 
 from sidpipe.io import job_log
+from sidpipe.models import setup_job
 
 smk = snakemake  # noqa: F821
+setup_job(smk.threads)  # torch on the job's threads, bitsandbytes hidden: before imports
 with job_log(smk.log[0]):
     from sidpipe.masks import segment_references, write_overlay_grid
 

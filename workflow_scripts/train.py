@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from sidpipe.io import job_log
-from sidpipe.models import hide_bitsandbytes
+from sidpipe.models import setup_job
 
 smk = snakemake  # noqa: F821
-hide_bitsandbytes()  # diffusers and peft would import it; with use_8bit_adam the loop does
+setup_job(smk.threads)  # torch on the job's threads, bitsandbytes hidden: before imports
 with job_log(smk.log[0]):
     from sidpipe.training.loop import train_subject
 

@@ -13,6 +13,7 @@ process: an import at a module's top is paid by every job that imports the modul
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,8 +51,14 @@ SD_SCHEDULER_KWARGS: dict = {
 _DTYPES = ("float32", "float16", "bfloat16")
 
 # The tiny model builders moved to sidpipe.tiny_models; these names still resolve from here.
-_TINY = ("build_tiny_models", "train_clip_tokenizer", "train_bert_tokenizer", "BOS", "EOS")
-_TINY += ("MAX_LENGTH",)
+_TINY = (
+    "build_tiny_models",
+    "train_clip_tokenizer",
+    "train_bert_tokenizer",
+    "BOS",
+    "EOS",
+    "MAX_LENGTH",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -62,7 +69,28 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# --- bitsandbytes --------------------------------------------------------------------------
+# --- what a job's process does first ------------------------------------------------------
+
+_bitsandbytes_hidden = False
+
+
+def setup_job(threads: int) -> None:
+    """First thing in a job's process (the adapters call it): torch runs on the job's
+    `threads`, and bitsandbytes is hidden (`hide_bitsandbytes`).
+
+    `threads` is Snakemake's (1 unless a rule or `--set-threads` says more; on SLURM the job's
+    CPUs). torch would otherwise start one OpenMP thread per core in every job, and jobs running
+    side by side spin against each other: on a busy 2-core machine a tiny pipeline call took
+    0.7-3.8 s on 2 threads against 0.07 s on 1. Set before torch is imported (OpenMP reads
+    OMP_NUM_THREADS when it loads), and on torch too if it already is.
+    """
+    threads = max(1, int(threads))
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    hide_bitsandbytes()
 
 
 def hide_bitsandbytes() -> None:
@@ -72,8 +100,8 @@ def hide_bitsandbytes() -> None:
     installed, and bitsandbytes imports torch._inductor: 1-2 s of every job, though only 8-bit
     Adam (and quantized loading, which sidpipe never does) uses it. A `None` entry in
     `sys.modules` is Python's own "not importable" marker: `importlib.util.find_spec` returns
-    None for it, so both libraries take their no-bitsandbytes path. Jobs call this first thing;
-    `import_bitsandbytes` undoes it where 8-bit Adam is on. Library code never calls it.
+    None for it, so both libraries take their no-bitsandbytes path. `import_bitsandbytes`
+    undoes it where 8-bit Adam is on. Jobs call it (through `setup_job`); library code never.
     """
     global _bitsandbytes_hidden
     if "bitsandbytes" not in sys.modules:
@@ -91,9 +119,6 @@ def import_bitsandbytes() -> Any:
     import bitsandbytes
 
     return bitsandbytes
-
-
-_bitsandbytes_hidden = False
 
 
 # --- devices and dtypes --------------------------------------------------------------------
