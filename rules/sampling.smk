@@ -32,6 +32,8 @@ rule sample:
         "../workflow_scripts/sample.py"
 
 
+# Arms of `attention.experiments`: the job that samples them also draws their [V] attention
+# maps, with the same pipeline (one load); attention_arms_constraint splits the arms.
 use rule sample as sample_and_attention with:
     input:
         unpack(attention_inputs),
