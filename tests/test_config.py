@@ -269,6 +269,8 @@ def test_job_resources_names_are_the_workflow_rules():
             for name in re.findall(r'job_(?:memory|runtime)\("(\w+)"', line):
                 assert name == rule, f"{smk.name}: rule {rule} asks for {name}'s resources"
                 asked.add(name)
+            # a job doing two stages (sample_and_attention) sums both stages' settings
+            asked.update(re.findall(r'attempt_scaled\(config, "(\w+)"', line))
     assert asked == allowed
 
 
