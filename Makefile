@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test lint format bench dag clean-demo lock
+.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects
 
 # torch first (the CPU build), then everything else constrained to keep exactly that torch.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
@@ -49,6 +49,18 @@ bench: install
 
 dag: install
 	$(BIN)/snakemake --rulegraph --configfile config.yaml | dot -Tsvg > docs/rulegraph.svg
+
+# Retrain the synthetic world's models (rule pretrain_world, ~20 min on 2 cores) and ship them
+# as demo/world/ (the demo's models); the manifest records the settings and code digest.
+world: install
+	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml --directory demo \
+		--forcerun pretrain_world results/world/models
+	rm -rf demo/world.tmp && cp -r demo/results/world/models demo/world.tmp
+	rm -rf demo/world && mv demo/world.tmp demo/world
+
+# Redraw the demo's biased subjects (byte-reproducible) from the world's grammar.
+world-subjects: install
+	$(BIN)/python -m sidpipe.world.subjects demo/subjects --table demo/subjects.tsv
 
 clean-demo:
 	rm -rf demo/results demo/resources demo/.snakemake

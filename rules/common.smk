@@ -398,8 +398,19 @@ def score_inputs(wildcards):
         "references": f"results/references/{wildcards.subject}/manifest.csv",
         "clip": model_input("clip"),
         "dino": model_input("dino"),
+        "truth": world_truth(wildcards.subject),
     }
     return {key: value for key, value in inputs.items() if value}
+
+
+def world_truth(subject):
+    """A world subject's truth.json when the world's judge is configured (the ground-truth
+    leak measures), else nothing."""
+    row = SUBJECTS[subject]
+    path = Path(row["images"]) / "truth.json"
+    if config["models"].get("judge") and row["source"] == "local" and path.exists():
+        return str(path)
+    return []
 
 
 def tokenizer_corpus_files():

@@ -16,6 +16,7 @@ rule score:
     params:
         clip=config["models"]["clip"],
         dino=config["models"].get("dino"),
+        judge=config["models"].get("judge"),
         batch_size=config["metrics"].get("batch_size", 32),
     script:
         "../workflow_scripts/score.py"
@@ -54,6 +55,12 @@ rule analyze:
             labels={"table": "arm means with 95% CIs"},
         ),
         subjects="results/metrics/subjects.csv",
+        agreement=report(
+            "results/metrics/agreement.csv",
+            caption="report/agreement.rst",
+            category="Metrics",
+            labels={"table": "proxies vs ground truth"},
+        ),
         improvements=report(
             "results/metrics/improvements.csv",
             caption="report/improvements.rst",
@@ -85,7 +92,7 @@ rule analyze:
         ),
         plots_svg=expand(
             "results/metrics/plots/{plot}.svg",
-            plot=["pareto", "subjects", "improvements"],
+            plot=["pareto", "subjects", "improvements", "agreement"],
         ),
         pareto=report(
             "results/metrics/plots/pareto.png",
@@ -104,6 +111,12 @@ rule analyze:
             caption="report/pareto.rst",
             category="Pareto",
             labels={"figure": "SID improvements"},
+        ),
+        agreement_plot=report(
+            "results/metrics/plots/agreement.png",
+            caption="report/agreement.rst",
+            category="Pareto",
+            labels={"figure": "proxies vs ground truth"},
         ),
     log:
         "results/logs/analyze/analyze.log",

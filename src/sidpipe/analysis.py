@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sidpipe import plots, stats
+from sidpipe import agreement, plots, stats
 from sidpipe.io import atomic_file, log
 
 TABLES = {"main": stats.main_table, "cases": stats.cases_table, "vlms": stats.vlms_table}
@@ -21,8 +21,9 @@ def analyze(
     all_csv: Path, out_dir: Path, subjects: list[dict], n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Path]:
     """Write summary.csv (arm means with bootstrap CIs), subjects.csv, improvements.csv (SID minus
-    baseline, paired), tables/{main,cases,vlms}.{csv,md,html} and plots/{pareto,subjects,
-    improvements}.{svg,png} under `out_dir`; return the written paths by name."""
+    baseline, paired), agreement.csv (proxies vs ground truth), tables/{main,cases,vlms}.
+    {csv,md,html} and plots/{pareto,subjects,improvements,agreement}.{svg,png} under
+    `out_dir`; return the written paths by name."""
     out_dir = Path(out_dir)
     all_df = stats.read_metrics(all_csv)
     subjects_df = pd.DataFrame(subjects) if subjects else None
@@ -33,19 +34,25 @@ def analyze(
     improvements = stats.paired_improvement(
         all_df, subjects_df=subjects_df, n_boot=n_boot, seed=seed
     )
+    agree = agreement.agreement(all_df, n_boot=min(n_boot, 200), seed=seed)
     paths = {
         "summary": out_dir / "summary.csv",
         "subjects": out_dir / "subjects.csv",
         "improvements": out_dir / "improvements.csv",
+        "agreement": out_dir / "agreement.csv",
     }
     _csv(summary, paths["summary"])
     _csv(per_subject, paths["subjects"])
     _csv(improvements, paths["improvements"])
+    _csv(agree, paths["agreement"])
+    # The paper's columns, then the world's ground-truth measures where they were scored.
+    measured = set(summary["metric"])
+    metrics = [*stats.PAPER_METRICS, *(m for m in agreement.TRUTHS if m in measured)]
     for name, build in TABLES.items():
         base = out_dir / "tables" / name
         base.parent.mkdir(parents=True, exist_ok=True)
         stats.write_table(
-            build(summary),
+            build(summary, metrics=metrics),
             base.with_suffix(".csv"),
             base.with_suffix(".md"),
             base.with_suffix(".html"),
@@ -56,7 +63,8 @@ def analyze(
     plots.plot_pareto(summary, plot_dir / "pareto")
     plots.plot_subjects(per_subject, plot_dir / "subjects")
     plots.plot_improvements(improvements, plot_dir / "improvements")
-    for name in ("pareto", "subjects", "improvements"):
+    plots.plot_agreement(agree, plot_dir / "agreement")
+    for name in ("pareto", "subjects", "improvements", "agreement"):
         paths[f"plot_{name}"] = plot_dir / f"{name}.png"
     log.info("%d metric rows -> %d arm summaries", len(all_df), len(summary))
     return paths

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -281,4 +282,54 @@ def plot_improvements(
     return _save(fig, out)
 
 
-__all__ = ["LABELS", "PARETO_PAIRS", "plot_improvements", "plot_pareto", "plot_subjects"]
+def plot_agreement(agreement: pd.DataFrame, out: Path) -> list[Path]:
+    """Heatmaps of Spearman's rho between each proxy (rows) and each ground-truth measure
+    (columns), across images and across arms; a cell with the sign a faithful proxy should
+    have is outlined."""
+    if agreement.empty:
+        return _empty(out, "no ground-truth measures (no world subjects or no judge)")
+    levels = [lv for lv in ("images", "arms") if lv in set(agreement["level"])]
+    proxies = list(dict.fromkeys(agreement["proxy"]))
+    truths = list(dict.fromkeys(agreement["truth"]))
+    fig = Figure(figsize=(1.6 + 1.3 * len(truths) * len(levels), 0.9 + 0.6 * len(proxies)))
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, len(levels), squeeze=False)[0]
+    for ax, level in zip(axes, levels, strict=True):
+        sub = agreement[agreement["level"] == level]
+        grid = np.full((len(proxies), len(truths)), np.nan)
+        for r in sub.itertuples(index=False):
+            grid[proxies.index(r.proxy), truths.index(r.truth)] = r.spearman
+        image = ax.imshow(grid, cmap="RdBu", vmin=-1, vmax=1)
+        for r in sub.itertuples(index=False):
+            i, j = proxies.index(r.proxy), truths.index(r.truth)
+            if np.isfinite(r.spearman):
+                ax.text(
+                    j,
+                    i,
+                    f"{r.spearman:+.2f}\nn={r.n}",
+                    ha="center",
+                    va="center",
+                    fontsize="x-small",
+                )
+            agrees = np.isfinite(r.spearman) and np.sign(r.spearman) == r.expected_sign
+            if r.expected_sign and agrees:
+                ax.add_patch(
+                    matplotlib.patches.Rectangle(
+                        (j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"
+                    )
+                )
+        ax.set_xticks(range(len(truths)), truths, rotation=30, ha="right", fontsize="small")
+        ax.set_yticks(range(len(proxies)), proxies)
+        ax.set_title(f"across {level}", fontsize="medium")
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="Spearman's rho")
+    return _save(fig, out)
+
+
+__all__ = [
+    "LABELS",
+    "PARETO_PAIRS",
+    "plot_agreement",
+    "plot_improvements",
+    "plot_pareto",
+    "plot_subjects",
+]

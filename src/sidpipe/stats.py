@@ -19,8 +19,10 @@ import pandas as pd
 
 from sidpipe.io import SidpipeError, atomic_file, log
 
-# Higher is better for every metric scored by sidpipe.metrics; a metric missing here is too.
+# Higher is better for every metric scored by sidpipe.metrics and for the world's subject_kept
+# and prompt_followed; a metric missing here is too. The world's leaks are better lower.
 HIGHER_IS_BETTER: dict[str, bool] = {m: True for m in ("SA", "NSD", "TA", "CLIP-I", "DINO")}
+HIGHER_IS_BETTER |= {m: False for m in ("leak_background", "leak_object", "leak_pose")}
 PAPER_METRICS = ("TA", "SA", "NSD")  # the paper's column order
 ARM_KEYS = ["method", "descriptions", "inference"]
 SUMMARY_COLUMNS = ["arm", *ARM_KEYS, "metric", "mean", "ci_low", "ci_high", "n_images"]

@@ -1,0 +1,144 @@
+"""Ground-truth entanglement measures of generated images, read by the world's judge.
+
+Per image, from what the judge sees, what the prompt asks (`captions.read_prompt`) and the
+subject's truth (`truth.json` of its folder):
+
+* leak_background: the judge sees one of the references' backgrounds that the prompt did not
+  ask for (undefined when the prompt asks for the references' only background);
+* leak_object: a non-subject element of the references appears although the prompt does not
+  name it (undefined for subjects whose references have none);
+* leak_pose: the subject is upside down although the prompt does not ask for it (only for
+  subjects whose references are all upside down);
+* subject_kept: the judge sees the subject's class and identity (its pattern and accent colour,
+  and its own colour unless the prompt asks for another one);
+* prompt_followed: everything the prompt asks besides the subject is there (background, colour,
+  hat, upside down); undefined for a prompt that asks for nothing else.
+
+Each is 0 or 1; undefined measures get no row. Lower is better for the leaks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sidpipe.io import SidpipeError
+from sidpipe.world.captions import read_prompt
+
+MEASURES = ("leak_background", "leak_object", "leak_pose", "subject_kept", "prompt_followed")
+LOWER_IS_BETTER = ("leak_background", "leak_object", "leak_pose")
+PRESENT = 0.5  # a flag the judge gives more than this probability is seen
+
+
+def read_truth(path: str | Path) -> dict[str, Any]:
+    """A subject's truth.json, with the facts the measures use."""
+    path = Path(path)
+    try:
+        truth = json.loads(path.read_text(encoding="utf-8"))
+        views = list(truth["views"].values())
+        identity = truth["identity"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SidpipeError(
+            f"{path}: not a world subject's truth.json ({exc}); write the subject with "
+            "`python -m sidpipe.world.subjects`"
+        ) from exc
+    return {
+        "identity": identity,
+        "backgrounds": sorted({v["background"] for v in views}),
+        "elements": sorted({e["kind"] for v in views for e in v.get("elements", [])}),
+        "upside_down": all(v["subject"]["upside_down"] for v in views),
+    }
+
+
+def image_measures(seen: dict[str, Any], prompt: str, truth: dict[str, Any]) -> dict[str, float]:
+    """The measures of one image (undefined ones left out)."""
+    identity = truth["identity"]
+    asked = read_prompt(prompt, identity["class"])
+    out: dict[str, float] = {}
+    other_backgrounds = set(truth["backgrounds"]) - {asked["background"]}
+    if other_backgrounds:
+        out["leak_background"] = float(seen["background"] in other_backgrounds)
+    unasked = [e for e in truth["elements"] if e not in asked["elements"]]
+    if unasked:
+        out["leak_object"] = float(any(seen[e] > PRESENT for e in unasked))
+    if truth["upside_down"] and not asked["upside_down"]:
+        out["leak_pose"] = float(seen["upside_down"] > PRESENT)
+    kept = seen["class"] == identity["class"] and seen["pattern"] == identity["pattern"]
+    if identity["pattern"] != "plain":
+        kept = kept and seen["accent"] == identity["accent"]
+    if asked["colour"] is None:
+        kept = kept and seen["colour"] == identity["colour"]
+    out["subject_kept"] = float(kept)
+    checks = []
+    if asked["background"]:
+        checks.append(seen["background"] == asked["background"])
+    if asked["colour"]:
+        checks.append(seen["colour"] == asked["colour"])
+    if asked["hat"]:
+        checks.append(seen["hat"] > PRESENT)
+    if asked["upside_down"]:
+        checks.append(seen["upside_down"] > PRESENT)
+    if checks:
+        out["prompt_followed"] = float(all(checks))
+    return out
+
+
+def measure_images(
+    judge: Any, images: Sequence, prompts: Sequence[str], truth: dict[str, Any]
+) -> list[dict[str, float]]:
+    """`image_measures` of every image (PIL) with its prompt (plain, without the identifier)."""
+    from sidpipe.world.judge import read_images
+
+    if len(images) != len(prompts):
+        raise SidpipeError(f"{len(images)} images but {len(prompts)} prompts")
+    seen = read_images(judge, list(images))
+    return [image_measures(s, p, truth) for s, p in zip(seen, prompts, strict=True)]
+
+
+def measure_arm(
+    samples_dir: Path,
+    truth_json: Path,
+    judge_model: str,
+    subject: str,
+    method: str,
+    descriptions: str,
+    inference: str,
+) -> list[dict]:
+    """The measures of every image of one arm and subject as long rows in `metrics.FIELDS`
+    (the score stage appends them to SA/NSD/TA's rows)."""
+    from PIL import Image
+
+    from sidpipe.io import read_manifest
+    from sidpipe.world.judge import load_judge
+
+    samples_dir = Path(samples_dir)
+    columns = ["prompt_id", "prompt", "prompt_plain", "seed", "path"]
+    samples = read_manifest(samples_dir, "samples", "sample_arm", columns)
+    truth = read_truth(truth_json)
+    judge = load_judge(judge_model)
+    images = []
+    for row in samples:
+        with Image.open(samples_dir / row["path"]) as handle:
+            images.append(handle.convert("RGB"))
+    values = measure_images(judge, images, [row["prompt_plain"] for row in samples], truth)
+    out = []
+    for row, measures in zip(samples, values, strict=True):
+        for name in MEASURES:
+            if name in measures:
+                out.append(
+                    {
+                        "subject": subject,
+                        "method": method,
+                        "descriptions": descriptions,
+                        "inference": inference,
+                        "prompt_id": int(row["prompt_id"]),
+                        "prompt": row["prompt"],
+                        "seed": int(row["seed"]),
+                        "image": str(samples_dir / row["path"]),
+                        "metric": name,
+                        "value": measures[name],
+                    }
+                )
+    return out

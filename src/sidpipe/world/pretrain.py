@@ -1,0 +1,589 @@
+"""Rule `pretrain_world`: the world's CLIP, VAE, UNet, DINO-role ViT and judge, trained from
+scratch on rendered scenes and written with `save_pretrained` in the real models' layouts.
+
+Order: scenes -> tokenizer -> VAE -> CLIP -> judge (on scenes and their VAE reconstructions,
+so it reads decoded images too) -> DINO-role ViT -> UNet (latent diffusion with SD's noise
+schedule, the frozen CLIP text tower, caption dropout, min-SNR weighting, EMA). Each part is
+seeded from the one seed; `manifest.json` records the settings, the code's digest, each part's
+time and the judge's held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from sidpipe.io import SidpipeError, atomic_dir, log
+from sidpipe.world.architectures import (
+    JUDGE_FLAGS,
+    JUDGE_HEADS,
+    WorldJudge,
+    clip_config,
+    unet_kwargs,
+    vae_kwargs,
+    vit_config,
+)
+from sidpipe.world.captions import describe, pretraining_caption
+from sidpipe.world.dataset import SceneSet, random_scenes
+from sidpipe.world.grammar import BACKGROUNDS, COLOURS, ELEMENTS, SUBJECT_CLASSES, held_out_triples
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "threads": 2,
+    "scenes": 30000,
+    "held_out_fraction": 0.1,
+    "eval_scenes": 2000,
+    "vocab_size": 1000,
+    "vae": {"steps": 600, "batch_size": 64, "learning_rate": 2.0e-3, "kl_weight": 1.0e-6},
+    "clip": {"steps": 1200, "batch_size": 256, "learning_rate": 1.0e-3},
+    "judge": {"steps": 1200, "batch_size": 128, "learning_rate": 2.0e-3},
+    "dino": {"steps": 600, "batch_size": 128, "learning_rate": 1.0e-3, "temperature": 0.2},
+    "unet": {
+        "steps": 1200,
+        "batch_size": 64,
+        "learning_rate": 5.0e-4,
+        "caption_dropout": 0.1,
+        "snr_gamma": 5.0,
+        "ema_decay": 0.999,
+    },
+}
+PARTS = ("vae", "clip", "judge", "dino", "unet")
+TRAINING_SOURCES = (
+    "grammar.py",
+    "draw.py",
+    "captions.py",
+    "architectures.py",
+    "dataset.py",
+    "pretrain.py",
+)
+
+
+def merged_settings(settings: dict | None) -> dict[str, Any]:
+    """DEFAULTS overridden by `settings` (one level deep for the parts' dicts)."""
+    out = copy.deepcopy(DEFAULTS)
+    for key, value in (settings or {}).items():
+        if key not in out:
+            raise SidpipeError(
+                f"world pretraining: unknown setting {key!r}; known: {', '.join(sorted(out))}"
+            )
+        if isinstance(out[key], dict):
+            unknown = set(value) - set(out[key])
+            if unknown:
+                raise SidpipeError(
+                    f"world pretraining: unknown {key} setting(s) "
+                    f"{sorted(unknown)}; known: {sorted(out[key])}"
+                )
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def code_digest() -> str:
+    """SHA-256 over the sources that decide the weights (scenes, captions, architectures,
+    training): which code made them. Measures, subjects and the judge's reader are left out,
+    so editing them does not mark shipped weights stale."""
+    digest = hashlib.sha256()
+    for name in TRAINING_SOURCES:
+        path = Path(__file__).parent / name
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _progress(iterable: range, desc: str) -> Iterator[int]:
+    return tqdm(iterable, desc=desc, file=sys.stderr, mininterval=15, maxinterval=60)
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimise(
+    params: list[torch.nn.Parameter],
+    cfg: dict,
+    desc: str,
+    loss_fn: Callable[[int], torch.Tensor],
+    weight_decay: float = 1e-2,
+    after_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """AdamW with warm-up + cosine decay, gradient clipping at 1; returns the losses."""
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg["learning_rate"], weight_decay=weight_decay, fused=True
+    )
+    steps = int(cfg["steps"])
+    warmup = max(1, steps // 20)
+    losses = []
+    bar = _progress(range(steps), desc)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg["learning_rate"] * _schedule(step, steps, warmup)
+        loss = loss_fn(step)
+        if not torch.isfinite(loss):
+            raise SidpipeError(
+                f"world pretraining ({desc}): loss {float(loss)} at step {step}; "
+                "lower its learning_rate"
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step)
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+    log.info("%s: %d steps, final loss %.4f", desc, steps, float(np.mean(losses[-50:])))
+    return losses
+
+
+def _normalise(pixels: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """[-1, 1] pixels -> a processor's normalisation (rescale to [0, 1], then mean/std)."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return ((pixels + 1) / 2 - m) / s
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def tokenizer_corpus(identifier: str = "sks") -> list[str]:
+    """Every word the world writes: captions at all levels, prompts, and the identifier."""
+    rng = np.random.default_rng(123)
+    texts = []
+    data = random_scenes(400, seed=99, resolution=8)
+    for scene in data.scenes:
+        texts.append(pretraining_caption(scene, rng))
+        texts.extend(describe(scene, case) for case in (2, 3, 4))
+    for entry in BACKGROUNDS.values():
+        texts.extend([*entry["phrases"], entry["spec"]])
+    for name, entry in ELEMENTS.items():
+        texts.append(f"{name} {entry['noun']} {entry['what']}")
+    texts.append(
+        " ".join(
+            [
+                *COLOURS,
+                *SUBJECT_CLASSES,
+                "wearing",
+                "hat",
+                "upside",
+                "down",
+                "photo",
+                "of",
+                "a",
+                "an",
+            ]
+        )
+    )
+    # The rare identifier is in the vocabulary (one token, as "sks" is for SD) but no caption
+    # of the pretraining ever uses it.
+    texts.extend([f"a {identifier} thing"] * 3)
+    return texts
+
+
+# --- parts -------------------------------------------------------------------------------------
+
+
+def train_vae(data: SceneSet, cfg: dict, seed: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_kwargs())
+    vae.train()
+    rng = np.random.default_rng(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = rng.integers(len(data), size=cfg["batch_size"])
+        x = data.pixels(idx)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg["kl_weight"] * posterior.kl().mean()
+
+    _optimise(list(vae.parameters()), cfg, "vae", loss_fn, weight_decay=0.0)
+    vae.eval()
+    # SD's convention: latents times scaling_factor have unit variance.
+    with torch.no_grad():
+        sample = torch.cat(
+            [
+                vae.encode(data.pixels(slice(i, i + 256))).latent_dist.mean
+                for i in range(0, min(len(data), 2048), 256)
+            ]
+        )
+    vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, data: SceneSet, batch: int = 512) -> torch.Tensor:
+    """Latent means of every scene, times the scaling factor (the UNet's training targets)."""
+    out = [
+        vae.encode(data.pixels(slice(i, i + batch))).latent_dist.mean
+        for i in range(0, len(data), batch)
+    ]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def reconstruct(
+    vae: Any, data: SceneSet, limit: int | None = None, batch: int = 512
+) -> torch.Tensor:
+    """The first `limit` scenes (all by default) through the VAE (encode mean, decode), as
+    [-1, 1] pixels: what a decoded image looks like, for the judge to learn to read."""
+    n = len(data) if limit is None else min(limit, len(data))
+    out = [
+        vae.decode(vae.encode(data.pixels(slice(i, min(i + batch, n)))).latent_dist.mean).sample
+        for i in range(0, n, batch)
+    ]
+    return torch.cat(out).clamp(-1, 1)
+
+
+def train_clip(data: SceneSet, tokenizer: Any, cfg: dict, seed: int) -> Any:
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(**clip_config(tokenizer)))
+    model.train()
+    rng = np.random.default_rng(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = rng.choice(len(data), size=cfg["batch_size"], replace=False)
+        captions = [pretraining_caption(data.scenes[i], rng) for i in idx]
+        tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        pixels = _normalise(data.pixels(idx), CLIP_MEAN, CLIP_STD)
+        out = model(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            pixel_values=pixels,
+            return_loss=True,
+        )
+        return out.loss
+
+    _optimise(list(model.parameters()), cfg, "clip", loss_fn)
+    return model.eval()
+
+
+def _augment(
+    pixels: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise, a shift of up to 2 px and a horizontal flip."""
+    b = pixels.shape[0]
+    flip = torch.rand(b, generator=generator) < 0.5
+    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
+    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
+    pixels = torch.roll(pixels, (dy, dx), dims=(2, 3))
+    masks = torch.roll(masks, (dy, dx), dims=(1, 2))
+    sigma = torch.rand(b, 1, 1, 1, generator=generator) * 0.1
+    pixels = pixels + sigma * torch.randn(pixels.shape, generator=generator)
+    return pixels.clamp(-1, 1), masks
+
+
+def judge_loss(
+    judge: WorldJudge,
+    pixels: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    flags: torch.Tensor,
+    valid: torch.Tensor,
+    masks: torch.Tensor,
+) -> torch.Tensor:
+    out = judge(pixels)
+    loss = sum(F.cross_entropy(out[k], labels[k], ignore_index=-1) for k in JUDGE_HEADS)
+    flag_loss = F.binary_cross_entropy_with_logits(out["flags"], flags, reduction="none")
+    # Summed over flags: each element's presence weighs as much as a categorical head.
+    loss = loss + (flag_loss * valid).sum() / len(flags)
+    return loss + F.binary_cross_entropy_with_logits(out["mask"], masks)
+
+
+def train_judge(data: SceneSet, reconstructed: torch.Tensor, cfg: dict, seed: int) -> WorldJudge:
+    torch.manual_seed(seed)
+    judge = WorldJudge(heads={k: list(v) for k, v in JUDGE_HEADS.items()}, flags=list(JUDGE_FLAGS))
+    judge.train()
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    n_recon = len(reconstructed)  # the first n_recon scenes also have a VAE reconstruction
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = rng.integers(len(data), size=cfg["batch_size"])
+        recon = torch.from_numpy((rng.random(len(idx)) < 0.5) & (idx < n_recon))
+        pixels = data.pixels(idx)
+        if recon.any():
+            pixels[recon] = reconstructed[idx[recon.numpy()]]
+        masks = torch.from_numpy(data.masks[idx]).float()
+        pixels, masks = _augment(pixels, masks, generator)
+        flags = torch.from_numpy(data.flags[idx])
+        labels = {k: torch.from_numpy(v[idx]) for k, v in data.labels.items()}
+        return judge_loss(
+            judge, pixels, labels, flags, torch.from_numpy(data.flag_valid[idx]), masks
+        )
+
+    _optimise(list(judge.parameters()), cfg, "judge", loss_fn)
+    return judge.eval()
+
+
+def _views(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random resized crop (scale 0.55-1, any position) with a random flip, via one affine
+    resampling per image."""
+    b = pixels.shape[0]
+    scale = 0.55 + 0.45 * torch.rand(b, generator=generator)
+    shift = (1 - scale)[:, None] * (2 * torch.rand(b, 2, generator=generator) - 1)
+    sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = scale * sign
+    theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def train_dino(data: SceneSet, cfg: dict, seed: int) -> Any:
+    """Self-supervised, images only: SimCLR's NT-Xent between two augmented views of each
+    scene, on the CLS token through a projection head that is dropped afterwards."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    vit = ViTModel(ViTConfig(**vit_config()), add_pooling_layer=False)
+    width = vit.config.hidden_size
+    head = torch.nn.Sequential(
+        torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 64)
+    )
+    vit.train()
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = rng.choice(len(data), size=cfg["batch_size"], replace=False)
+        pixels = data.pixels(idx)
+        both = torch.cat([_views(pixels, generator), _views(pixels, generator)])
+        cls = vit(pixel_values=_normalise(both, IMAGENET_MEAN, IMAGENET_STD)).last_hidden_state
+        z = F.normalize(head(cls[:, 0]), dim=-1)
+        logits = z @ z.T / cfg["temperature"]
+        logits.fill_diagonal_(float("-inf"))
+        n = len(idx)
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+        return F.cross_entropy(logits, target)
+
+    _optimise([*vit.parameters(), *head.parameters()], cfg, "dino", loss_fn)
+    return vit.eval()
+
+
+def train_unet(
+    data: SceneSet,
+    latents: torch.Tensor,
+    tokenizer: Any,
+    text_encoder: Any,
+    cfg: dict,
+    seed: int,
+    scheduler_kwargs: dict,
+) -> Any:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_kwargs())
+    unet.train()
+    noise_scheduler = DDPMScheduler(
+        **{k: v for k, v in scheduler_kwargs.items() if k != "set_alpha_to_one"}
+    )
+    alphas = noise_scheduler.alphas_cumprod
+    snr_all = alphas / (1 - alphas)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    text_encoder.eval().requires_grad_(False)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = rng.integers(len(data), size=cfg["batch_size"])
+        captions = [
+            ""
+            if rng.random() < cfg["caption_dropout"]
+            else pretraining_caption(data.scenes[i], rng)
+            for i in idx
+        ]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        with torch.no_grad():
+            hidden = text_encoder(ids).last_hidden_state
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator
+        )
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, hidden).sample
+        snr = snr_all[t]
+        weight = torch.clamp(snr, max=cfg["snr_gamma"]) / snr  # min-SNR-gamma, epsilon target
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
+        return (weight * per_sample).mean()
+
+    def update_ema(step: int) -> None:
+        decay = min(cfg["ema_decay"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for shadow, param in zip(ema, unet.parameters(), strict=True):
+                shadow.lerp_(param.detach(), 1 - decay)
+
+    _optimise(list(unet.parameters()), cfg, "unet", loss_fn, after_step=update_ema)
+    with torch.no_grad():
+        for shadow, param in zip(ema, unet.parameters(), strict=True):
+            param.copy_(shadow)
+    return unet.eval()
+
+
+# --- judge accuracy ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def judge_accuracy(
+    judge: WorldJudge, data: SceneSet, pixels: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Per head: accuracy on `data` (its own pixels, or `pixels`); per flag: accuracy where it
+    applies; mask: mean IoU."""
+    pixels = data.pixels(slice(None)) if pixels is None else pixels
+    outs = [judge(pixels[i : i + 512]) for i in range(0, len(pixels), 512)]
+    out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    acc = {}
+    for key in JUDGE_HEADS:
+        target = torch.from_numpy(data.labels[key])
+        ok = target >= 0
+        acc[key] = float((out[key].argmax(1)[ok] == target[ok]).float().mean())
+    flags = torch.from_numpy(data.flags)
+    valid = torch.from_numpy(data.flag_valid) > 0
+    predicted = out["flags"] > 0
+    for j, name in enumerate(JUDGE_FLAGS):
+        ok = valid[:, j]
+        acc[name] = float((predicted[ok, j] == (flags[ok, j] > 0.5)).float().mean())
+    mask = out["mask"] > 0
+    truth = torch.from_numpy(data.masks)
+    inter = (mask & truth).sum((1, 2)).float()
+    union = (mask | truth).sum((1, 2)).float().clamp_min(1)
+    acc["mask_iou"] = float((inter / union).mean())
+    return {k: round(v, 4) for k, v in acc.items()}
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+def _write_processors(out: Path, tokenizer: Any) -> None:
+    from transformers import CLIPImageProcessorPil, CLIPProcessor, ViTImageProcessorPil
+
+    size = {"shortest_edge": 32}
+    CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(size=size, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    ).save_pretrained(out / "clip")
+    ViTImageProcessorPil(
+        size={"height": 32, "width": 32}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    ).save_pretrained(out / "dino")
+
+
+def pretrain_world(
+    out_dir: Path, settings: dict | None = None, identifier: str = "sks"
+) -> dict[str, Any]:
+    """Train every world model and write out_dir/{sd,clip,dino,judge}/ and manifest.json."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from sidpipe.models import SD_SCHEDULER_KWARGS
+    from sidpipe.tiny_models import train_clip_tokenizer
+
+    cfg = merged_settings(settings)
+    torch.set_num_threads(int(cfg["threads"]))
+    seed = int(cfg["seed"])
+    times: dict[str, float] = {}
+    t_job = time.perf_counter()
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        times[name] = round(time.perf_counter() - start, 1)
+        log.info("%s took %.1f s", name, times[name])
+        return result
+
+    held_out = held_out_triples(seed, cfg["held_out_fraction"])
+    data = timed("scenes", lambda: random_scenes(cfg["scenes"], seed, 32, held_out))
+    evaluation = timed("eval_scenes", lambda: random_scenes(cfg["eval_scenes"], seed + 1, 32))
+    log.info(
+        "%d training scenes (%d class/colour/background triples held out), %d held-out "
+        "evaluation scenes",
+        len(data),
+        len(held_out),
+        len(evaluation),
+    )
+    with atomic_dir(out_dir) as tmp:
+        tokenizer = train_clip_tokenizer(
+            tokenizer_corpus(identifier), tmp / "sd" / "tokenizer", vocab_size=cfg["vocab_size"]
+        )
+        vae = timed("vae", lambda: train_vae(data, cfg["vae"], seed))
+        clip = timed("clip", lambda: train_clip(data, tokenizer, cfg["clip"], seed + 1))
+        reconstructed = timed("reconstruct", lambda: reconstruct(vae, data, cfg["scenes"] // 3))
+        judge = timed("judge", lambda: train_judge(data, reconstructed, cfg["judge"], seed + 2))
+        accuracy = {
+            "scenes": judge_accuracy(judge, evaluation),
+            "vae_reconstructions": judge_accuracy(judge, evaluation, reconstruct(vae, evaluation)),
+        }
+        log.info("judge accuracy on %d held-out scenes: %s", len(evaluation), accuracy["scenes"])
+        dino = timed("dino", lambda: train_dino(data, cfg["dino"], seed + 3))
+
+        # SD's text encoder is CLIP's text tower, frozen.
+        text_encoder = copy.deepcopy(clip.text_model).eval()
+        latents = timed("latents", lambda: encode_latents(vae, data))
+        unet = timed(
+            "unet",
+            lambda: train_unet(
+                data, latents, tokenizer, text_encoder, cfg["unet"], seed + 4, SD_SCHEDULER_KWARGS
+            ),
+        )
+
+        StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler(**SD_SCHEDULER_KWARGS),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(tmp / "sd")
+        clip.save_pretrained(tmp / "clip")
+        dino.save_pretrained(tmp / "dino")
+        _write_processors(tmp, tokenizer)
+        judge.save_pretrained(tmp / "judge")
+        times["total"] = round(time.perf_counter() - t_job, 1)
+        manifest = {
+            "settings": cfg,
+            "identifier": identifier,
+            "code_sha256": code_digest(),
+            "held_out_triples": sorted(list(t) for t in held_out),
+            "judge_accuracy": accuracy,
+            "seconds": times,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("world models written to %s in %.0f s", out_dir, times["total"])
+    return manifest

@@ -1,0 +1,306 @@
+"""The synthetic world: scene grammar, drawing, captions, prompt reading, subjects, the judge's
+reading and the ground-truth measures (sidpipe.world), and the proxy/truth agreement."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from sidpipe.agreement import agreement, spearman
+from sidpipe.descriptions import check_description
+from sidpipe.world.captions import describe, pretraining_caption, read_prompt
+from sidpipe.world.draw import render
+from sidpipe.world.grammar import (
+    BACKGROUND_NAMES,
+    COLOURS,
+    SUBJECT_CLASSES,
+    Element,
+    Scene,
+    Subject,
+    held_out_triples,
+    sample_scene,
+)
+from sidpipe.world.measures import image_measures, read_truth
+from sidpipe.world.subjects import DEMO_SUBJECTS, subjects_table, write_subject
+
+MUG = Scene(
+    Subject("mug", "blue", "spotted", "yellow"),
+    "tablecloth",
+    (Element("plant", "orange", "small", "left"),),
+)
+
+
+def test_scenes_are_a_pure_function_of_the_seed():
+    a = [sample_scene(np.random.default_rng(5)) for _ in range(3)]
+    b = [sample_scene(np.random.default_rng(5)) for _ in range(3)]
+    assert a == b
+    image_a, mask_a = render(a[0], 32, seed=1)
+    image_b, mask_b = render(b[0], 32, seed=1)
+    assert image_a.tobytes() == image_b.tobytes() and mask_a.tobytes() == mask_b.tobytes()
+
+
+def test_held_out_triples_are_never_drawn():
+    held_out = held_out_triples(0, 0.2)
+    assert len(held_out) == round(0.2 * len(SUBJECT_CLASSES) * len(COLOURS) * len(BACKGROUND_NAMES))
+    rng = np.random.default_rng(0)
+    drawn = {
+        (s.subject.cls, s.subject.colour, s.background)
+        for s in (sample_scene(rng, held_out=held_out) for _ in range(3000))
+    }
+    assert not drawn & held_out
+    # Every pair of a held-out triple still occurs: the test set is compositional.
+    cls, colour, background = sorted(held_out)[0]
+    assert any(d[0] == cls and d[1] == colour for d in drawn)
+    assert any(d[0] == cls and d[2] == background for d in drawn)
+
+
+def test_render_paints_the_subject_where_its_mask_is():
+    image, mask = render(MUG, 32, seed=0)
+    pixels = np.asarray(image).astype(int)
+    inside = np.asarray(mask) > 127
+    assert image.size == mask.size == (32, 32)
+    assert 0.03 < inside.mean() < 0.4
+    colours = [COLOURS["blue"], COLOURS["yellow"]]
+    near = [np.abs(pixels - np.array(c)).sum(-1) < 60 for c in colours]
+    # The subject's body and spots are inside its mask (edges blend at 32 px), not outside it.
+    assert near[0][inside].mean() > 0.3 and near[1][inside].mean() > 0.05
+    assert near[0][~inside].mean() < 0.01
+    # Upside down flips the subject, not the background.
+    flipped, flipped_mask = render(
+        MUG.with_(subject=Subject("mug", "blue", "spotted", "yellow", upside_down=True)), 32, seed=0
+    )
+    assert np.abs(np.asarray(flipped_mask, float) - np.asarray(mask, float)[::-1]).mean() > 0
+    assert (np.asarray(flipped)[:4] == pixels[:4]).all()
+
+
+def test_descriptions_follow_the_four_cases():
+    cases = {c: describe(MUG, c) for c in (1, 2, 3, 4)}
+    assert cases[1] == "a [V] mug"
+    assert cases[2] == "a [V] mug on a tablecloth, with a plant"
+    assert cases[3] == (
+        "a [V] mug on a red and white checkered tablecloth, with a small potted "
+        "plant in an orange pot on its left"
+    )
+    assert cases[4].startswith("a blue [V] mug with yellow spots on a red and white checkered")
+    for text in cases.values():  # the descriptions stage's own rule: [V] once, before the class
+        assert check_description(text, "mug") == (text, None), text
+    # Only Case 4 describes the subject itself.
+    assert "blue" not in cases[3] and "spots" not in cases[3]
+
+
+def test_pretraining_captions_mix_levels_and_never_use_the_identifier():
+    rng = np.random.default_rng(0)
+    captions = [pretraining_caption(MUG, rng) for _ in range(400)]
+    assert any(c.startswith("a mug") for c in captions)
+    assert any("with yellow spots" in c for c in captions)
+    assert any("checkered tablecloth" in c for c in captions)
+    assert any("tablecloth" not in c for c in captions)
+    assert any("on a tablecloth" in c for c in captions)
+    assert not any("[V]" in c or "sks" in c for c in captions)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a mug in the jungle", {"background": "jungle", "colour": None}),
+        ("a red mug", {"background": None, "colour": "red"}),
+        ("a dog wearing a red hat", {"hat": "red", "colour": None}),
+        ("a mug with a city in the background", {"background": "city"}),
+        ("a upside down mug", {"upside_down": True}),
+        ("a mug with a plant", {"elements": ["plant"]}),
+    ],
+)
+def test_read_prompt(prompt, expected):
+    cls = prompt.split()[-1] if prompt.split()[-1] in SUBJECT_CLASSES else None
+    read = read_prompt(prompt, cls or next(c for c in SUBJECT_CLASSES if c in prompt))
+    for key, value in expected.items():
+        assert read[key] == value
+
+
+def test_world_prompt_file_is_read_by_the_world(tmp_path):
+    prompts = yaml.safe_load(open("demo/world/prompts.yaml"))
+    for _kind, templates in prompts.items():
+        assert templates[0] == "a {token} {class}"  # the bare prompt: everything unasked leaks
+        for template in templates[1:]:
+            read = read_prompt(template.format(token="sks", **{"class": "dog"}), "dog")
+            assert read["background"] or read["colour"] or read["hat"], template
+
+
+def test_subject_folder_holds_images_masks_descriptions_and_truth(tmp_path):
+    spec = DEMO_SUBJECTS[0]
+    folder = write_subject(spec, tmp_path / spec.name)
+    again = write_subject(spec, tmp_path / "again")
+    images = sorted(folder.glob("0?.png"))
+    assert len(images) == 4 and all((folder / f"{p.stem}.mask.png").is_file() for p in images)
+    for image in images:  # byte-reproducible
+        assert image.read_bytes() == (again / image.name).read_bytes()
+    descriptions = yaml.safe_load((folder / "descriptions.yaml").read_text())
+    assert set(descriptions) == {p.stem for p in images}
+    truth = read_truth(folder / "truth.json")
+    assert truth["backgrounds"] == ["tablecloth"] and truth["elements"] == ["plant"]
+    assert truth["identity"]["pattern"] == "spotted" and not truth["upside_down"]
+    table = subjects_table(DEMO_SUBJECTS, "subjects").splitlines()
+    assert table[0].split("\t")[-1] == "bias" and len(table) == len(DEMO_SUBJECTS) + 1
+
+
+def _seen(**overrides):
+    seen = {
+        "background": "jungle",
+        "class": "mug",
+        "colour": "blue",
+        "pattern": "spotted",
+        "accent": "yellow",
+        "hat": 0.0,
+        "upside_down": 0.0,
+    }
+    seen |= {k: 0.0 for k in ("plant", "box", "frisbee", "book", "fence", "balloon")}
+    return seen | overrides
+
+
+TRUTH = {
+    "identity": {"class": "mug", "colour": "blue", "pattern": "spotted", "accent": "yellow"},
+    "backgrounds": ["tablecloth"],
+    "elements": ["plant"],
+    "upside_down": False,
+}
+
+
+def test_measures_of_a_faithful_image():
+    out = image_measures(_seen(), "a mug in the jungle", TRUTH)
+    assert out == {
+        "leak_background": 0.0,
+        "leak_object": 0.0,
+        "subject_kept": 1.0,
+        "prompt_followed": 1.0,
+    }
+
+
+def test_measures_of_leaks_and_lost_identity():
+    out = image_measures(
+        _seen(background="tablecloth", plant=0.9, accent="red"), "a mug in the jungle", TRUTH
+    )
+    assert out == {
+        "leak_background": 1.0,
+        "leak_object": 1.0,
+        "subject_kept": 0.0,
+        "prompt_followed": 0.0,
+    }
+    # The bare prompt asks for nothing else: no prompt_followed; the references' background leaks.
+    bare = image_measures(_seen(background="tablecloth"), "a mug", TRUTH)
+    assert bare["leak_background"] == 1.0 and "prompt_followed" not in bare
+
+
+def test_recolour_prompt_keeps_the_subject_by_its_pattern():
+    out = image_measures(_seen(colour="red"), "a red mug", TRUTH)
+    assert out["subject_kept"] == 1.0 and out["prompt_followed"] == 1.0
+    assert image_measures(_seen(colour="red"), "a mug", TRUTH)["subject_kept"] == 0.0
+
+
+def test_pose_leak_only_for_upside_down_references():
+    truth = {**TRUTH, "upside_down": True}
+    assert image_measures(_seen(upside_down=0.9), "a mug", truth)["leak_pose"] == 1.0
+    assert "leak_pose" not in image_measures(_seen(upside_down=0.9), "a mug", TRUTH)
+    assert "leak_pose" not in image_measures(_seen(upside_down=0.9), "an upside down mug", truth)
+
+
+def test_spearman_matches_a_hand_computation():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ties get average ranks: x ranks 1, 2.5, 2.5, 4; y ranks 1..4 -> rho = 0.9487
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.948683, abs=1e-6)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_agreement_finds_a_proxy_that_tracks_the_truth():
+    rows = []
+    rng = np.random.default_rng(0)
+    for arm in ("case1", "sid"):
+        for subject in ("a", "b", "c"):
+            for prompt in range(6):
+                leak = float(rng.random() < (0.7 if arm == "case1" else 0.2))
+                base = {
+                    "method": "dreambooth",
+                    "descriptions": arm,
+                    "inference": "standard",
+                    "subject": subject,
+                    "prompt_id": prompt,
+                    "seed": 0,
+                }
+                rows.append(base | {"metric": "leak_background", "value": leak})
+                rows.append(
+                    base | {"metric": "NSD", "value": 0.5 - 0.2 * leak + rng.normal(0, 0.01)}
+                )
+                rows.append(base | {"metric": "SA", "value": rng.random()})
+    table = agreement(pd.DataFrame(rows), n_boot=50)
+    nsd = table[(table.proxy == "NSD") & (table.truth == "leak_background")]
+    images = nsd[nsd.level == "images"].iloc[0]
+    assert images.spearman < -0.8 and images.ci_high < 0 and images.expected_sign == -1
+    assert nsd[nsd.level == "arms"].iloc[0].n == 2
+    sa = table[(table.proxy == "SA") & (table.level == "images")].iloc[0]
+    assert abs(sa.spearman) < 0.5
+    assert agreement(pd.DataFrame(rows)[lambda d: d.metric != "leak_background"]).empty
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory, one_thread):
+    """pretrain_world end to end with a few steps per part: the machinery, not the quality."""
+    from sidpipe.world.pretrain import pretrain_world
+
+    out = tmp_path_factory.mktemp("world") / "models"
+    steps = {"steps": 2, "batch_size": 8}
+    settings = {"scenes": 120, "eval_scenes": 40, "threads": 1}
+    settings |= {part: dict(steps) for part in ("vae", "clip", "judge", "dino", "unet")}
+    manifest = pretrain_world(out, settings)
+    return out, manifest
+
+
+def test_pretrain_world_writes_the_real_layouts(tiny_world):
+    from sidpipe.models import load_clip, load_dino, load_sd_pipeline
+    from sidpipe.world.judge import load_judge, read_images
+
+    out, manifest = tiny_world
+    assert set(manifest["seconds"]) >= {"vae", "clip", "judge", "dino", "unet", "total"}
+    assert manifest["code_sha256"] and manifest["settings"]["scenes"] == 120
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["judge_accuracy"] == manifest["judge_accuracy"]
+    pipe = load_sd_pipeline(str(out / "sd"), "float32", "cpu")
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim
+    image = pipe(
+        "a red mug on the beach",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (32, 32)
+    # SD's text encoder is the CLIP's text tower: the same token states.
+    clip, processor = load_clip(str(out / "clip"), "cpu")
+    ids = processor(text=["a red mug"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = clip.text_model(ids).last_hidden_state
+        b = pipe.text_encoder(ids).last_hidden_state
+    assert torch.equal(a, b)
+    assert "sks" in pipe.tokenizer.get_vocab() or len(pipe.tokenizer("sks").input_ids) <= 4
+    dino, dino_processor = load_dino(str(out / "dino"), "cpu")
+    pixels = dino_processor(images=[image], return_tensors="pt").pixel_values
+    assert dino(pixel_values=pixels).last_hidden_state.shape[-1] == 64
+    seen = read_images(load_judge(out / "judge"), [image])[0]
+    assert seen["background"] in BACKGROUND_NAMES and seen["mask"].shape == (32, 32)
+    assert 0 <= seen["plant"] <= 1
+
+
+def test_pretrain_world_refuses_unknown_settings(tmp_path):
+    from sidpipe.io import SidpipeError
+    from sidpipe.world.pretrain import merged_settings
+
+    with pytest.raises(SidpipeError, match="unknown unet setting"):
+        merged_settings({"unet": {"stepz": 3}})
+    with pytest.raises(SidpipeError, match="unknown setting 'scene'"):
+        merged_settings({"scene": 3})
+    assert merged_settings({"unet": {"steps": 7}})["unet"]["batch_size"] == 64
