@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects
+.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-strength
 
 # torch first (the CPU build), then everything else constrained to keep exactly that torch.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
@@ -57,6 +57,11 @@ world: install
 		--forcerun pretrain_world results/world/models
 	rm -rf demo/world.tmp && cp -r demo/results/world/models demo/world.tmp
 	rm -rf demo/world && mv demo/world.tmp demo/world
+
+# The demo plus DreamBooth at 100 and 600 steps (Case 1 and SID): leak and NSD vs strength.
+world-strength: install
+	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml demo/strength.yaml \
+		--directory demo
 
 # Redraw the demo's biased subjects (byte-reproducible) from the world's grammar.
 world-subjects: install

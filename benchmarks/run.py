@@ -17,6 +17,9 @@ sbatch submissions with and without job grouping (root only; about 25 minutes on
 overhead.json: per adapter, seconds before a job's first real computation (start-up, imports,
 model loads), and the demo's workflow time, each against the baseline commit's code timed in the
 same run (a git worktree; about 20 minutes on 2 cores).
+world.json: the synthetic world: pretraining time per part, peak memory, the judge's accuracy,
+the base model's competence on held-out combinations (benchmarks/bench_world.py --regenerate
+also retrains and compares).
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def main() -> None:
     from bench_training import bench_training
     from bench_training_memory import bench_training_memory
     from bench_training_real_size import bench_training_real_size
+    from bench_world import bench_world
 
     benches = {
         "dag": lambda: bench_dag(args.repeats),
@@ -127,6 +131,7 @@ def main() -> None:
         "scoring": lambda: bench_scoring(),
         "slurm": lambda: bench_slurm(),  # skipped without root
         "overhead": lambda: bench_overhead(repeats=args.repeats),
+        "world": lambda: bench_world(),  # shipped weights; --regenerate by hand (~20 min)
     }
     for name, bench in benches.items():
         if args.only and name not in args.only:

@@ -328,6 +328,10 @@ def attention_settings(wildcards):
         steps=attention.get("steps", settings["steps"]),
         detector=config["models"].get("grounding_dino"),
         segmenter=config["models"].get("sam"),
+        # masks of generated images: Grounded-SAM, or the synthetic world's judge
+        judge=(
+            config["models"].get("judge") if attention.get("masks") == "judge" else None
+        ),
         # The subject's own grounding prompt and threshold, as for its references.
         segmentation={
             k: v

@@ -33,6 +33,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cmd += ["--profile", str(REPO / "demo/profile"), "--directory", str(workdir)]
     cmd += ["--configfile", str(workdir / "config.yaml")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=3600
+    )  # hang guard
     assert result.returncode == 0, f"the demo failed:\n{result.stdout}\n{result.stderr}"
     return workdir

@@ -21,7 +21,11 @@ from sidpipe.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = {"config.yaml": REPO, "demo/config.yaml": REPO / "demo"}
+SHIPPED = {
+    "config.yaml": REPO,
+    "demo/config.yaml": REPO / "demo",
+    "tests/data/tiny_demo/config.yaml": REPO / "tests/data/tiny_demo",
+}
 HEADER = "subject\tclass\tkind\timages\tsource\n"
 
 
@@ -230,7 +234,7 @@ def test_prompts_need_enough_templates_with_placeholders(tmp_path, real):
 def test_tokenizer_corpus_fills_templates_and_descriptions(tmp_path):
     prompts = tmp_path / "p.yaml"
     prompts.write_text(yaml.safe_dump({"object": ["a {token} {class} in snow"]}))
-    demo_desc = REPO / "demo/subjects/red_mug/descriptions.yaml"
+    demo_desc = REPO / "tests/data/tiny_demo/subjects/red_mug/descriptions.yaml"
     shutil.copy(demo_desc, tmp_path / "d.yaml")
     corpus = tokenizer_corpus([prompts, tmp_path / "d.yaml"], ["mug", "dog"], "sks")
     assert "a sks mug in snow" in corpus and "a sks dog in snow" in corpus

@@ -1,4 +1,4 @@
-"""The built-in demo's synthetic subjects: reproducible, masked and correctly described."""
+"""The tiny demo's subjects (tests/data/tiny_demo): reproducible, masked, correctly described."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo"
+DEMO = REPO / "tests/data/tiny_demo"  # the tiny-model demo of wave 1, kept for tests
 SCRIPT = DEMO / "make_demo_subjects.py"
 SUBJECTS_DIR = DEMO / "subjects"
 CASES = ("case1", "case2", "case3", "case4")

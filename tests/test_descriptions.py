@@ -32,7 +32,7 @@ from sidpipe.io import SidpipeError, read_csv, sha256_file
 from sidpipe.models import train_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo" / "subjects"
+DEMO = REPO / "tests/data/tiny_demo/subjects"
 CLASSES = {"red_mug": "mug", "toy_robot": "robot", "spotted_dog": "dog"}
 KINDS = {"red_mug": "object", "toy_robot": "object", "spotted_dog": "live"}
 # The base tokenizer learns the demo's words, as the demo's own tiny tokenizer does.

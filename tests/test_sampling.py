@@ -59,6 +59,9 @@ class Spy:
         return getattr(self.pipe, name)
 
 
+TINY_DEMO_MUG = REPO / "tests/data/tiny_demo/subjects/red_mug/descriptions.yaml"
+
+
 def sample(pipe: Any, out: Path, seeds: list[int], templates=TEMPLATES, **kwargs) -> list[dict]:
     prompts = expand_prompts(templates, "dog", "sks")
     kwargs = {"steps": STEPS, "resolution": RES, "batch_size": 4, "dtype": "float32"} | kwargs
@@ -93,7 +96,7 @@ def test_expand_prompts_has_25_per_kind_and_plain_prompts_lack_the_identifier() 
 
 
 def test_negative_prompt_keeps_the_context_and_drops_the_subject(pipe: Any) -> None:
-    entries = yaml.safe_load((REPO / "demo/subjects/red_mug/descriptions.yaml").read_text())
+    entries = yaml.safe_load(TINY_DEMO_MUG.read_text())
     descriptions = [entry["case3"] for entry in entries.values()]
     negative = negative_prompt_from_descriptions(descriptions, "mug")
     parts = negative.split(", ")
@@ -117,7 +120,7 @@ def test_arm_negative_prompt_fits_the_base_models_text_window(
 ) -> None:
     """Six long SID descriptions make a negative prompt far over 77 tokens: the arm keeps the
     whole parts that fit, so what the manifest records is what the text encoder sees."""
-    entries = yaml.safe_load((REPO / "demo/subjects/red_mug/descriptions.yaml").read_text())
+    entries = yaml.safe_load(TINY_DEMO_MUG.read_text())
     texts = [entry["case3"] for entry in entries.values()]
     texts += [t.replace("tablecloth", "wooden desk").replace("wall", "curtain") for t in texts]
     write_csv(

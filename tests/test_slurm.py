@@ -23,7 +23,7 @@ CLUSTER = REPO / "tests/slurm/local_cluster.sh"
 # Every call is bounded: a confused executor can otherwise wait forever (see the notes).
 LIMIT = ["timeout", "-k", "10"]
 TARGETS = ["results/references/summary.csv", "results/experiments/arms.csv"]
-TARGETS += [f"results/masks/{s}/manifest.csv" for s in ("red_mug", "toy_robot", "spotted_dog")]
+TARGETS += [f"results/masks/{s}/manifest.csv" for s in ("blue_mug", "toy_robot", "spotted_dog")]
 
 
 def _run(cmd, seconds, **kwargs):
@@ -119,7 +119,7 @@ def test_whole_demo_runs_through_slurm_like_locally(cluster, demo_run, tmp_path)
     """`all` of the demo: every rule through sbatch, GPU rules on a (fake) GPU, small CPU jobs
     grouped into few submissions, and every result byte-identical to the local run."""
     workdir = _workdir(tmp_path)
-    result = _run(_snakemake(workdir, SLURM, []), 1500, cwd=REPO, env=cluster)
+    result = _run(_snakemake(workdir, SLURM, []), 3600, cwd=REPO, env=cluster)  # hang guard
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     submitted = _submitted(output)
@@ -152,7 +152,7 @@ def test_failing_job_is_reported_and_the_run_exits_nonzero(cluster, tmp_path):
     log = (workdir / "results/logs/prepare_references/spotted_dog.log").read_text()
     assert "found 1 reference image(s) but at least 3" in log
     # keep-going: the other subjects finished
-    assert (workdir / "results/references/red_mug/manifest.csv").exists()
+    assert (workdir / "results/references/blue_mug/manifest.csv").exists()
 
 
 def test_interrupted_run_completes_without_redoing_finished_jobs(cluster, tmp_path):
@@ -210,8 +210,8 @@ def test_training_signalled_by_slurm_checkpoints_and_resumes(cluster, tmp_path):
     config["methods"]["textual_inversion"]["steps"] = 10**7
     config["training"]["checkpoint_every"] = 10**7
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    target = ["results/train/textual_inversion/case1/red_mug/train_info.json"]
-    log = workdir / "results/logs/train/textual_inversion/case1/red_mug.log"
+    target = ["results/train/textual_inversion/case1/blue_mug/train_info.json"]
+    log = workdir / "results/logs/train/textual_inversion/case1/blue_mug.log"
     cmd = [*LIMIT, "400", *_snakemake(workdir, SLURM, target)]
     process = subprocess.Popen(
         cmd, cwd=REPO, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -232,7 +232,7 @@ def test_training_signalled_by_slurm_checkpoints_and_resumes(cluster, tmp_path):
     match = re.search(r"SIGTERM received; stopped after step (\d+) of 10000000", log.read_text())
     assert match, log.read_text()[-3000:]
     step = int(match.group(1))
-    checkpoints = workdir / "results/train/textual_inversion/case1/red_mug.checkpoints"
+    checkpoints = workdir / "results/train/textual_inversion/case1/blue_mug.checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == [f"checkpoint-{step:07d}.pt"]
 
     config["methods"]["textual_inversion"]["steps"] = step + 20

@@ -22,7 +22,7 @@ from sidpipe.io import SidpipeError, read_csv, sha256_file
 from sidpipe.models import train_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo" / "subjects"
+DEMO = REPO / "tests/data/tiny_demo/subjects"
 KEY_ENV = "SIDPIPE_TEST_OPENAI_KEY"
 SECRET = "sk-test-SECRET-3f9a7c1e5b2d4a6f8e0c"
 GOOD = "a [V] mug on a blue and white checkered tablecloth next to a small green plant"

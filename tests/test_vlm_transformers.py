@@ -23,7 +23,7 @@ from sidpipe.tiny_vlms import build_tiny_blip2, build_tiny_llava
 from sidpipe.vlm import TransformersBackend, VLMRequest
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo" / "subjects"
+DEMO = REPO / "tests/data/tiny_demo/subjects"
 CORPUS = [
     "a mug on a blue and white checkered tablecloth next to a small green plant",
     "USER: describe the image ASSISTANT: a photo of a dog on the grass",

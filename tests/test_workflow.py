@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -23,11 +24,13 @@ GATHERS = {"all", "summarize_references", "plan_experiments", "gather_metrics", 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     config = workdir / "config.yaml"
     cmd = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(config), *args]
     result = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=600
+        cmd, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout}\n{result.stderr}")
@@ -95,6 +98,27 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
     }
 
 
+def test_strength_sweep_layers_on_the_demo():
+    """demo/strength.yaml adds DreamBooth at 100 and 600 steps (Case 1, SID) to the demo."""
+    result = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
+        + ["--configfile", str(REPO / "demo/config.yaml"), str(REPO / "demo/strength.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
+    assert grid and int(grid.group(1)) == 20 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
+    strength = re.search(r"^  strength: (.*)$", result.stdout, re.MULTILINE)
+    assert strength and strength.group(1).split(", ") == [
+        f"dreambooth{steps}/{case}/standard"
+        for steps in ("", "_100steps", "_600steps")
+        for case in ("case1", "sid")
+    ]
+
+
 @pytest.mark.parametrize("config", ["config.yaml", "demo/config.yaml"])
 def test_lint_is_clean(config):
     workdir = REPO if config == "config.yaml" else REPO / "demo"
@@ -110,77 +134,76 @@ def test_lint_is_clean(config):
 
 
 def test_demo_outputs(demo_run):
+    subjects = ("blue_mug", "toy_robot", "spotted_dog", "balloon_car", "upside_robot")
     summary = list(csv.DictReader(open(demo_run / "results/references/summary.csv")))
-    assert Counter(r["subject"] for r in summary) == {
-        "red_mug": 4,
-        "toy_robot": 4,
-        "spotted_dog": 4,
-    }
+    assert Counter(r["subject"] for r in summary) == dict.fromkeys(subjects, 4)
     for row in summary:
         image = Image.open(demo_run / "results/references" / row["subject"] / row["path"])
-        assert image.size == (64, 64) and image.mode == "RGB"
-        assert row["mask_path"]  # the demo ships ground-truth masks for every image
+        assert image.size == (32, 32) and image.mode == "RGB"
+        assert row["mask_path"]  # the world draws ground-truth masks for every image
     arms = list(csv.DictReader(open(demo_run / "results/experiments/arms.csv")))
     assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives"}
-    assert sum(r["experiment"] == "main" for r in arms) == 8 + 2 * 2
-    assert len({(r["arm"], r["subject"]) for r in arms}) == 16
+    assert sum(r["experiment"] == "main" for r in arms) == 8 + 2 * 4
+    assert len({(r["arm"], r["subject"]) for r in arms}) == 20
     samples = list((demo_run / "results/samples").glob("*/*/*/*/manifest.csv"))
-    assert len(samples) == 16
+    assert len(samples) == 20
     for manifest in samples:
         rows = list(csv.DictReader(open(manifest)))
-        assert len(rows) == 3 * 2  # prompts x seeds
+        assert len(rows) == 14 * 4  # the world's prompts x seeds
         assert all((manifest.parent / r["path"]).exists() for r in rows)
         assert all("sks" not in r["prompt_plain"] for r in rows)
-    negative = demo_run / "results/samples/dreambooth/case1/negative_prompt/red_mug/manifest.csv"
+    negative = demo_run / "results/samples/dreambooth/case1/negative_prompt/blue_mug/manifest.csv"
     assert "tablecloth" in next(csv.DictReader(open(negative)))["negative_prompt"]
     attention = list((demo_run / "results/attention").glob("*/*/*/*/attention.csv"))
-    assert len(attention) == 12  # attention.experiments: [main]
+    assert len(attention) == 16  # attention.experiments: [main]
     # A method's own checkpoint_every reaches its jobs; the others keep training's.
     intervals = {
         path.parts[-4]: json.loads(path.read_text())["checkpoint_every"]
-        for path in (demo_run / "results/train").glob("*/case1/red_mug/train_info.json")
+        for path in (demo_run / "results/train").glob("*/case1/blue_mug/train_info.json")
     }
     assert intervals == {
-        "dreambooth": 3,
-        "dreambooth_masked": 2,
-        "custom_diffusion": 2,
-        "svdiff": 2,
-        "textual_inversion": 2,
+        "dreambooth": 150,
+        "dreambooth_masked": 1000,
+        "custom_diffusion": 1000,
+        "svdiff": 1000,
+        "textual_inversion": 1000,
     }
-    weights = demo_run / "results/train/svdiff/sid/red_mug/weights"
+    weights = demo_run / "results/train/svdiff/sid/blue_mug/weights"
     assert (weights / "spectral_shifts.safetensors").exists()
     # full fine-tunes are temp() in the demo (keep_full_weights: false): gone after sampling
-    assert not (demo_run / "results/train/dreambooth/sid/red_mug/weights").exists()
-    assert len(list((demo_run / "results/samples/compare").glob("*/*.png"))) == 4 + 2
-    metrics = list(csv.DictReader(open(demo_run / "results/metrics/all.csv")))
-    assert len(metrics) == 16 * 6 * 5  # arm-subject pairs x images x metrics
-    assert {r["metric"] for r in metrics} == {"SA", "NSD", "TA", "CLIP-I", "DINO"}
-    summary = list(csv.DictReader(open(demo_run / "results/metrics/summary.csv")))
-    assert len(summary) == 12 * 5  # arms x metrics
-    for name in ("pareto", "subjects", "improvements"):
+    assert not (demo_run / "results/train/dreambooth/sid/blue_mug/weights").exists()
+    assert len(list((demo_run / "results/samples/compare").glob("*/*.png"))) == 4 + 4
+    metrics = pd.read_csv(demo_run / "results/metrics/all.csv")
+    clip_metrics = {"SA", "NSD", "TA", "CLIP-I", "DINO"}
+    world = {"leak_background", "leak_object", "leak_pose", "subject_kept", "prompt_followed"}
+    assert set(metrics["metric"]) == clip_metrics | world
+    assert (metrics["metric"].isin(clip_metrics)).sum() == 20 * 56 * 5  # pairs x images
+    # the pose leak exists only for the upside-down subject, the object leak not for it
+    assert set(metrics.loc[metrics["metric"] == "leak_pose", "subject"]) == {"upside_robot"}
+    assert "upside_robot" not in set(metrics.loc[metrics["metric"] == "leak_object", "subject"])
+    summary = pd.read_csv(demo_run / "results/metrics/summary.csv")
+    assert len(summary[summary["metric"].isin(clip_metrics)]) == 12 * 5  # arms x metrics
+    for name in ("pareto", "subjects", "improvements", "agreement"):
         assert (demo_run / f"results/metrics/plots/{name}.svg").stat().st_size > 1000
-    for subject, backend in [("red_mug", "provided"), ("toy_robot", "grounded_sam")]:
+    agreement = pd.read_csv(demo_run / "results/metrics/agreement.csv")
+    assert {"SA", "NSD", "TA"} <= set(agreement["metric"])
+    for subject in subjects:
         masks = list(csv.DictReader(open(demo_run / f"results/masks/{subject}/manifest.csv")))
-        assert [r["backend"] for r in masks] == [backend] * 4
+        assert [r["backend"] for r in masks] == ["provided"] * 4
         assert Image.open(demo_run / f"results/masks/{subject}/overlays.png").width > 0
     described = {
         p.parent.name + "/" + p.stem for p in (demo_run / "results/descriptions").glob("*/*.csv")
     }
     assert described == {
-        *(
-            f"{s}/{subject}"
-            for s in ("case1", "sid")
-            for subject in ("red_mug", "toy_robot", "spotted_dog")
-        ),
-        "case2/red_mug",
-        "case4/red_mug",
+        *(f"{s}/{subject}" for s in ("case1", "sid") for subject in subjects),
+        "case2/blue_mug",
+        "case4/blue_mug",
     }
-    sid = list(csv.DictReader(open(demo_run / "results/descriptions/sid/red_mug.csv")))
+    sid = list(csv.DictReader(open(demo_run / "results/descriptions/sid/blue_mug.csv")))
     assert all(r["description"].count("[V] mug") == 1 and r["source"] == "manual" for r in sid)
-    page = (demo_run / "results/descriptions/report/red_mug.html").read_text()
+    assert all("tablecloth" in r["description"] for r in sid)
+    page = (demo_run / "results/descriptions/report/blue_mug.html").read_text()
     assert page.count("<img") == 4 and "sid (case 3)" in page
-    for name in ("sd", "clip", "dino", "grounding_dino", "sam"):
-        assert (demo_run / "results/models/tiny" / name).is_dir()
     for rule in ("prepare_references", "segment_references", "describe_references"):
         assert list((demo_run / "results/logs" / rule).rglob("*.log")), rule
     assert scheduled_jobs(demo_run) == []  # a finished run is complete
@@ -276,7 +299,7 @@ def test_downloaded_subject_through_the_workflow(tmp_path):
     workdir = copy_demo(tmp_path / "w")
     archive = tmp_path / "mini.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for image in sorted((REPO / "demo/subjects/red_mug").glob("0?.png")):
+        for image in sorted((REPO / "demo/subjects/blue_mug").glob("0?.png")):
             zf.write(image, f"mini-main/dataset/mug/{image.name}")
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["datasets"] = {
@@ -304,15 +327,15 @@ def test_downloaded_subject_through_the_workflow(tmp_path):
 def test_bad_reference_folder_fails_the_job_without_partial_output(tmp_path):
     workdir = copy_demo(tmp_path / "w")
     for extra in ("02", "03", "04"):
-        (workdir / f"subjects/red_mug/{extra}.png").unlink()
+        (workdir / f"subjects/blue_mug/{extra}.png").unlink()
     result = snakemake(
-        workdir, "--cores", "1", "results/references/red_mug/manifest.csv", check=False
+        workdir, "--cores", "1", "results/references/blue_mug/manifest.csv", check=False
     )
     assert result.returncode != 0
-    log = (workdir / "results/logs/prepare_references/red_mug.log").read_text()
+    log = (workdir / "results/logs/prepare_references/blue_mug.log").read_text()
     assert "found 1 reference image(s) but at least 3" in log
-    assert not (workdir / "results/references/red_mug").exists() or not any(
-        (workdir / "results/references/red_mug").iterdir()
+    assert not (workdir / "results/references/blue_mug").exists() or not any(
+        (workdir / "results/references/blue_mug").iterdir()
     )
 
 
@@ -327,7 +350,7 @@ def test_api_key_never_reaches_any_output_or_the_report(tmp_path, monkeypatch):
             description_file.unlink()  # manual entries would override the VLM
         (workdir / "subjects.tsv").write_text(
             "subject\tclass\tkind\timages\tsource\tmask_backend\n"
-            "red_mug\tmug\tobject\tsubjects/red_mug\tlocal\tprovided\n"
+            "blue_mug\tmug\tobject\tsubjects/blue_mug\tlocal\tprovided\n"
         )
         config = yaml.safe_load((workdir / "config.yaml").read_text())
         config["vlms"] = {
@@ -350,7 +373,7 @@ def test_api_key_never_reaches_any_output_or_the_report(tmp_path, monkeypatch):
         server.close()
     assert len(server.requests) == 4
     assert all(r["headers"]["authorization"] == f"Bearer {SECRET}" for r in server.requests)
-    rows = list(csv.DictReader(open(workdir / "results/descriptions/sid/red_mug.csv")))
+    rows = list(csv.DictReader(open(workdir / "results/descriptions/sid/blue_mug.csv")))
     assert [r["source"] for r in rows] == ["vlm"] * 4
     files = [p for p in workdir.rglob("*") if p.is_file()]
     assert workdir / "report.html" in files and len(files) > 50

@@ -375,6 +375,15 @@ def generated_subject_mask(
     return masks
 
 
+def judged_subject_mask(images: list[Image.Image], judge: str) -> list[np.ndarray | None]:
+    """The subject's mask in each generated image as the world's judge reads it; None where
+    it finds no subject pixel (the image may lack the subject)."""
+    from sidpipe.world.judge import load_judge, read_images
+
+    seen = read_images(load_judge(judge), images)
+    return [s["mask"] if s["mask"].any() else None for s in seen]
+
+
 def attention_for_arm(
     base_model: str,
     out_dir: Path,
@@ -396,12 +405,15 @@ def attention_for_arm(
     segmentation: dict | None = None,
     pipe: Any = None,
     loader: LazyPipeline | None = None,
+    judge: str | None = None,
 ) -> list[dict]:
     """For the chosen prompts (all when `prompt_ids` is None) x `seeds`: the image, the
     identifier's map (maps/*.png, maps.npz), its overlay, the subject's mask and
     `attention.csv` (prompt_id, seed, attention_mass_in_mask, mask_fraction, ...).
 
     `segmentation`: keyword arguments for `generated_subject_mask` (thresholds, box_mode, ...).
+    `judge`: the synthetic world's judge folder; when given, its mask head (trained on the
+    scenes' true masks) gives the generated images' subject masks instead of Grounded-SAM.
     `pipe` (tests) is used as given; otherwise the pipeline comes from `loader` (the one the
     job's `sample_arm` used, so the model is loaded once per job) or is loaded here, and is
     released before GroundingDINO and SAM are loaded.
@@ -425,9 +437,12 @@ def attention_for_arm(
     if own_pipe:  # free the accelerator for GroundingDINO and SAM
         del pipe
         loader.release()
-    masks = generated_subject_mask(
-        images, class_name, detector, segmenter, device=device, **(segmentation or {})
-    )
+    if judge:
+        masks = judged_subject_mask(images, judge)
+    else:
+        masks = generated_subject_mask(
+            images, class_name, detector, segmenter, device=device, **(segmentation or {})
+        )
 
     rows: list[dict] = []
     with atomic_dir(out_dir) as tmp:

@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 PARTS = ("vae", "clip", "judge", "dino", "unet")
+SHARD = "4MB"  # the repository ships the weights: every file under 5 MB
 TRAINING_SOURCES = (
     "grammar.py",
     "draw.py",
@@ -567,9 +568,9 @@ def pretrain_world(
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
-        ).save_pretrained(tmp / "sd")
-        clip.save_pretrained(tmp / "clip")
-        dino.save_pretrained(tmp / "dino")
+        ).save_pretrained(tmp / "sd", max_shard_size=SHARD)
+        clip.save_pretrained(tmp / "clip", max_shard_size=SHARD)
+        dino.save_pretrained(tmp / "dino", max_shard_size=SHARD)
         _write_processors(tmp, tokenizer)
         judge.save_pretrained(tmp / "judge")
         times["total"] = round(time.perf_counter() - t_job, 1)

@@ -21,7 +21,8 @@ and each subject folder is written to a temporary sibling and renamed into place
 script is idempotent (byte-identical reruns) and a crash never leaves a half-written
 folder.
 
-Usage: python demo/make_demo_subjects.py [--out DIR]   (default: demo/subjects)
+Usage: python tests/data/tiny_demo/make_demo_subjects.py [--out DIR]
+(default: the subjects/ folder beside it)
 """
 
 from __future__ import annotations
@@ -442,8 +443,8 @@ def descriptions(name: str) -> dict[str, dict[str, str]]:
 
 def descriptions_yaml(name: str) -> str:
     lines = [
-        f"# Hand-written SID descriptions of demo/subjects/{name}/ (written by "
-        "demo/make_demo_subjects.py).",
+        f"# Hand-written SID descriptions of tests/data/tiny_demo/subjects/{name}/ (written by "
+        "tests/data/tiny_demo/make_demo_subjects.py).",
         "# case1: a [V] class | case2: + classes of the other elements | case3: + their "
         "specifications | case4: + the subject's own details.",
     ]

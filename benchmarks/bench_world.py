@@ -1,0 +1,89 @@
+"""The synthetic world's models: each pretraining part's time and the job's peak memory (from the
+manifest `pretrain_world` writes), the judge's accuracy on held-out real scenes and on VAE
+reconstructions, and the base model's competence (background, colour, class) on prompt
+combinations that no pretraining scene or caption held, with Wilson 95 % intervals.
+
+`--regenerate` retrains the world from scratch (the shipped settings, about 20 min on 2 cores)
+and measures the same competence on the regenerated weights: each figure should fall inside the
+shipped weights' interval and vice versa (`overlap` per figure).
+
+    python benchmarks/bench_world.py [--world demo/world] [--regenerate] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("background", "colour", "class")
+
+
+def competence(world: Path, seeds: int) -> dict:
+    from sidpipe.world.competence import measure_competence
+
+    manifest = json.loads((world / "manifest.json").read_text())
+    result = measure_competence(
+        world / "sd", world / "judge", manifest["held_out_triples"], list(range(seeds))
+    )
+    return {k: v for k, v in result.items() if k not in ("images", "rows", "seen")}
+
+
+def parts(world: Path) -> dict:
+    manifest = json.loads((world / "manifest.json").read_text())
+    return {
+        "seconds": manifest["seconds"],
+        "peak_rss_mb": manifest["peak_rss_mb"],
+        "judge_accuracy": manifest["judge_accuracy"],
+        "settings": manifest["settings"],
+        "code_sha256": manifest["code_sha256"],
+    }
+
+
+def bench_world(
+    world: Path = REPO / "demo/world", regenerate: bool = False, seeds: int = 3
+) -> dict:
+    from sidpipe.models import setup_job
+
+    setup_job(2)
+    result = {"name": "world", "world": str(world), "shipped": parts(world)}
+    result["shipped"]["competence"] = competence(world, seeds)
+    if regenerate:
+        from sidpipe.world.pretrain import pretrain_world
+
+        shipped = json.loads((world / "manifest.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "world"
+            pretrain_world(out, shipped["settings"], identifier=shipped["identifier"])
+            result["regenerated"] = parts(out)
+            result["regenerated"]["competence"] = competence(out, seeds)
+        overlap = {}
+        for key in FIGURES:
+            a = result["shipped"]["competence"][key]
+            b = result["regenerated"]["competence"][key]
+            overlap[key] = bool(
+                a["ci95"][0] <= b["accuracy"] <= a["ci95"][1]
+                or b["ci95"][0] <= a["accuracy"] <= b["ci95"][1]
+            )
+        result["regenerated_within_ci"] = overlap
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--world", type=Path, default=REPO / "demo/world")
+    parser.add_argument("--regenerate", action="store_true")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "results/bench/world.json")
+    args = parser.parse_args()
+    result = bench_world(args.world, args.regenerate, args.seeds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    json.dump(result, sys.stdout, indent=2)
+
+
+if __name__ == "__main__":
+    main()
