@@ -59,7 +59,7 @@ def real_size_modules(tmp: Path) -> dict[str, Any]:
     # trains on) are whole tokens, so captions have realistic lengths, as with CLIP's vocabulary.
     texts = [
         REPO / "prompts/dreambooth.yaml",
-        *sorted(REPO.glob("demo/subjects/*/descriptions.yaml")),
+        *sorted(REPO.glob("tests/data/tiny_demo/subjects/*/descriptions.yaml")),
     ]
     corpus = tokenizer_corpus(texts, ["dog", "mug"], "sks")
     tokenizer = train_clip_tokenizer(corpus, tmp / "tokenizer")

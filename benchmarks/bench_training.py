@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo"
+DEMO = REPO / "tests/data/tiny_demo"  # tiny random models at 64 px: the wave-1 demo
 METHODS = {
     "dreambooth": {"prior_preservation": True, "train_text_encoder": True},
     "dreambooth_lora": {"rank": 4, "prior_preservation": True},

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_DEMO = REPO / "tests/data/tiny_demo"  # tiny random models at 64 px
 
 
 def _arm_subject_pairs() -> int:
@@ -82,9 +83,9 @@ def bench_segment(repeats: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        corpus = tokenizer_corpus([REPO / "demo/prompts.yaml"], ["robot"], "sks")
+        corpus = tokenizer_corpus([TINY_DEMO / "prompts.yaml"], ["robot"], "sks")
         models = build_tiny_models(tmp / "models", corpus)
-        rows = prepare_references(REPO / "demo/subjects/toy_robot", tmp / "refs", "toy_robot", 64)
+        rows = prepare_references(TINY_DEMO / "subjects/toy_robot", tmp / "refs", "toy_robot", 64)
         kwargs = dict(class_name="robot", detector=models["grounding_dino"])
         kwargs |= dict(segmenter=models["sam"], box_threshold=0.0, text_threshold=0.0)
         times = []
