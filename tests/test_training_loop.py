@@ -32,7 +32,7 @@ from sidpipe.training.base import diffusion_loss
 from sidpipe.training.data import LatentSource, read_training_set, tokenize
 from sidpipe.training.loop import TrainingInterrupted, stream_indices, train_subject
 
-DEMO = Path(__file__).resolve().parents[1] / "demo" / "subjects" / "red_mug"
+DEMO = Path(__file__).resolve().parents[1] / "tests/data/tiny_demo/subjects/red_mug"
 SIZE = 64
 LORA = {"learning_rate": 1e-3, "rank": 2, "batch_size": 1}
 

@@ -29,7 +29,7 @@ from sidpipe.training.base import Batch, diffusion_loss
 from sidpipe.training.data import LatentSource, read_training_set, tokenize
 from sidpipe.training.loop import stream_indices, train_subject
 
-DEMO = Path(__file__).resolve().parents[1] / "demo" / "subjects" / "red_mug"
+DEMO = Path(__file__).resolve().parents[1] / "tests/data/tiny_demo/subjects/red_mug"
 SIZE = 64
 
 
