@@ -206,6 +206,22 @@ def _encode_files(
     return [torch.cat(part) for part in parts]
 
 
+def image_keys(
+    row: dict, path: Path, subject: str, method: str, descriptions: str, inference: str
+) -> dict:
+    """The `FIELDS` that name one generated image (a samples manifest row) of one arm."""
+    return {
+        "subject": subject,
+        "method": method,
+        "descriptions": descriptions,
+        "inference": inference,
+        "prompt_id": int(row["prompt_id"]),
+        "prompt": row["prompt"],
+        "seed": int(row["seed"]),
+        "image": str(path),
+    }
+
+
 def score_arm(
     samples_dir: Path,
     masks_dir: Path,
@@ -290,16 +306,7 @@ def score_arm(
 
     out = []
     for i, row in enumerate(samples):
-        base = {
-            "subject": subject,
-            "method": method,
-            "descriptions": descriptions,
-            "inference": inference,
-            "prompt_id": int(row["prompt_id"]),
-            "prompt": row["prompt"],
-            "seed": int(row["seed"]),
-            "image": str(gen_paths[i]),
-        }
+        base = image_keys(row, gen_paths[i], subject, method, descriptions, inference)
         for metric, values in scores.items():
             out.append({**base, "metric": metric, "value": round(float(values[i]), DIGITS)})
     means = {metric: float(np.mean(values)) for metric, values in scores.items()}

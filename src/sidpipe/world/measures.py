@@ -117,6 +117,8 @@ def measure_arm(
     columns = ["prompt_id", "prompt", "prompt_plain", "seed", "path"]
     samples = read_manifest(samples_dir, "samples", "sample_arm", columns)
     truth = read_truth(truth_json)
+    from sidpipe.metrics import image_keys
+
     judge = load_judge(judge_model)
     images = []
     for row in samples:
@@ -125,20 +127,6 @@ def measure_arm(
     values = measure_images(judge, images, [row["prompt_plain"] for row in samples], truth)
     out = []
     for row, measures in zip(samples, values, strict=True):
-        for name in MEASURES:
-            if name in measures:
-                out.append(
-                    {
-                        "subject": subject,
-                        "method": method,
-                        "descriptions": descriptions,
-                        "inference": inference,
-                        "prompt_id": int(row["prompt_id"]),
-                        "prompt": row["prompt"],
-                        "seed": int(row["seed"]),
-                        "image": str(samples_dir / row["path"]),
-                        "metric": name,
-                        "value": measures[name],
-                    }
-                )
+        keys = image_keys(row, samples_dir / row["path"], subject, method, descriptions, inference)
+        out += [{**keys, "metric": n, "value": measures[n]} for n in MEASURES if n in measures]
     return out
