@@ -27,6 +27,12 @@ METHODS = {
     "custom_diffusion": {"prior_preservation": True, "batch_size": 2, "flip": True},
     "svdiff": {"prior_preservation": True, "learning_rate_1d": 1e-6},
     "textual_inversion": {},
+    "sefi_ide": {"stages": 5, "attention_weight": 0.003},
+    "lego": {
+        "masked": True,
+        "positive_words": ["frozen", "icy"],
+        "negative_words": ["hot", "green"],
+    },
 }
 
 
@@ -42,6 +48,7 @@ def demo_subject(
     from sidpipe.class_images import generate_class_images
     from sidpipe.config import tokenizer_corpus
     from sidpipe.io import write_csv
+    from sidpipe.masks import segment_references
     from sidpipe.models import build_tiny_models
     from sidpipe.references import prepare_references
 
@@ -52,6 +59,7 @@ def demo_subject(
         )
         model_dir = build_tiny_models(root / "tiny", corpus)["sd"]
     prepare_references(mug, root / "refs", "red_mug", resolution)
+    segment_references(root / "refs", root / "masks", "red_mug", "mug", backend="provided")
     table = yaml.safe_load((mug / "descriptions.yaml").read_text())
     rows = [{"image_id": k, "description": v["case3"]} for k, v in table.items()]
     write_csv(root / "descriptions.csv", rows, ["image_id", "description"])
@@ -69,6 +77,7 @@ def demo_subject(
         "refs": root / "refs",
         "csv": root / "descriptions.csv",
         "class": root / "class",
+        "masks": root / "masks",
     }
 
 
@@ -90,6 +99,7 @@ def _train(
         "sks",
         "mug",
         class_images_dir=subject["class"],
+        masks_dir=subject["masks"],
         device="cpu",
         checkpoint_every=10_000,
         cache_latents=cache,

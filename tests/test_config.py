@@ -72,8 +72,12 @@ def test_paper_grid_expands_to_the_expected_arms(real):
     assert {a.descriptions for a in arms["vlms"]} == {"sid", "sid_llava", "sid_blip2"}
     assert Arm("dreambooth", "case1", "negative_prompt") in arms["alternatives"]
     assert Arm("dreambooth_masked", "case1") in arms["alternatives"]
-    # main 8 + cases 2 new + vlms 2 new + alternatives 2 new; shared arms run once
-    assert len(all_arm_subjects(real, subjects)) == 14 * 15
+    assert {(a.method, a.descriptions) for a in arms["sefi"]} == {
+        (m, d) for m in ("sefi_ide", "textual_inversion", "dreambooth") for d in ("case1", "sid")
+    }
+    # main 8 + cases 2 new + vlms 2 new + alternatives 2 new + sefi 2 new (sefi_ide x 2);
+    # shared arms run once
+    assert len(all_arm_subjects(real, subjects)) == 16 * 15
 
 
 def test_grid_subjects_restrict_and_unknown_subject_is_rejected(real):

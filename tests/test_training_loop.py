@@ -206,7 +206,7 @@ def test_each_image_caption_reaches_the_text_encoder(
         seen.append((batch.input_ids.clone(), hidden.detach().clone(), batch.is_prior.clone()))
         return diffusion_loss(unet, scheduler, batch, hidden, noise, timesteps, weight)
 
-    monkeypatch.setattr(loop, "diffusion_loss", spy)
+    monkeypatch.setattr(base, "diffusion_loss", spy)
     # One epoch of the 4 references: each description is used exactly once.
     settings = {**LORA, "steps": 2, "batch_size": 2, "prior_preservation": True}
     run(subject, tmp_path, algorithm, settings)
@@ -446,7 +446,7 @@ def test_masks_follow_their_images_through_flips_and_batches(
         return diffusion_loss(unet, scheduler, batch, hidden, noise, timesteps, weight)
 
     monkeypatch.setattr(LatentSource, "sample", spy_sample)
-    monkeypatch.setattr(loop, "diffusion_loss", spy_loss)
+    monkeypatch.setattr(base, "diffusion_loss", spy_loss)
     settings = {"steps": 6, "learning_rate": 1e-5, "batch_size": 2, "flip": True}
     settings |= {"masked": True, "prior_preservation": True}
     run(subject, tmp_path, "dreambooth", settings)

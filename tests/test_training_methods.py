@@ -24,7 +24,7 @@ from sidpipe.masks import segment_references
 from sidpipe.models import load_sd_components, load_sd_pipeline
 from sidpipe.references import prepare_references
 from sidpipe.tiny_models import build_tiny_models
-from sidpipe.training import loop, trainer_class
+from sidpipe.training import base, trainer_class
 from sidpipe.training.base import Batch, diffusion_loss
 from sidpipe.training.data import LatentSource, read_training_set, tokenize
 from sidpipe.training.loop import stream_indices, train_subject
@@ -252,7 +252,8 @@ def test_dreambooth_step_matches_a_hand_written_step(
         seen.update(latents=batch.latents, input_ids=batch.input_ids, noise=noise, t=timesteps)
         return diffusion_loss(unet, scheduler, batch, hidden, noise, timesteps, weight)
 
-    monkeypatch.setattr(loop, "diffusion_loss", spy)
+    # the loop's step goes through Trainer.compute_loss, which calls base.diffusion_loss
+    monkeypatch.setattr(base, "diffusion_loss", spy)
     out = tmp_path / "run"
     train_subject(
         "dreambooth",

@@ -144,6 +144,9 @@ class IdentifierAttnProcessor:
     ) -> torch.Tensor:
         """softmax(q k^T * scale) of the conditional half, restricted to the tracked keys;
         the same pre-processing as AttnProcessor2_0 (spatial/group norm, norm_cross, norm_q/k)."""
+        key_context = getattr(self.inner, "key_context", None)
+        if key_context is not None:  # SeFi-IDE: the keys see the stage's K text features
+            context = key_context(context)
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         if hidden_states.ndim == 4:

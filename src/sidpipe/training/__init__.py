@@ -13,6 +13,8 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "custom_diffusion": ("custom_diffusion", "CustomDiffusionTrainer"),
     "svdiff": ("svdiff", "SVDiffTrainer"),
     "textual_inversion": ("textual_inversion", "TextualInversionTrainer"),
+    "lego": ("lego", "LegoTrainer"),
+    "sefi_ide": ("sefi_ide", "SeFiIdeTrainer"),
 }
 
 

@@ -135,6 +135,36 @@ class Trainer(ABC):
         optimizer's. A method that trains one row of a matrix says so."""
         return sum(p.numel() for p in {id(p): p for p in params}.values())
 
+    #: extra loss parts this method reports (columns of training_log.csv after the standard ones)
+    log_fields: tuple[str, ...] = ()
+    #: True: the method needs the subject masks (`masked: true` in its settings).
+    needs_masks: bool = False
+
+    def compute_loss(
+        self,
+        batch: Batch,
+        encoder_hidden_states: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        prior_loss_weight: float,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss and its parts for the log; `diffusion_loss` unless a method adds
+        terms of its own (Lego, SeFi-IDE). `batch.input_ids` are the captions' token ids."""
+        return diffusion_loss(
+            self.c.unet,
+            self.c.noise_scheduler,
+            batch,
+            encoder_hidden_states,
+            noise,
+            timesteps,
+            prior_loss_weight,
+        )
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Caption token ids -> the UNet's encoder_hidden_states (a method whose text
+        conditioning is not the text encoder's last hidden state overrides it)."""
+        return self.c.text_encoder(input_ids).last_hidden_state
+
     def after_step(self) -> None:  # noqa: B027 (optional hook)
         """Called after each optimizer step (e.g. to keep non-trained embedding rows fixed)."""
 

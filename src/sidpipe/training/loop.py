@@ -30,7 +30,7 @@ from tqdm import tqdm
 from sidpipe.io import SidpipeError, atomic_dir, log, write_csv
 from sidpipe.models import import_bitsandbytes, load_sd_components, pick_device
 from sidpipe.training import trainer_class
-from sidpipe.training.base import PLACEHOLDER, Batch, Trainer, diffusion_loss
+from sidpipe.training.base import PLACEHOLDER, Batch, Trainer
 from sidpipe.training.data import (
     LatentSource,
     TextCache,
@@ -340,6 +340,11 @@ def train_subject(
     _seed_everything(seed)
     c = load_sd_components(base_model, device=str(dev))
     trainer = _build_trainer(algorithm, c, settings, identifier, class_name)
+    if trainer.needs_masks and not masked:
+        raise SidpipeError(
+            f"{algorithm} with these settings needs the subject masks; set masked: true in the "
+            "method's config entry (the masks come from segment_references)"
+        )
     # Adapters (LoRA, ...) draw their initial weights from the global RNG: seeded above.
     param_groups = trainer.prepare()
     params = [p for group in param_groups for p in group["params"]]
@@ -372,7 +377,7 @@ def train_subject(
         enable_gradient_checkpointing(c, trainer.trains_text_encoder)
 
     def encode_text(input_ids: torch.Tensor) -> torch.Tensor:
-        return c.text_encoder(input_ids.to(dev)).last_hidden_state
+        return trainer.encode_text(input_ids.to(dev))
 
     t_cache = time.perf_counter()
     latents_source = LatentSource(c.vae, pixels, flip=flip, cache=cache_latents, device=dev)
@@ -495,8 +500,8 @@ def train_subject(
             )
             with autocast:
                 hidden = text_cache(idx) if text_cache is not None else encode_text(batch.input_ids)
-                loss, parts = diffusion_loss(
-                    c.unet, c.noise_scheduler, batch, hidden, noise, timesteps, prior_loss_weight
+                loss, parts = trainer.compute_loss(
+                    batch, hidden, noise, timesteps, prior_loss_weight
                 )
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -527,6 +532,7 @@ def train_subject(
                     "lr": optimizer.param_groups[0]["lr"],
                     "instance_loss": parts.get("instance_loss", ""),
                     "prior_loss": parts.get("prior_loss", ""),
+                    **{name: parts.get(name, "") for name in trainer.log_fields},
                 }
             )
             progress.set_postfix(loss=f"{value:.4f}", refresh=False)
@@ -597,7 +603,7 @@ def train_subject(
         lacking = [name for name in trainer.weight_files if not (tmp / "weights" / name).is_file()]
         if lacking:
             raise SidpipeError(f"{algorithm}: save() wrote no {', '.join(lacking)}")
-        write_csv(tmp / "training_log.csv", rows, LOG_FIELDS)
+        write_csv(tmp / "training_log.csv", rows, [*LOG_FIELDS, *trainer.log_fields])
         out_dir = Path(out_dir)
         plot_loss(
             rows, tmp / "loss_curve.png", f"{algorithm}: {out_dir.parent.name}/{out_dir.name}"
