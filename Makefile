@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-strength
+.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-strength world-seeds
 
 # torch first (the CPU build), then everything else constrained to keep exactly that torch.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
@@ -61,6 +61,11 @@ world: install
 # The demo plus DreamBooth at 100 and 600 steps (Case 1 and SID): leak and NSD vs strength.
 world-strength: install
 	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml demo/strength.yaml \
+		--directory demo
+
+# The demo plus SeFi-IDE beside Textual Inversion and DreamBooth (demo/seeds.yaml).
+world-seeds: install
+	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml demo/seeds.yaml \
 		--directory demo
 
 # Redraw the demo's biased subjects (byte-reproducible) from the world's grammar.

@@ -13,6 +13,7 @@ from sidpipe.config import (
     validate_config,
 )
 from sidpipe.references import reference_inputs
+from sidpipe.subsets import split_name
 from snakemake.logging import logger
 
 SCHEMA_DIR = Path(workflow.basedir) / "rules" / "schemas"
@@ -54,7 +55,11 @@ TRAINED = sorted(
     {(arm.method, arm.descriptions, subject) for arm, subject in ARM_SUBJECTS}
 )
 FULL_FINETUNE = sorted(
-    {m for m, _, _ in TRAINED if config["methods"][m]["algorithm"] == "dreambooth"}
+    {
+        m
+        for m, _, _ in TRAINED
+        if config["methods"][split_name(m)[0]]["algorithm"] == "dreambooth"
+    }
 )
 ADAPTER = sorted({m for m, _, _ in TRAINED} - set(FULL_FINETUNE))
 NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative
@@ -217,7 +222,14 @@ def class_image_settings(wildcards):
 
 
 def method_settings(method):
-    return config["methods"][method]
+    """A method's config entry; a reference-subset method (`dreambooth--first1`) has its
+    base method's."""
+    return config["methods"][split_name(method)[0]]
+
+
+def reference_subset(method):
+    """The part of the references a method trains and is scored on (None: all of them)."""
+    return split_name(method)[1]
 
 
 def training_inputs(wildcards):
@@ -240,8 +252,11 @@ def training_settings(wildcards):
     """Arguments of sidpipe.training.loop.train_subject (except paths)."""
     settings = method_settings(wildcards.method)
     training = config.get("training", {})
+    subset = reference_subset(wildcards.method)
     return {
         "algorithm": settings["algorithm"],
+        # only for reference-subset methods: other arms' params (and results) stay as they were
+        **({"reference_subset": subset} if subset is not None else {}),
         "settings": {
             k: v
             for k, v in settings.items()
@@ -295,7 +310,7 @@ def sample_settings(wildcards):
     row = SUBJECTS[wildcards.subject]
     return {
         "base_model": config["models"]["base"],
-        "algorithm": config["methods"][wildcards.method]["algorithm"],
+        "algorithm": method_settings(wildcards.method)["algorithm"],
         "templates": PROMPTS[row["kind"]],
         "class_name": row["class"],
         "seeds": list(range(sampling["seeds"])),
@@ -434,15 +449,14 @@ def arms_table_rows():
             "experiment": experiment,
             "arm": arm.name,
             "method": arm.method,
-            "algorithm": config["methods"][arm.method]["algorithm"],
+            "algorithm": method_settings(arm.method)["algorithm"],
+            "references": reference_subset(arm.method) or "all",
             "descriptions": arm.descriptions,
             "inference": arm.inference,
             "subject": subject,
             "class": row["class"],
             "kind": row["kind"],
-            "method_settings": json.dumps(
-                config["methods"][arm.method], sort_keys=True
-            ),
+            "method_settings": json.dumps(method_settings(arm.method), sort_keys=True),
         }
         for experiment, pairs in EXPERIMENTS.items()
         for arm, subject in pairs

@@ -67,9 +67,15 @@ rule analyze:
             category="Metrics",
             labels={"table": "SID minus baseline (paired)"},
         ),
+        method_pairs=report(
+            "results/metrics/method_pairs.csv",
+            caption="report/method_pairs.rst",
+            category="Metrics",
+            labels={"table": "method A minus method B (paired)"},
+        ),
         tables=expand(
             "results/metrics/tables/{table}.{ext}",
-            table=["main", "cases", "vlms"],
+            table=["main", "cases", "vlms", "single_reference"],
             ext=["csv", "md"],
         ),
         table_main=report(
@@ -90,15 +96,33 @@ rule analyze:
             category="Metrics",
             labels={"table": "VLMs (Table E.4)"},
         ),
+        table_single_reference=report(
+            "results/metrics/tables/single_reference.html",
+            caption="report/paper_tables.rst",
+            category="Metrics",
+            labels={"table": "single reference (Fig. 6, 9)"},
+        ),
         plots_svg=expand(
             "results/metrics/plots/{plot}.svg",
-            plot=["pareto", "subjects", "improvements", "agreement"],
+            plot=[
+                "pareto",
+                "pareto_single_reference",
+                "subjects",
+                "improvements",
+                "agreement",
+            ],
         ),
         pareto=report(
             "results/metrics/plots/pareto.png",
             caption="report/pareto.rst",
             category="Pareto",
             labels={"figure": "Pareto fronts"},
+        ),
+        pareto_single_reference=report(
+            "results/metrics/plots/pareto_single_reference.png",
+            caption="report/pareto.rst",
+            category="Pareto",
+            labels={"figure": "single reference (Fig. 9)"},
         ),
         subjects_plot=report(
             "results/metrics/plots/subjects.png",

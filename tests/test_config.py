@@ -75,9 +75,14 @@ def test_paper_grid_expands_to_the_expected_arms(real):
     assert {(a.method, a.descriptions) for a in arms["sefi"]} == {
         (m, d) for m in ("sefi_ide", "textual_inversion", "dreambooth") for d in ("case1", "sid")
     }
-    # main 8 + cases 2 new + vlms 2 new + alternatives 2 new + sefi 2 new (sefi_ide x 2);
-    # shared arms run once
-    assert len(all_arm_subjects(real, subjects)) == 16 * 15
+    assert {a.method for a in arms["single_reference"]} == {
+        "dreambooth--first1",
+        "custom_diffusion--first1",
+        "svdiff--first1",
+    }
+    # main 8 + cases 2 new + vlms 2 new + alternatives 2 new + sefi 2 new (sefi_ide x 2) +
+    # single_reference 6 new; shared arms run once
+    assert len(all_arm_subjects(real, subjects)) == 22 * 15
 
 
 def test_grid_subjects_restrict_and_unknown_subject_is_rejected(real):

@@ -303,3 +303,37 @@ def test_gather_metrics(tmp_path: Path) -> None:
         gather_metrics([tmp_path / "a.csv", tmp_path / "a.csv"], out)
     gather_metrics([], tmp_path / "empty.csv")
     assert (tmp_path / "empty.csv").read_text().strip() == ",".join(FIELDS)
+
+
+def test_a_reference_subset_method_is_scored_against_its_subset(
+    tmp_path: Path, models: dict[str, str], encoders: Encoders
+) -> None:
+    """`dreambooth--first1` (a single-reference arm): SA, NSD, CLIP-I and DINO against the
+    first reference only, equal to a folder holding just that reference."""
+    refs = [reference_set(3), reference_set(4), reference_set(5)]
+    gens = [noise(30 + i) for i in range(4)]
+    dirs = make_arm(tmp_path / "all", gens, refs)
+    subset = pd.DataFrame(
+        score_arm(
+            *dirs,
+            "dog",
+            "dreambooth--first1",
+            "sid",
+            "standard",
+            models["clip"],
+            models["dino"],
+            device="cpu",
+            encoders=encoders,
+        )
+    )
+    alone = score(make_arm(tmp_path / "one", gens, refs[:1]), models, encoders=encoders)
+    full = score(dirs, models, encoders=encoders)
+    for metric in ("SA", "NSD", "CLIP-I", "DINO", "TA"):
+        np.testing.assert_allclose(value(subset, metric), value(alone, metric), atol=1e-6)
+    # (the constructed subject segments are alike; the whole references and backgrounds not)
+    assert not np.allclose(value(subset, "CLIP-I"), value(full, "CLIP-I"), atol=1e-4)
+    assert not np.allclose(value(subset, "NSD"), value(full, "NSD"), atol=1e-4)
+    assert set(subset["method"]) == {"dreambooth--first1"}
+    # an explicit subset naming an image the subject lacks: a clear error
+    with pytest.raises(SidpipeError, match="ref9.*not one of its images"):
+        score(dirs, models, encoders=encoders, reference_subset="ref9")

@@ -264,3 +264,43 @@ def test_pareto_front_small_cases() -> None:
     assert pareto_front([(0.1, 0.2)]) == [0]
     assert pareto_front([(1, 1), (1, 1), (0, 2), (0, 0.5)]) == [0, 1, 2]
     assert pareto_front([(1, 1), (2, 2)], maximize=(False, False)) == [0]
+
+
+def test_method_pairs_pair_the_same_images_and_only_shared_subjects() -> None:
+    """A - B per (subject, prompt, seed): a planted +0.2 everywhere; a subject only A ran on is
+    left out; the single-reference table takes only subset methods."""
+    from sidpipe.method_pairs import paired_methods
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for subject in ("s0", "s1", "s2"):
+        for prompt in range(4):
+            for seed in range(3):
+                base = rng.normal()
+                for method, shift in (("a", 0.2), ("b", 0.0)):
+                    if method == "b" and subject == "s2":
+                        continue
+                    rows.append(
+                        {"subject": subject, "method": method, "descriptions": "sid"}
+                        | {"inference": "standard", "prompt_id": prompt, "seed": seed}
+                        | {"metric": "TA", "value": base + shift}
+                    )
+    out = paired_methods(pd.DataFrame(rows), n_boot=200)
+    assert len(out) == 1
+    row = out.iloc[0]
+    assert (row["method_a"], row["method_b"], row["subjects"]) == ("a", "b", "s0,s1")
+    assert row["diff"] == pytest.approx(0.2) and row["n_pairs"] == 2 * 4 * 3
+    assert row["ci_low"] == pytest.approx(0.2) and row["ci_high"] == pytest.approx(0.2)
+    assert row["mean_a"] - row["mean_b"] == pytest.approx(0.2)
+
+
+def test_single_reference_table_holds_the_subset_methods_only(summary: pd.DataFrame) -> None:
+    from sidpipe.stats import main_table, single_reference_table
+
+    subset = summary.copy()
+    subset["method"] = subset["method"] + "--first1"
+    both = pd.concat([summary, subset])
+    assert not single_reference_table(summary).shape[0]
+    table = single_reference_table(both)
+    assert table.shape[0] and set(table["method"]) <= set(subset["method"])
+    assert not main_table(both)["method"].str.contains("--").any()

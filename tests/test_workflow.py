@@ -70,7 +70,7 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "Experiment grid: 210 arm x subject pairs, 14 arms, 15 subjects" in result.stdout
+    assert "Experiment grid: 330 arm x subject pairs, 22 arms, 15 subjects" in result.stdout
     counts = {
         m.group(1): int(m.group(2))
         for m in re.finditer(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE)
@@ -82,20 +82,46 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         "describe_references": 15 * 6,  # case1, case2, sid, case4, sid_llava, sid_blip2
         "descriptions_report": 15,
         "class_images": 11,  # one per class noun, shared by its subjects and methods
-        "train_full_finetune": 15 * 7,  # dreambooth x 6 description sets + dreambooth_masked
-        "train": 15 * 6,  # custom_diffusion, svdiff, textual_inversion x {case1, sid}
+        # dreambooth x 6 description sets + dreambooth_masked + dreambooth--first1 x 2
+        "train_full_finetune": 15 * 9,
+        # custom_diffusion, svdiff, textual_inversion, sefi_ide, and the single-reference
+        # custom_diffusion--first1, svdiff--first1, each x {case1, sid}
+        "train": 15 * 12,
         # every arm x subject, the negative-prompt arm sharing its weights; each with its
         # attention maps (attention.experiments: all), drawn by the job that samples it
-        "sample_and_attention": 210,
-        "compare_samples": 15 * 4,
-        "score": 210,
+        "sample_and_attention": 330,
+        "compare_samples": 15 * 8,
+        "score": 330,
         "gather_metrics": 1,
         "analyze": 1,
         "summarize_references": 1,
         "plan_experiments": 1,
         "all": 1,
-        "total": 829,
+        "total": 1249,
     }
+
+
+def test_seeds_methods_layer_on_the_demo():
+    """demo/seeds.yaml adds SeFi-IDE x {Case 1, SID} beside Textual Inversion and DreamBooth on
+    the three background subjects."""
+    result = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
+        + ["--configfile", str(REPO / "demo/config.yaml"), str(REPO / "demo/seeds.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    sefi = re.search(r"^  sefi: (.*)$", result.stdout, re.MULTILINE)
+    assert sefi and set(sefi.group(1).split(", ")) == {
+        f"{method}/{case}/standard"
+        for method in ("sefi_ide", "textual_inversion", "dreambooth")
+        for case in ("case1", "sid")
+    }
+    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
+    # sefi_ide x 2 on 3 subjects, textual_inversion x 2 on the 2 subjects main lacks it on
+    assert grid and int(grid.group(1)) == 22 + 2 * 3 + 2 * 2
 
 
 def test_strength_sweep_layers_on_the_demo():
@@ -110,7 +136,7 @@ def test_strength_sweep_layers_on_the_demo():
     )
     assert result.returncode == 0, result.stderr
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
-    assert grid and int(grid.group(1)) == 20 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
+    assert grid and int(grid.group(1)) == 22 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
     strength = re.search(r"^  strength: (.*)$", result.stdout, re.MULTILINE)
     assert strength and strength.group(1).split(", ") == [
         f"dreambooth{steps}/{case}/standard"
@@ -142,11 +168,13 @@ def test_demo_outputs(demo_run):
         assert image.size == (32, 32) and image.mode == "RGB"
         assert row["mask_path"]  # the world draws ground-truth masks for every image
     arms = list(csv.DictReader(open(demo_run / "results/experiments/arms.csv")))
-    assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives"}
+    assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives", "single_reference"}
     assert sum(r["experiment"] == "main" for r in arms) == 8 + 2 * 4
-    assert len({(r["arm"], r["subject"]) for r in arms}) == 20
+    single = [r for r in arms if r["experiment"] == "single_reference"]
+    assert {(r["method"], r["references"]) for r in single} == {("dreambooth--first1", "1")}
+    assert len({(r["arm"], r["subject"]) for r in arms}) == 22
     samples = list((demo_run / "results/samples").glob("*/*/*/*/manifest.csv"))
-    assert len(samples) == 20
+    assert len(samples) == 22
     for manifest in samples:
         rows = list(csv.DictReader(open(manifest)))
         assert len(rows) == 14 * 4  # the world's prompts x seeds
@@ -163,6 +191,7 @@ def test_demo_outputs(demo_run):
     }
     assert intervals == {
         "dreambooth": 150,
+        "dreambooth--first1": 150,
         "dreambooth_masked": 1000,
         "custom_diffusion": 1000,
         "svdiff": 1000,
@@ -172,18 +201,35 @@ def test_demo_outputs(demo_run):
     assert (weights / "spectral_shifts.safetensors").exists()
     # full fine-tunes are temp() in the demo (keep_full_weights: false): gone after sampling
     assert not (demo_run / "results/train/dreambooth/sid/blue_mug/weights").exists()
-    assert len(list((demo_run / "results/samples/compare").glob("*/*.png"))) == 4 + 4
+    assert len(list((demo_run / "results/samples/compare").glob("*/*.png"))) == 4 + 4 + 1
+    # the single-reference arm trained on the first reference only, the full arm on all four
+    for method, ids in (("dreambooth--first1", ["01"]), ("dreambooth", ["01", "02", "03", "04"])):
+        info = json.loads(
+            (demo_run / f"results/train/{method}/sid/blue_mug/train_info.json").read_text()
+        )
+        assert sorted(row["image_id"] for row in info["images"]) == ids
     metrics = pd.read_csv(demo_run / "results/metrics/all.csv")
     clip_metrics = {"SA", "NSD", "TA", "CLIP-I", "DINO"}
     world = {"leak_background", "leak_object", "leak_pose", "subject_kept", "prompt_followed"}
     assert set(metrics["metric"]) == clip_metrics | world
-    assert (metrics["metric"].isin(clip_metrics)).sum() == 20 * 56 * 5  # pairs x images
+    assert (metrics["metric"].isin(clip_metrics)).sum() == 22 * 56 * 5  # pairs x images
     # the pose leak exists only for the upside-down subject, the object leak not for it
     assert set(metrics.loc[metrics["metric"] == "leak_pose", "subject"]) == {"upside_robot"}
     assert "upside_robot" not in set(metrics.loc[metrics["metric"] == "leak_object", "subject"])
     summary = pd.read_csv(demo_run / "results/metrics/summary.csv")
-    assert len(summary[summary["metric"].isin(clip_metrics)]) == 12 * 5  # arms x metrics
-    for name in ("pareto", "subjects", "improvements", "agreement"):
+    assert len(summary[summary["metric"].isin(clip_metrics)]) == 14 * 5  # arms x metrics
+    single_table = pd.read_csv(demo_run / "results/metrics/tables/single_reference.csv")
+    assert set(single_table["method"]) == {"dreambooth--first1"}
+    assert set(single_table["setting"]) == {"baseline", "SID"}
+    pairs = pd.read_csv(demo_run / "results/metrics/method_pairs.csv")
+    one_vs_all = pairs[
+        (pairs["method_a"] == "dreambooth") & (pairs["method_b"] == "dreambooth--first1")
+    ]
+    assert set(one_vs_all["subjects"]) == {"blue_mug"} and set(one_vs_all["descriptions"]) == {
+        "case1",
+        "sid",
+    }
+    for name in ("pareto", "pareto_single_reference", "subjects", "improvements", "agreement"):
         assert (demo_run / f"results/metrics/plots/{name}.svg").stat().st_size > 1000
     agreement = pd.read_csv(demo_run / "results/metrics/agreement.csv")
     assert {"SA", "NSD", "TA"} <= set(agreement["proxy"])

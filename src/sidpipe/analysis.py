@@ -6,10 +6,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from sidpipe import agreement, plots, stats
+from sidpipe import agreement, method_pairs, plots, stats
 from sidpipe.io import atomic_file, log
+from sidpipe.subsets import SEPARATOR as SUBSET_SEPARATOR
 
-TABLES = {"main": stats.main_table, "cases": stats.cases_table, "vlms": stats.vlms_table}
+TABLES = {
+    "main": stats.main_table,
+    "cases": stats.cases_table,
+    "vlms": stats.vlms_table,
+    "single_reference": stats.single_reference_table,
+}
 
 
 def _csv(df: pd.DataFrame, path: Path) -> None:
@@ -21,8 +27,9 @@ def analyze(
     all_csv: Path, out_dir: Path, subjects: list[dict], n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Path]:
     """Write summary.csv (arm means with bootstrap CIs), subjects.csv, improvements.csv (SID minus
-    baseline, paired), agreement.csv (proxies vs ground truth), tables/{main,cases,vlms}.
-    {csv,md,html} and plots/{pareto,subjects,improvements,agreement}.{svg,png} under
+    baseline, paired), method_pairs.csv (method A minus method B, paired), agreement.csv
+    (proxies vs ground truth), tables/{main,cases,vlms,single_reference}.{csv,md,html} and
+    plots/{pareto,pareto_single_reference,subjects,improvements,agreement}.{svg,png} under
     `out_dir`; return the written paths by name."""
     out_dir = Path(out_dir)
     all_df = stats.read_metrics(all_csv)
@@ -35,16 +42,19 @@ def analyze(
         all_df, subjects_df=subjects_df, n_boot=n_boot, seed=seed
     )
     agree = agreement.agreement(all_df, n_boot=min(n_boot, 200), seed=seed)
+    between = method_pairs.paired_methods(all_df, n_boot=n_boot, seed=seed)
     paths = {
         "summary": out_dir / "summary.csv",
         "subjects": out_dir / "subjects.csv",
         "improvements": out_dir / "improvements.csv",
         "agreement": out_dir / "agreement.csv",
+        "method_pairs": out_dir / "method_pairs.csv",
     }
     _csv(summary, paths["summary"])
     _csv(per_subject, paths["subjects"])
     _csv(improvements, paths["improvements"])
     _csv(agree, paths["agreement"])
+    _csv(between, paths["method_pairs"])
     # The paper's columns, then the world's ground-truth measures where they were scored.
     measured = set(summary["metric"])
     metrics = [*stats.PAPER_METRICS, *(m for m in agreement.TRUTHS if m in measured)]
@@ -60,11 +70,17 @@ def analyze(
         paths[f"table_{name}"] = base.with_suffix(".html")
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    plots.plot_pareto(summary, plot_dir / "pareto")
+    full, subsets = (
+        summary[~summary["method"].str.contains(SUBSET_SEPARATOR, regex=False)],
+        summary[summary["method"].str.contains(SUBSET_SEPARATOR, regex=False)],
+    )
+    plots.plot_pareto(full, plot_dir / "pareto")
+    # The single-reference experiment's own figure (paper Fig. 9).
+    plots.plot_pareto(subsets, plot_dir / "pareto_single_reference")
     plots.plot_subjects(per_subject, plot_dir / "subjects")
     plots.plot_improvements(improvements, plot_dir / "improvements")
     plots.plot_agreement(agree, plot_dir / "agreement")
-    for name in ("pareto", "subjects", "improvements", "agreement"):
+    for name in ("pareto", "pareto_single_reference", "subjects", "improvements", "agreement"):
         paths[f"plot_{name}"] = plot_dir / f"{name}.png"
     log.info("%d metric rows -> %d arm summaries", len(all_df), len(summary))
     return paths

@@ -17,6 +17,7 @@ import jsonschema
 import yaml
 
 from sidpipe.io import SidpipeError, read_yaml
+from sidpipe.subsets import SEPARATOR, subset_name
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rules" / "schemas"
 TINY_MODELS_DIR = "results/models/tiny"
@@ -81,7 +82,8 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
 def expand_experiments(config: dict, subjects: list[str]) -> dict[str, list[tuple[Arm, str]]]:
     """Each experiment's grids expanded to (arm, subject) pairs, in config order, deduplicated.
 
-    A grid without `subjects` runs on every subject of the table.
+    A grid without `subjects` runs on every subject of the table; a grid with `references`
+    runs its methods on a subset of the references (`sidpipe.subsets`: `dreambooth--first1`).
     """
     experiments: dict[str, list[tuple[Arm, str]]] = {}
     for name, grids in config["experiments"].items():
@@ -97,7 +99,10 @@ def expand_experiments(config: dict, subjects: list[str]) -> dict[str, list[tupl
                 for descriptions in grid["descriptions"]:
                     for inference in grid.get("inference", ["standard"]):
                         for subject in grid.get("subjects", subjects):
-                            pair = (Arm(method, descriptions, inference), subject)
+                            arm_method = method
+                            if "references" in grid:
+                                arm_method = subset_name(method, grid["references"])
+                            pair = (Arm(arm_method, descriptions, inference), subject)
                             if pair not in pairs:
                                 pairs.append(pair)
         experiments[name] = pairs
@@ -134,6 +139,12 @@ def _check_references(config: dict, source: str) -> None:
                     check(kind, value, f"experiments.{name}[{index}].{key}")
             for value in grid.get("inference", []):
                 check("inference", value, f"experiments.{name}[{index}].inference")
+    for method in config["methods"]:
+        if SEPARATOR in method:
+            problems.append(
+                f"methods.{method}: {SEPARATOR!r} is reserved for reference subsets (a grid's "
+                "`references` makes <method>--first<k>); rename the method"
+            )
     for name, entry in config["descriptions"].items():
         if entry["case"] > 1 and "vlm" not in entry:
             problems.append(f"descriptions.{name}: case {entry['case']} needs a `vlm`")

@@ -41,6 +41,7 @@ from PIL import Image
 
 from sidpipe.io import SidpipeError, atomic_file, log, read_manifest
 from sidpipe.models import load_clip, load_dino
+from sidpipe.subsets import select_references, split_name
 
 METRICS = ("SA", "NSD", "TA", "CLIP-I", "DINO")
 FIELDS = [
@@ -235,11 +236,17 @@ def score_arm(
     batch_size: int = 32,
     device: str = "auto",
     encoders: Encoders | None = None,
+    reference_subset: int | str | None = None,
 ) -> list[dict]:
     """Score every image of one arm and subject; return tidy long rows (`FIELDS`), one per
     image and metric. DINO is skipped when `dino_model` is None or empty. `encoders` (tests,
-    benchmarks) replaces loading `clip_model` / `dino_model`.
+    benchmarks) replaces loading `clip_model` / `dino_model`. `reference_subset` (a count or
+    an image id, `sidpipe.subsets`) scores against part of the references: SA, NSD and DINO
+    against the one reference of a single-reference arm; by default it is the one a subset
+    method's name carries (`dreambooth--first1`).
     """
+    if reference_subset is None:
+        reference_subset = split_name(method)[1]
     samples_dir, masks_dir = Path(samples_dir), Path(masks_dir)
     references_dir = Path(references_dir)
     sample_columns = ["prompt_id", "prompt", "prompt_plain", "seed", "path"]
@@ -266,6 +273,8 @@ def score_arm(
             f"{masks_dir}/manifest.csv covers image ids {sorted(by_id)} but the references are "
             f"{sorted(ref_ids)}; re-run segment_references for subject {subject!r}"
         )
+    ref_ids = select_references(ref_ids, reference_subset, f"subject {subject!r}")
+    references = [row for row in references if row["image_id"] in ref_ids]
     blank = [row["prompt_id"] for row in samples if not row["prompt_plain"].strip()]
     if blank:
         raise SidpipeError(

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sidpipe.io import SidpipeError, atomic_file, log
+from sidpipe.subsets import SEPARATOR as SUBSET_SEPARATOR
 
 # Higher is better for every metric scored by sidpipe.metrics and for the world's subject_kept
 # and prompt_followed; a metric missing here is too. The world's leaks are better lower.
@@ -309,7 +310,23 @@ def main_table(
     """Every method x {baseline, SID} (paper Table 1's layout); DreamBooth's paper rows are
     Table E.3's Case 1 and Case 3."""
     settings = [("baseline", baseline, None, "Table E.3"), ("SID", sid, None, "Table E.3")]
+    if methods is None:  # reference-subset methods have their own table
+        methods = sorted(m for m in summary["method"].unique() if SUBSET_SEPARATOR not in m)
     return _table(summary, "main", settings, methods, inference, metrics)
+
+
+def single_reference_table(
+    summary: pd.DataFrame,
+    baseline: str = "case1",
+    sid: str = "sid",
+    inference: str = "standard",
+    metrics: Sequence[str] = PAPER_METRICS,
+) -> pd.DataFrame:
+    """The single-reference experiment (paper Fig. 6 and 9): every reference-subset method
+    (`<method>--first1`, see `sidpipe.subsets`) x {baseline, SID}."""
+    methods = sorted(m for m in summary["method"].unique() if SUBSET_SEPARATOR in m)
+    settings = [("baseline", baseline, None, None), ("SID", sid, None, None)]
+    return _table(summary, "single_reference", settings, methods, inference, metrics)
 
 
 def cases_table(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from sidpipe.io import SidpipeError, log, read_csv, read_manifest
+from sidpipe.subsets import select_references
 from sidpipe.training.base import PLACEHOLDER
 
 VAE_BATCH = 8  # images per VAE encoder call while filling the cache
@@ -37,8 +38,11 @@ class TrainingSet:
     resolution: int = 512
 
 
-def read_descriptions(descriptions_csv: Path, image_ids: list[str]) -> list[str]:
-    """Each reference's own description, in `image_ids` order; exactly one per image."""
+def read_descriptions(
+    descriptions_csv: Path, image_ids: list[str], subset: bool = False
+) -> list[str]:
+    """Each reference's own description, in `image_ids` order; exactly one per image.
+    `subset`: the ids are part of the subject's references (the others' rows are expected)."""
     path = Path(descriptions_csv)
     if not path.is_file():
         raise SidpipeError(f"{path} does not exist; run describe_references first")
@@ -63,7 +67,7 @@ def read_descriptions(descriptions_csv: Path, image_ids: list[str]) -> list[str]
                 PLACEHOLDER,
             )
     extra = sorted(set(counts) - set(image_ids))
-    if extra:
+    if extra and not subset:
         log.warning("%s: descriptions of unknown images %s ignored", path, ", ".join(extra))
     return [by_id[image_id] for image_id in image_ids]
 
@@ -104,18 +108,24 @@ def read_training_set(
     class_images_dir: Path | None = None,
     resolution: int | None = None,
     latent_factor: int = 8,
+    reference_subset: int | str | None = None,
 ) -> TrainingSet:
     """Load one subject's references (+ descriptions, masks, class images).
 
     `resolution` defaults to the prepared references' size; `latent_factor` is the VAE's
-    downsampling factor, giving the masks' size.
+    downsampling factor, giving the masks' size; `reference_subset` keeps part of the
+    references (`sidpipe.subsets.select_references`: a count or an image id).
     """
     references_dir = Path(references_dir)
     refs = read_manifest(
         references_dir, "reference images", "prepare_references", ("image_id", "path")
     )
+    keep = select_references(
+        [row["image_id"] for row in refs], reference_subset, str(references_dir)
+    )
+    refs = [row for row in refs if row["image_id"] in keep]
     image_ids = [row["image_id"] for row in refs]
-    descriptions = read_descriptions(descriptions_csv, image_ids)
+    descriptions = read_descriptions(descriptions_csv, image_ids, reference_subset is not None)
     if resolution is None:
         with Image.open(references_dir / refs[0]["path"]) as first:
             resolution = first.size[0]

@@ -308,12 +308,15 @@ def train_subject(
     use_8bit_adam: bool = False,
     cache_latents: bool = True,
     stop_after: int | None = None,
+    reference_subset: int | str | None = None,
 ) -> dict:
     """Train `algorithm` with `settings` on one subject; write weights/, training_log.csv,
     loss_curve.png and train_info.json into `out_dir` (atomically); return a summary.
 
-    `stop_after=k` saves a checkpoint after step k and returns early (a simulated kill);
-    `cache_latents=False` re-encodes every image each step (for benchmarks only). A SIGTERM
+    `reference_subset` trains on part of the references (a count or an image id: a
+    single-reference experiment). `stop_after=k` saves a checkpoint after step k and returns
+    early (a simulated kill); `cache_latents=False` re-encodes every image each step (for
+    benchmarks only). A SIGTERM
     saves a checkpoint after the step in flight and raises `TrainingInterrupted`.
     """
     t_start = time.perf_counter()
@@ -360,6 +363,7 @@ def train_subject(
         class_images_dir=class_images_dir if prior else None,
         resolution=settings.get("resolution"),
         latent_factor=latent_factor,
+        reference_subset=reference_subset,
     )
     n_inst = len(data.image_ids)
     n_class = 0 if data.class_pixels is None else len(data.class_pixels)
@@ -588,6 +592,7 @@ def train_subject(
         "checkpoint_every": checkpoint_every,
         "cache_latents": cache_latents,
         "resumed_from_step": resumed_from,
+        "reference_subset": reference_subset,
         "trainable_parameters": n_trainable,
         "images": [
             {"image_id": i, "description": d, "caption": cap}

@@ -32,12 +32,16 @@ LOWER_IS_BETTER = ("leak_background", "leak_object", "leak_pose")
 PRESENT = 0.5  # a flag the judge gives more than this probability is seen
 
 
-def read_truth(path: str | Path) -> dict[str, Any]:
-    """A subject's truth.json, with the facts the measures use."""
+def read_truth(path: str | Path, reference_subset: int | str | None = None) -> dict[str, Any]:
+    """A subject's truth.json, with the facts the measures use (of the views a reference
+    subset keeps: a single-reference arm leaks only what its one reference shows)."""
+    from sidpipe.subsets import select_references
+
     path = Path(path)
     try:
         truth = json.loads(path.read_text(encoding="utf-8"))
-        views = list(truth["views"].values())
+        keep = select_references(list(truth["views"]), reference_subset, str(path))
+        views = [truth["views"][view] for view in keep]
         identity = truth["identity"]
     except (OSError, ValueError, KeyError) as exc:
         raise SidpipeError(
@@ -105,9 +109,11 @@ def measure_arm(
     method: str,
     descriptions: str,
     inference: str,
+    reference_subset: int | str | None = None,
 ) -> list[dict]:
     """The measures of every image of one arm and subject as long rows in `metrics.FIELDS`
-    (the score stage appends them to SA/NSD/TA's rows)."""
+    (the score stage appends them to SA/NSD/TA's rows); a reference subset's arm leaks only
+    what its references show."""
     from PIL import Image
 
     from sidpipe.io import read_manifest
@@ -116,7 +122,11 @@ def measure_arm(
     samples_dir = Path(samples_dir)
     columns = ["prompt_id", "prompt", "prompt_plain", "seed", "path"]
     samples = read_manifest(samples_dir, "samples", "sample_arm", columns)
-    truth = read_truth(truth_json)
+    from sidpipe.subsets import split_name
+
+    if reference_subset is None:  # the subset a method's name carries (dreambooth--first1)
+        reference_subset = split_name(method)[1]
+    truth = read_truth(truth_json, reference_subset)
     from sidpipe.metrics import image_keys
 
     judge = load_judge(judge_model)

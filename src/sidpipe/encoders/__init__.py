@@ -1,0 +1,1 @@
+"""Encoder-based personalization baselines (no per-subject training)."""

@@ -1,0 +1,482 @@
+"""BLIP-Diffusion (Li et al. 2023), the encoder-based arm: no per-subject training.
+
+The SID paper's single-reference experiment compares per-subject-trained methods with
+BLIP-Diffusion, which turns one reference image and the subject's class into query embeddings
+(BLIP-2 Q-Former) that are spliced into the prompt's CLIP embeddings. Rule `sample` calls
+`load_blip_diffusion` and `generate` for `algorithm: blip_diffusion`; `build_tiny_blip_diffusion`
+writes a tiny random checkpoint in `Salesforce/blipdiffusion`'s layout for the tests and the demo.
+
+diffusers 0.42.1 ships the pipeline only as a deprecated one
+(`diffusers.pipelines.deprecated.blip_diffusion`, last supported in 0.33.1), and with the pinned
+transformers 5 it is broken in four places. This module works around each without touching
+site-packages:
+
+1. Loading: the real checkpoint's `model_index.json` names the library of `qformer`,
+   `text_encoder` and `image_processor` "blip_diffusion", a module that no longer exists at
+   `diffusers.pipelines.blip_diffusion`. `BlipDiffusionPipeline.from_pretrained` raises
+   ("blip_diffusion is not one of the libraries Diffusers can load components from"), even
+   when those components are passed in. `load_blip_diffusion` therefore loads every component
+   from its subfolder and builds the pipeline with its constructor, taking `ctx_begin_pos`,
+   `mean` and `std` from `model_index.json`.
+2. Q-Former: diffusers' `Blip2QFormerModel` calls `invert_attention_mask` and `get_head_mask`
+   (gone from transformers 5's `PreTrainedModel`: AttributeError), and its layers call
+   transformers' `Blip2QFormerAttention` with the transformers-4 signature (head mask
+   positionally, a tuple result), which in transformers 5 would feed the wrong tensors to
+   cross-attention. `PatchedBlip2QFormerModel` keeps diffusers' embeddings, vision encoder and
+   projection but runs transformers 5's own `Blip2QFormerEncoder` (with `use_qformer_text_input`
+   it has exactly the old layers' parameter names, so checkpoints load unchanged), with the
+   same additive -10000 padding mask as before.
+3. Text encoder, silently: diffusers' `ContextCLIPTextModel` hands its causal mask to
+   `CLIPEncoder` as `causal_attention_mask`, an argument transformers 5 no longer has; it is
+   swallowed by `**kwargs`, so the CLIP text encoder attends bidirectionally and the
+   embeddings are wrong without any error. `PatchedContextCLIPTextModel` passes the causal mask
+   (plus any padding mask) as the attention mask, as transformers 4 combined them.
+4. Q-Former tokenizer: diffusers' Q-Former loads a BERT tokenizer in `__init__`, from
+   `config.tokenizer` or else the hub's `bert-base-uncased` (so the real checkpoint needs
+   `bert-base-uncased` in the Hugging Face cache when offline). The tiny checkpoint ships its
+   BERT tokenizer inside `qformer/`; `load_blip_diffusion` points `config.tokenizer` at it at
+   load time (not in the saved config, so the folder stays relocatable).
+
+The scheduler is DDIM built from the checkpoint's (PNDM) scheduler config, with
+`clip_sample=False` unless that config says otherwise (a PNDM config has no such key and DDIM's
+default, True, would clip latents).
+
+Importing this module imports torch, transformers and diffusers: import it only where the
+`blip_diffusion` arm is sampled (and in tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers.pipelines.deprecated.blip_diffusion import (
+    Blip2QFormerModel,
+    BlipDiffusionPipeline,
+    BlipImageProcessor,
+    ContextCLIPTextModel,
+)
+from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import (
+    Blip2TextEmbeddings,
+    Blip2VisionModel,
+    ProjLayer,
+)
+from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import _expand_mask
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from torch import nn
+from transformers import BertTokenizer, CLIPTextConfig, CLIPTokenizer
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    BaseModelOutputWithPoolingAndCrossAttentions,
+)
+from transformers.models.blip_2.configuration_blip_2 import Blip2Config
+from transformers.models.blip_2.modeling_blip_2 import Blip2PreTrainedModel, Blip2QFormerEncoder
+
+from sidpipe.io import SidpipeError, atomic_dir, log
+from sidpipe.models import pick_device, torch_dtype
+from sidpipe.tiny_models import MAX_LENGTH, train_bert_tokenizer, train_clip_tokenizer
+
+# Salesforce/blipdiffusion's model_index.json: its components (folders) as (library, class),
+# and its pipeline settings. The hub repo also holds `controlnet/` and `vision_encoder/`
+# folders, which model_index.json does not list and BlipDiffusionPipeline never loads.
+REAL_MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "BlipDiffusionPipeline",
+    "ctx_begin_pos": 2,
+    "image_processor": ["blip_diffusion", "BlipImageProcessor"],
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "qformer": ["blip_diffusion", "Blip2QFormerModel"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+COMPONENTS = tuple(k for k, v in REAL_MODEL_INDEX.items() if isinstance(v, list) and len(v) == 2)
+QFORMER_DEFAULT_TOKENIZER = "bert-base-uncased"  # what diffusers' Q-Former loads without one
+
+# The tiny checkpoint's tokenizers are trained on this (any text still encodes: byte-level BPE
+# and character-level WordPiece fallbacks).
+_CORPUS = [
+    "a photo of a dog",
+    "a dog on the beach",
+    "a cat in the snow",
+    "a red mug on a wooden table",
+    "a toy robot in the jungle",
+    "a backpack with a city in the background",
+    "a vase on top of a purple rug in a forest",
+    "a sneaker floating in an ocean of milk",
+    "dog cat mug robot backpack vase sneaker teapot bear",
+]
+
+
+# --- transformers-5 shims ------------------------------------------------------------------
+
+
+class PatchedContextCLIPTextModel(ContextCLIPTextModel):
+    """diffusers' ContextCLIPTextModel with its causal mask actually applied (workaround 3).
+
+    Same modules and parameters; only `forward` is replaced, computing what transformers 4 did:
+    embeddings with the context spliced in at `ctx_begin_pos`, causal (+ padding) additive mask,
+    CLIP encoder, final layer norm, and the same (upstream) pooled output.
+    """
+
+    def forward(
+        self,
+        ctx_embeddings: torch.Tensor | None = None,
+        ctx_begin_pos: list[int] | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **_: Any,
+    ) -> BaseModelOutputWithPooling:
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        text = self.text_model
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        hidden = text.embeddings(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            ctx_embeddings=ctx_embeddings,
+            ctx_begin_pos=ctx_begin_pos,
+        )
+        batch, length = hidden.shape[:2]
+        mask = text._build_causal_attention_mask(batch, length, hidden.dtype).to(hidden.device)
+        if attention_mask is not None:  # transformers 4 added the two additive masks
+            mask = mask + _expand_mask(attention_mask, hidden.dtype)
+        hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+        hidden = text.final_layer_norm(hidden)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pooled = hidden[rows, input_ids.to(torch.int).argmax(dim=-1)]
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+class PatchedBlip2QFormerModel(Blip2QFormerModel):
+    """diffusers' Q-Former on transformers 5's Q-Former encoder (workaround 2).
+
+    Same parameter names as diffusers' class (checkpoints load unchanged). `forward` keeps the
+    pipeline's call, `qformer(image_input=..., text_input=[class, ...], return_dict=False)`,
+    returning the projected query embeddings, one row per text.
+    """
+
+    def __init__(self, config: Blip2Config) -> None:
+        # Not Blip2QFormerModel.__init__: its encoder layers use the transformers-4 API.
+        Blip2PreTrainedModel.__init__(self, config)
+        self.config = config
+        qformer_config = copy.deepcopy(config.qformer_config)
+        qformer_config.use_qformer_text_input = True  # text FFN (intermediate/output) as before
+        # Plain matmul attention, as diffusers' transformers-4 Q-Former computed it (the copied
+        # sub-config would otherwise carry no implementation and warn on every call).
+        qformer_config._attn_implementation = "eager"
+        hidden = qformer_config.hidden_size
+        self.embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.visual_encoder = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, hidden))
+        source = getattr(config, "tokenizer", None) or QFORMER_DEFAULT_TOKENIZER
+        self.tokenizer = BertTokenizer.from_pretrained(source, truncation_side="right")
+        self.tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        self.proj_layer = ProjLayer(
+            in_dim=hidden, out_dim=hidden, hidden_dim=hidden * 4, drop_p=0.1, eps=1e-12
+        )
+        self.encoder = Blip2QFormerEncoder(qformer_config)
+        self.post_init()
+
+    def _image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vision = self.visual_encoder
+        hidden = vision.pre_layernorm(vision.embeddings(pixel_values))
+        hidden = vision.encoder(inputs_embeds=hidden).last_hidden_state
+        return vision.post_layernorm(hidden)
+
+    def forward(
+        self,
+        text_input: str | list[str] | None = None,
+        image_input: torch.Tensor | None = None,
+        return_dict: bool = False,
+        **_: Any,
+    ) -> torch.Tensor | BaseModelOutputWithPoolingAndCrossAttentions:
+        text = self.tokenizer(text_input, return_tensors="pt", padding=True).to(self.device)
+        batch = text.input_ids.shape[0]
+        query_length = self.query_tokens.shape[1]
+        embeds = self.embeddings(input_ids=text.input_ids, query_embeds=self.query_tokens)
+        query_mask = torch.ones(
+            (batch, query_length), dtype=text.attention_mask.dtype, device=self.device
+        )
+        mask = torch.cat([query_mask, text.attention_mask], dim=1)
+        mask = self.get_extended_attention_mask(mask, embeds.shape[:-1], embeds.device)
+        image_embeds = self._image_embeds(image_input)
+        if image_embeds.shape[0] == 1 and batch > 1:  # one reference image for every text
+            image_embeds = image_embeds.expand(batch, -1, -1)
+        hidden = self.encoder(
+            embeds,
+            attention_mask=mask,
+            encoder_hidden_states=image_embeds,
+            query_length=query_length,
+        ).last_hidden_state
+        if not return_dict:
+            return self.proj_layer(hidden[:, :query_length, :])
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden, pooler_output=hidden[:, 0, :]
+        )
+
+
+# --- loading and sampling ------------------------------------------------------------------
+
+
+def _is_local(model: str) -> bool:
+    return Path(model).expanduser().is_dir()
+
+
+def load_blip_diffusion(
+    model: str, dtype: str = "float32", device: str = "cpu"
+) -> BlipDiffusionPipeline:
+    """BlipDiffusionPipeline from a hub id (`Salesforce/blipdiffusion`) or a local folder in that
+    layout (`build_tiny_blip_diffusion`), with a DDIM scheduler, on `device`, progress bar off.
+
+    Half precision only on an accelerator: on CPU it falls back to float32. The components are
+    loaded one by one (see the module docstring for why not `from_pretrained` on the pipeline).
+    """
+    dev = pick_device(device)
+    if dev.type == "cpu" and dtype != "float32":
+        log.warning("BLIP-Diffusion on CPU: using float32 instead of %s", dtype)
+        dtype = "float32"
+    dt = torch_dtype(dtype)
+    if Path(model).is_absolute() and not _is_local(model):
+        raise SidpipeError(f"BLIP-Diffusion model folder {model!r} does not exist")
+    try:
+        index = BlipDiffusionPipeline.load_config(model)
+        if index.get("_class_name") != "BlipDiffusionPipeline":
+            raise SidpipeError(f"{model!r} holds a {index.get('_class_name')}, not BLIP-Diffusion")
+        qformer_config = Blip2Config.from_pretrained(model, subfolder="qformer")
+        bundled = Path(model).expanduser() / "qformer"
+        if not getattr(qformer_config, "tokenizer", None) and (bundled / "vocab.txt").is_file():
+            qformer_config.tokenizer = str(bundled)  # workaround 4
+        scheduler_config = DDIMScheduler.load_config(model, subfolder="scheduler")
+        overrides = {} if "clip_sample" in scheduler_config else {"clip_sample": False}
+        pipe = BlipDiffusionPipeline(
+            tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
+            text_encoder=PatchedContextCLIPTextModel.from_pretrained(
+                model, subfolder="text_encoder", dtype=dt
+            ),
+            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dt),
+            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dt),
+            scheduler=DDIMScheduler.from_config(scheduler_config, **overrides),
+            qformer=PatchedBlip2QFormerModel.from_pretrained(
+                model, subfolder="qformer", config=qformer_config, dtype=dt
+            ),
+            image_processor=BlipImageProcessor.from_pretrained(model, subfolder="image_processor"),
+            ctx_begin_pos=index.get("ctx_begin_pos", 2),
+            mean=index.get("mean"),
+            std=index.get("std"),
+        )
+    except SidpipeError:
+        raise
+    except Exception as err:
+        raise SidpipeError(
+            f"cannot load BLIP-Diffusion from {model!r}: {type(err).__name__}: {err}. It must be "
+            "a hub id (cached when HF_HUB_OFFLINE=1; the Q-Former also needs "
+            f"{QFORMER_DEFAULT_TOKENIZER!r} cached) or a folder in Salesforce/blipdiffusion's "
+            "layout (build_tiny_blip_diffusion writes one)."
+        ) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
+
+
+def vae_scale_factor(pipe: BlipDiffusionPipeline) -> int:
+    """Pixels per latent cell (8 for Stable Diffusion's VAE)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def seed_latents(pipe: BlipDiffusionPipeline, seeds: Sequence[int], resolution: int) -> torch.Tensor:
+    """Starting latents, one seeded CPU generator per image (as `sidpipe.sampling.seed_latents`
+    for the other arms): an image depends on its seed only, not on its batch or device."""
+    factor = vae_scale_factor(pipe)
+    shape = (1, pipe.unet.config.in_channels, resolution // factor, resolution // factor)
+    cpu = torch.device("cpu")
+    noise = [
+        randn_tensor(shape, generator=torch.Generator(cpu).manual_seed(int(s)), device=cpu)
+        for s in seeds
+    ]
+    return torch.cat(noise).to(pipe._execution_device, pipe.unet.dtype)
+
+
+def generate(
+    pipe: BlipDiffusionPipeline,
+    reference: Image.Image,
+    class_name: str,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    resolution: int = 512,
+    negative_prompt: str = "",
+    batch_size: int = 4,
+) -> list[Image.Image]:
+    """One image per (prompts[i], seeds[i]), conditioned on `reference`.
+
+    `class_name` is both the source subject category (what the Q-Former looks for in the
+    reference) and the target one (the pipeline writes the prompt as "a {class_name} {prompt}");
+    `prompts` are the plain prompts, without an identifier. Up to `batch_size` images per
+    pipeline call; each starts from its own seeded latents, so batching changes nothing.
+    """
+    if len(prompts) != len(seeds):
+        raise SidpipeError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
+    if batch_size < 1:
+        raise SidpipeError(f"batch_size must be at least 1, got {batch_size}")
+    factor = vae_scale_factor(pipe)
+    if resolution < factor or resolution % factor:
+        raise SidpipeError(f"resolution={resolution} must be a positive multiple of {factor}")
+    reference = reference.convert("RGB")
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        classes = [class_name] * len(chunk)
+        with torch.no_grad():
+            output = pipe(
+                prompt=chunk,
+                reference_image=reference,
+                source_subject_category=classes,
+                target_subject_category=classes,
+                latents=seed_latents(pipe, seeds[start : start + batch_size], resolution),
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=steps,
+                neg_prompt=negative_prompt,
+                output_type="pil",
+            )
+        images.extend(output.images)
+    return images
+
+
+# --- the tiny random checkpoint ------------------------------------------------------------
+
+
+def build_tiny_blip_diffusion(out_dir: Path, seed: int = 0) -> str:
+    """Write a tiny random BlipDiffusionPipeline in `Salesforce/blipdiffusion`'s layout.
+
+    Every component the real checkpoint has, of the same classes (text encoder, VAE, UNet, CLIP
+    tokenizer, PNDM scheduler, Q-Former with its ViT, BLIP image processor) and its
+    model_index.json entries; the Q-Former's BERT tokenizer is saved in `qformer/` (the real
+    one loads bert-base-uncased from the hub). 64 px images (8x8 latents: the VAE downsamples
+    8x, as SD's), 32 px reference crops. Deterministic per seed.
+    """
+    out_dir = Path(out_dir)
+    hidden = 32  # CLIP text width = Q-Former width = UNet cross-attention width
+    num_query_tokens = 16  # as the real model: 16 of the 77 text-encoder positions
+    with atomic_dir(out_dir) as tmp:
+        tokenizer = train_clip_tokenizer(_CORPUS, tmp / "tokenizer")
+        bert = train_bert_tokenizer(_CORPUS, tmp / "qformer", max_length=32)
+
+        torch.manual_seed(seed)
+        text_encoder = ContextCLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=MAX_LENGTH,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.18215,
+        )
+        torch.manual_seed(seed)
+        # Four blocks as SD's UNet, so the pipeline's own latent size (used when it draws the
+        # latents itself) agrees with the VAE's 8x.
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(16, 16, 32, 32),
+            layers_per_block=1,
+            cross_attention_dim=hidden,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        qformer_config = Blip2Config(
+            vision_config={
+                "hidden_size": hidden,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+                "hidden_act": "quick_gelu",
+                # Blip2VisionConfig's default, 1e-10, would make the random ViT ignore its input.
+                "initializer_range": 0.02,
+            },
+            qformer_config={
+                "vocab_size": len(bert) + 1,  # + the "[DEC]" token the Q-Former adds
+                "hidden_size": hidden,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 64,
+                "max_position_embeddings": 64,
+                "cross_attention_frequency": 1,
+                "encoder_hidden_size": hidden,
+            },
+            num_query_tokens=num_query_tokens,
+            # Larger than the usual 0.02, so that the reference image visibly steers the tiny
+            # model (at 0.02 its share of the query embeddings is ~1e-3).
+            initializer_range=0.3,
+            tokenizer=str(tmp / "qformer"),
+        )
+        torch.manual_seed(seed)
+        # diffusers' own class (its __init__ works; only its forward is broken), so the saved
+        # config names the real checkpoint's architecture.
+        qformer = Blip2QFormerModel(qformer_config)
+        # They start as zeros (trained weights replace them): all queries would be the same.
+        nn.init.normal_(qformer.query_tokens, std=1.0)
+        del qformer.config.tokenizer  # a temporary path; load_blip_diffusion finds it instead
+        pipe = BlipDiffusionPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            unet=unet,
+            # The real checkpoint's scheduler (diffusers' conversion script).
+            scheduler=PNDMScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                set_alpha_to_one=False,
+                skip_prk_steps=True,
+            ),
+            qformer=qformer,
+            image_processor=BlipImageProcessor(
+                size={"height": 32, "width": 32}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
+            ),
+            ctx_begin_pos=REAL_MODEL_INDEX["ctx_begin_pos"],
+            mean=REAL_MODEL_INDEX["mean"],
+            std=REAL_MODEL_INDEX["std"],
+        )
+        pipe.save_pretrained(tmp)
+        # save_pretrained records our subclass and "diffusers" as libraries; write the real
+        # checkpoint's entries instead, so loading is tested on the real model_index.json.
+        index_path = tmp / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index.update({name: REAL_MODEL_INDEX[name] for name in COMPONENTS})
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return str(out_dir)
