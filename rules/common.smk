@@ -13,6 +13,7 @@ from sidpipe.config import (
     validate_config,
 )
 from sidpipe.references import reference_inputs
+from sidpipe.encoders import ENCODER_ALGORITHMS
 from sidpipe.subsets import split_name
 from snakemake.logging import logger
 
@@ -33,6 +34,7 @@ DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
+NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative
 
 
 def job_memory(rule_name, default_mb):
@@ -51,8 +53,23 @@ def class_slug(class_name):
 
 
 CLASSES = {class_slug(row["class"]): row["class"] for row in SUBJECTS.values()}
+# Encoder-based methods (BLIP-Diffusion, ELITE) have no training job: the reference goes in at
+# sampling time (rule sample_encoder).
+ENCODER = sorted(
+    {
+        arm.method
+        for arm, _ in ARM_SUBJECTS
+        if config["methods"][split_name(arm.method)[0]]["algorithm"]
+        in ENCODER_ALGORITHMS
+    }
+)
+ENCODER_METHODS = "|".join(map(re.escape, ENCODER)) or NEVER
 TRAINED = sorted(
-    {(arm.method, arm.descriptions, subject) for arm, subject in ARM_SUBJECTS}
+    {
+        (arm.method, arm.descriptions, subject)
+        for arm, subject in ARM_SUBJECTS
+        if arm.method not in ENCODER
+    }
 )
 FULL_FINETUNE = sorted(
     {
@@ -62,7 +79,6 @@ FULL_FINETUNE = sorted(
     }
 )
 ADAPTER = sorted({m for m, _, _ in TRAINED} - set(FULL_FINETUNE))
-NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative
 FULL_FINETUNE_METHODS = "|".join(FULL_FINETUNE) or NEVER
 ADAPTER_METHODS = "|".join(ADAPTER) or NEVER
 
@@ -368,7 +384,15 @@ def attention_settings(wildcards):
 def attention_pairs():
     """(arm, subject) pairs that get attention maps: those of `attention.experiments` (all)."""
     chosen = config.get("attention", {}).get("experiments") or list(EXPERIMENTS)
-    return sorted({pair for name in chosen for pair in EXPERIMENTS[name]})
+    # an encoder arm has no [V] token to map
+    return sorted(
+        {
+            pair
+            for name in chosen
+            for pair in EXPERIMENTS[name]
+            if pair[0].method not in ENCODER
+        }
+    )
 
 
 # Arms with attention maps are sampled and mapped by one job (sample_and_attention), which
@@ -381,9 +405,13 @@ def attention_arms_constraint(mapped):
     pairs = "|".join(
         re.escape(f"{arm.name}/{subject}") for arm, subject in attention_pairs()
     )
+    # the encoder arms are sampled by sample_encoder
+    not_encoder = f"(?!(?:{ENCODER_METHODS})/)"
     if not pairs:
-        return NEVER if mapped else NAME
-    return f"(?{'=' if mapped else '!'}(?:{pairs})/){NAME}"
+        return NEVER if mapped else not_encoder + NAME
+    if mapped:
+        return f"(?=(?:{pairs})/){NAME}"
+    return f"(?!(?:{pairs})/){not_encoder}{NAME}"
 
 
 def sample_and_attention_resource(key, sample_default, attention_default, combine):
@@ -395,6 +423,52 @@ def sample_and_attention_resource(key, sample_default, attention_default, combin
         attempt_scaled(config, "attention_maps", key, attention_default),
     ]
     return lambda wildcards, attempt: combine(s(wildcards, attempt) for s in stages)
+
+
+def tiny_encoder_input(settings):
+    """The tiny encoder models' folder when a method's checkpoints point into it (demo)."""
+    values = [str(v) for v in settings.values()]
+    return (
+        ["results/models/tiny_encoders"]
+        if any(v.startswith("results/models/tiny_encoders/") for v in values)
+        else []
+    )
+
+
+def sample_encoder_inputs(wildcards):
+    """An encoder arm reads the subject's references (and masks: ELITE) and its checkpoints."""
+    settings = method_settings(wildcards.method)
+    inputs = {
+        "references": f"results/references/{wildcards.subject}/manifest.csv",
+        "models": tiny_encoder_input(settings),
+    }
+    if settings["algorithm"] == "elite":
+        inputs["masks"] = f"results/masks/{wildcards.subject}/manifest.csv"
+    return {key: value for key, value in inputs.items() if value}
+
+
+def sample_encoder_settings(wildcards):
+    """Arguments of sidpipe.encoders.sampling.sample_encoder_arm besides paths."""
+    settings = sample_settings(wildcards)
+    method = method_settings(wildcards.method)
+    return {
+        "algorithm": method["algorithm"],
+        "settings": {k: v for k, v in method.items() if k != "algorithm"},
+        "reference_subset": reference_subset(wildcards.method),
+        **{
+            key: settings[key]
+            for key in (
+                "templates",
+                "class_name",
+                "seeds",
+                "steps",
+                "guidance_scale",
+                "resolution",
+                "batch_size",
+                "dtype",
+            )
+        },
+    }
 
 
 def compared_methods():

@@ -104,3 +104,39 @@ rule compare_samples:
         seed=0,
     script:
         "../workflow_scripts/compare_samples.py"
+
+
+# Encoder arms (BLIP-Diffusion, ELITE): no training job, the subject's reference goes to the
+# encoder here; the same prompts, seeds and manifest as the trained arms.
+rule sample_encoder:
+    input:
+        unpack(sample_encoder_inputs),
+    output:
+        manifest="results/samples/{method}/{descriptions}/{inference}/{subject}/manifest.csv",
+        grid=report(
+            "results/samples/{method}/{descriptions}/{inference}/{subject}/grid.png",
+            caption="report/samples_grid.rst",
+            category="Samples",
+            subcategory="{subject}",
+            labels={
+                "method": "{method}",
+                "descriptions": "{descriptions}",
+                "inference": "{inference}",
+            },
+        ),
+    log:
+        "results/logs/sample_encoder/{method}/{descriptions}/{inference}/{subject}.log",
+    benchmark:
+        "results/benchmarks/sample_encoder/{method}/{descriptions}/{inference}/{subject}.tsv"
+    wildcard_constraints:
+        method=ENCODER_METHODS,
+    conda:
+        "../envs/gpu.yaml"
+    resources:
+        gpu=1,
+        mem_mb=job_memory("sample_encoder", 24000),
+        runtime=job_runtime("sample_encoder", 120),
+    params:
+        settings=sample_encoder_settings,
+    script:
+        "../workflow_scripts/sample_encoder.py"

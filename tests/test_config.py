@@ -79,10 +79,12 @@ def test_paper_grid_expands_to_the_expected_arms(real):
         "dreambooth--first1",
         "custom_diffusion--first1",
         "svdiff--first1",
+        "blip_diffusion--first1",
+        "elite--first1",
     }
     # main 8 + cases 2 new + vlms 2 new + alternatives 2 new + sefi 2 new (sefi_ide x 2) +
-    # single_reference 6 new; shared arms run once
-    assert len(all_arm_subjects(real, subjects)) == 22 * 15
+    # single_reference 6 trained + 2 encoder arms; shared arms run once
+    assert len(all_arm_subjects(real, subjects)) == 24 * 15
 
 
 def test_grid_subjects_restrict_and_unknown_subject_is_rejected(real):
@@ -123,7 +125,7 @@ def _broken(real, edit):
         (
             lambda c: c["experiments"]["main"][0]["methods"].append("dreamboot"),
             r"experiments\.main\[0\]\.methods: unknown method 'dreamboot' \(defined under "
-            r"`methods`: custom_diffusion, dreambooth",
+            r"`methods`: blip_diffusion, custom_diffusion, dreambooth",
         ),
         (
             lambda c: c["experiments"]["cases"][0]["descriptions"].append("case5"),
@@ -368,3 +370,21 @@ def test_config_checker_command(tmp_path, capsys):
     out = capsys.readouterr()
     assert f"{good}: valid" in out.out
     assert f"{bad}, line 2, column 1" in out.err
+
+
+def test_encoder_methods_need_their_checkpoints_and_no_training_settings(real):
+    """blip_diffusion / elite entries need their checkpoints, not steps or a learning rate; a
+    trained method still needs both."""
+    config = copy.deepcopy(real)
+    validate_config(config)  # the shipped entries: blip_diffusion and elite without steps
+    del config["methods"]["elite"]["global_mapper"]
+    with pytest.raises(ConfigError, match="global_mapper"):
+        validate_config(config)
+    config = copy.deepcopy(real)
+    config["methods"]["blip_diffusion"].pop("model")
+    with pytest.raises(ConfigError, match="model"):
+        validate_config(config)
+    config = copy.deepcopy(real)
+    del config["methods"]["svdiff"]["steps"]
+    with pytest.raises(ConfigError, match="steps"):
+        validate_config(config)

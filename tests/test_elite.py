@@ -59,7 +59,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tiny):
-    return E.load_elite(tiny["sd"], tiny["image_encoder"], tiny["global_mapper"], tiny["local_mapper"])
+    return E.load_elite(
+        tiny["sd"], tiny["image_encoder"], tiny["global_mapper"], tiny["local_mapper"]
+    )
 
 
 def _reference(seed: int) -> tuple[Image.Image, Image.Image]:
@@ -102,7 +104,9 @@ def test_tiny_checkpoints_have_the_official_layout(tiny):
         assert shapes_of(ours.state_dict()) == expected
         ours.load_state_dict(state)  # strict
         to_k = "mid_block_attentions_0_transformer_blocks_0_attn2_to_k.weight"
-        assert torch.equal(state[to_k], unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k.weight)
+        assert torch.equal(
+            state[to_k], unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k.weight
+        )
 
 
 def test_generate_sizes_determinism_and_batch_independence(model):
@@ -112,8 +116,10 @@ def test_generate_sizes_determinism_and_batch_independence(model):
     assert np.array_equal(images[3], _gen(model, PROMPTS[1:], [1])[0])  # alone = in a batch
     assert not np.array_equal(images[0], images[1])  # seeds differ
     assert not np.array_equal(images[0], images[2])  # prompts differ
+    ddim = _gen(model, PROMPTS[:1], [0], scheduler="ddim")[0]  # the SID experiment's sampler
+    assert ddim.shape == (64, 64, 3) and not np.array_equal(ddim, images[0])
     batched = _gen(model, PROMPTS, [0, 1], batch_size=4)  # one UNet batch of 8 rows
-    assert max(np.abs(a.astype(int) - b).max() for a, b in zip(images, batched)) <= 2
+    assert max(np.abs(a.astype(int) - b).max() for a, b in zip(images, batched, strict=True)) <= 2
 
 
 def test_reference_and_local_branch_reach_the_output(model, tiny):
@@ -124,8 +130,16 @@ def test_reference_and_local_branch_reach_the_output(model, tiny):
     # lambda 0 adds nothing: the global-only inference (inference_global.py with w0).
     global_only = E.load_elite(tiny["sd"], tiny["image_encoder"], tiny["global_mapper"], None)
     assert np.array_equal(no_local, _gen(global_only, PROMPTS[1:], [1])[0])
+    # The unconditional pass sees neither the reference nor the local branch (guidance 0: only it).
+    uncond = _gen(model, PROMPTS[1:], [1], guidance_scale=0.0)[0]
+    assert np.array_equal(uncond, _gen(model, PROMPTS[1:], [1], guidance_scale=0.0, llambda=0)[0])
+    assert np.array_equal(
+        uncond, _gen(global_only, PROMPTS[:1], [1], _reference(5), guidance_scale=0)[0]
+    )
     other_mask = Image.new("L", (40, 48), 255)
-    assert not np.array_equal(base, _gen(model, PROMPTS[1:], [1], (_reference(0)[0], other_mask))[0])
+    assert not np.array_equal(
+        base, _gen(model, PROMPTS[1:], [1], (_reference(0)[0], other_mask))[0]
+    )
 
 
 def test_reference_features_follow_the_official_layers(model, tiny):
@@ -253,7 +267,9 @@ def test_exact_lms_coefficients_match_numerical_integration():
             value = np.ones_like(tau)
             for k in range(order):
                 if k != current:
-                    value *= (tau - float(sigmas[t - k])) / float(sigmas[t - current] - sigmas[t - k])
+                    value *= (tau - float(sigmas[t - k])) / float(
+                        sigmas[t - current] - sigmas[t - k]
+                    )
             expected = (hi - lo) / 2 * float((weights * value).sum())
             assert sched.get_lms_coefficient(order, t, current) == pytest.approx(expected, rel=1e-6)
     assert float(sched.init_noise_sigma) == pytest.approx(float(sigmas.max()))

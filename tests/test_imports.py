@@ -202,7 +202,10 @@ def test_a_new_attention_setting_reruns_the_mapped_job_without_resampling(run: d
     assert [(r["prompt_id"], r["seed"]) for r in rows] == [("0", "0"), ("0", "1")]
 
 
-@pytest.mark.parametrize("module", ["sidpipe.models", "sidpipe.sampling", "sidpipe.masks"])
+@pytest.mark.parametrize(
+    "module",
+    ["sidpipe.models", "sidpipe.sampling", "sidpipe.masks", "sidpipe.encoders", "sidpipe.subsets"],
+)
 def test_light_modules_import_no_torch(module: str) -> None:
     """Imported by jobs that may need no model (compare_samples, provided masks, describe)."""
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -54,7 +54,7 @@ def test_a_grid_with_references_runs_subset_methods(real: dict) -> None:
         Arm(f"{m}--first1", d)
         for m in ("dreambooth", "custom_diffusion", "svdiff")
         for d in ("case1", "sid")
-    }
+    } | {Arm("blip_diffusion--first1", "case1"), Arm("elite--first1", "case1")}
     # the full-reference arms are untouched and not duplicated
     assert Arm("dreambooth", "case1") in {arm for arm, _ in experiments["main"]}
 

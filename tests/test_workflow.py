@@ -70,7 +70,7 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "Experiment grid: 330 arm x subject pairs, 22 arms, 15 subjects" in result.stdout
+    assert "Experiment grid: 360 arm x subject pairs, 24 arms, 15 subjects" in result.stdout
     counts = {
         m.group(1): int(m.group(2))
         for m in re.finditer(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE)
@@ -91,13 +91,15 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         # attention maps (attention.experiments: all), drawn by the job that samples it
         "sample_and_attention": 330,
         "compare_samples": 15 * 8,
-        "score": 330,
+        # the encoder arms (blip_diffusion, elite on one reference): no training, no [V] maps
+        "sample_encoder": 15 * 2,
+        "score": 360,
         "gather_metrics": 1,
         "analyze": 1,
         "summarize_references": 1,
         "plan_experiments": 1,
         "all": 1,
-        "total": 1249,
+        "total": 1309,
     }
 
 
@@ -121,7 +123,7 @@ def test_seeds_methods_layer_on_the_demo():
     }
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     # sefi_ide x 2 on 3 subjects, textual_inversion x 2 on the 2 subjects main lacks it on
-    assert grid and int(grid.group(1)) == 22 + 2 * 3 + 2 * 2
+    assert grid and int(grid.group(1)) == 23 + 2 * 3 + 2 * 2
 
 
 def test_strength_sweep_layers_on_the_demo():
@@ -136,7 +138,7 @@ def test_strength_sweep_layers_on_the_demo():
     )
     assert result.returncode == 0, result.stderr
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
-    assert grid and int(grid.group(1)) == 22 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
+    assert grid and int(grid.group(1)) == 23 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
     strength = re.search(r"^  strength: (.*)$", result.stdout, re.MULTILINE)
     assert strength and strength.group(1).split(", ") == [
         f"dreambooth{steps}/{case}/standard"
@@ -171,10 +173,22 @@ def test_demo_outputs(demo_run):
     assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives", "single_reference"}
     assert sum(r["experiment"] == "main" for r in arms) == 8 + 2 * 4
     single = [r for r in arms if r["experiment"] == "single_reference"]
-    assert {(r["method"], r["references"]) for r in single} == {("dreambooth--first1", "1")}
-    assert len({(r["arm"], r["subject"]) for r in arms}) == 22
+    assert {(r["method"], r["algorithm"], r["references"]) for r in single} == {
+        ("dreambooth--first1", "dreambooth", "1"),
+        ("blip_diffusion--first1", "blip_diffusion", "1"),
+    }
+    assert len({(r["arm"], r["subject"]) for r in arms}) == 23
     samples = list((demo_run / "results/samples").glob("*/*/*/*/manifest.csv"))
-    assert len(samples) == 22
+    assert len(samples) == 23
+    # the encoder arm: no training job, the same prompts and seeds as the trained arms
+    encoder = "results/samples/blip_diffusion--first1/case1/standard/blue_mug/manifest.csv"
+    trained = "results/samples/dreambooth--first1/case1/standard/blue_mug/manifest.csv"
+    pairs_of = [
+        [(r["prompt_id"], r["seed"], r["prompt_plain"]) for r in csv.DictReader(open(demo_run / m))]
+        for m in (encoder, trained)
+    ]
+    assert sorted(pairs_of[0]) == sorted(pairs_of[1])
+    assert not (demo_run / "results/train/blip_diffusion--first1").exists()
     for manifest in samples:
         rows = list(csv.DictReader(open(manifest)))
         assert len(rows) == 14 * 4  # the world's prompts x seeds
@@ -212,14 +226,15 @@ def test_demo_outputs(demo_run):
     clip_metrics = {"SA", "NSD", "TA", "CLIP-I", "DINO"}
     world = {"leak_background", "leak_object", "leak_pose", "subject_kept", "prompt_followed"}
     assert set(metrics["metric"]) == clip_metrics | world
-    assert (metrics["metric"].isin(clip_metrics)).sum() == 22 * 56 * 5  # pairs x images
+    assert (metrics["metric"].isin(clip_metrics)).sum() == 23 * 56 * 5  # pairs x images
+    assert "blip_diffusion--first1" in set(metrics["method"])
     # the pose leak exists only for the upside-down subject, the object leak not for it
     assert set(metrics.loc[metrics["metric"] == "leak_pose", "subject"]) == {"upside_robot"}
     assert "upside_robot" not in set(metrics.loc[metrics["metric"] == "leak_object", "subject"])
     summary = pd.read_csv(demo_run / "results/metrics/summary.csv")
-    assert len(summary[summary["metric"].isin(clip_metrics)]) == 14 * 5  # arms x metrics
+    assert len(summary[summary["metric"].isin(clip_metrics)]) == 15 * 5  # arms x metrics
     single_table = pd.read_csv(demo_run / "results/metrics/tables/single_reference.csv")
-    assert set(single_table["method"]) == {"dreambooth--first1"}
+    assert set(single_table["method"]) == {"dreambooth--first1", "blip_diffusion--first1"}
     assert set(single_table["setting"]) == {"baseline", "SID"}
     pairs = pd.read_csv(demo_run / "results/metrics/method_pairs.csv")
     one_vs_all = pairs[

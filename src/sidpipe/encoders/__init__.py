@@ -1,1 +1,21 @@
 """Encoder-based personalization baselines (no per-subject training)."""
+
+# `methods.*.algorithm` values of the encoder arms (rule sample_encoder, no training job).
+ENCODER_ALGORITHMS = ("blip_diffusion", "elite")
+
+# Exported lazily (PEP 562): the modules import torch, transformers and diffusers, which a job
+# that imports this package for something else should not pay for. name -> defining submodule.
+_LAZY_EXPORTS = {
+    "build_tiny_blip_diffusion": "blip_diffusion",
+    "load_blip_diffusion": "blip_diffusion",
+    "build_tiny_elite": "elite",
+    "load_elite": "elite",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,9 +7,9 @@ BLIP-Diffusion, which turns one reference image and the subject's class into que
 writes a tiny random checkpoint in `Salesforce/blipdiffusion`'s layout for the tests and the demo.
 
 diffusers 0.42.1 ships the pipeline only as a deprecated one
-(`diffusers.pipelines.deprecated.blip_diffusion`, last supported in 0.33.1), and with the pinned
-transformers 5 it is broken in four places. This module works around each without touching
-site-packages:
+(`diffusers.pipelines.deprecated.blip_diffusion`, last supported in 0.33.1). With the pinned
+transformers 5 it is broken in four places (1-4), and one older bug (5) bites SID's long
+negative prompts. This module works around each without touching site-packages:
 
 1. Loading: the real checkpoint's `model_index.json` names the library of `qformer`,
    `text_encoder` and `image_processor` "blip_diffusion", a module that no longer exists at
@@ -36,6 +36,9 @@ site-packages:
    `bert-base-uncased` in the Hugging Face cache when offline). The tiny checkpoint ships its
    BERT tokenizer inside `qformer/`; `load_blip_diffusion` points `config.tokenizer` at it at
    load time (not in the saved config, so the folder stays relocatable).
+5. Negative prompt: the pipeline tokenizes it without truncation, so one over 77 tokens
+   crashes the text encoder (a size mismatch). `generate` cuts it to 77 tokens with a
+   warning (`fit_negative_prompt`), as Stable Diffusion's pipelines do.
 
 The scheduler is DDIM built from the checkpoint's (PNDM) scheduler config, with
 `clip_sample=False` unless that config says otherwise (a PNDM config has no such key and DDIM's
@@ -233,6 +236,21 @@ def _is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir()
 
 
+def _load_complete(cls: type, model: str, subfolder: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained` that refuses a checkpoint missing some of the class' weights
+    (transformers would only warn and leave them random: wrong images, no error)."""
+    loaded, info = cls.from_pretrained(
+        model, subfolder=subfolder, output_loading_info=True, **kwargs
+    )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise SidpipeError(
+            f"{model!r} {subfolder}/ lacks {len(missing)} weights of {cls.__name__}, "
+            f"e.g. {', '.join(missing[:5])}"
+        )
+    return loaded.eval()
+
+
 def load_blip_diffusion(
     model: str, dtype: str = "float32", device: str = "cpu"
 ) -> BlipDiffusionPipeline:
@@ -255,21 +273,25 @@ def load_blip_diffusion(
             raise SidpipeError(f"{model!r} holds a {index.get('_class_name')}, not BLIP-Diffusion")
         qformer_config = Blip2Config.from_pretrained(model, subfolder="qformer")
         bundled = Path(model).expanduser() / "qformer"
-        if not getattr(qformer_config, "tokenizer", None) and (bundled / "vocab.txt").is_file():
+        if (
+            _is_local(model)
+            and not getattr(qformer_config, "tokenizer", None)
+            and (bundled / "vocab.txt").is_file()
+        ):
             qformer_config.tokenizer = str(bundled)  # workaround 4
+        qformer = _load_complete(
+            PatchedBlip2QFormerModel, model, "qformer", config=qformer_config, dtype=dt
+        )
+        text_encoder = _load_complete(PatchedContextCLIPTextModel, model, "text_encoder", dtype=dt)
         scheduler_config = DDIMScheduler.load_config(model, subfolder="scheduler")
         overrides = {} if "clip_sample" in scheduler_config else {"clip_sample": False}
         pipe = BlipDiffusionPipeline(
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
-            text_encoder=PatchedContextCLIPTextModel.from_pretrained(
-                model, subfolder="text_encoder", dtype=dt
-            ),
+            text_encoder=text_encoder,
             vae=AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dt),
             unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dt),
             scheduler=DDIMScheduler.from_config(scheduler_config, **overrides),
-            qformer=PatchedBlip2QFormerModel.from_pretrained(
-                model, subfolder="qformer", config=qformer_config, dtype=dt
-            ),
+            qformer=qformer,
             image_processor=BlipImageProcessor.from_pretrained(model, subfolder="image_processor"),
             ctx_begin_pos=index.get("ctx_begin_pos", 2),
             mean=index.get("mean"),
@@ -293,7 +315,9 @@ def vae_scale_factor(pipe: BlipDiffusionPipeline) -> int:
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def seed_latents(pipe: BlipDiffusionPipeline, seeds: Sequence[int], resolution: int) -> torch.Tensor:
+def seed_latents(
+    pipe: BlipDiffusionPipeline, seeds: Sequence[int], resolution: int
+) -> torch.Tensor:
     """Starting latents, one seeded CPU generator per image (as `sidpipe.sampling.seed_latents`
     for the other arms): an image depends on its seed only, not on its batch or device."""
     factor = vae_scale_factor(pipe)
@@ -304,6 +328,32 @@ def seed_latents(pipe: BlipDiffusionPipeline, seeds: Sequence[int], resolution: 
         for s in seeds
     ]
     return torch.cat(noise).to(pipe._execution_device, pipe.unet.dtype)
+
+
+def fit_negative_prompt(pipe: BlipDiffusionPipeline, text: str) -> str:
+    """`text`, cut to what the text encoder can take (77 tokens for CLIP) with a warning.
+
+    Upstream tokenizes the negative prompt without truncation (the prompt itself is
+    truncated), so a longer one crashes the text encoder (workaround 5); Stable Diffusion's
+    pipelines truncate it instead, and so does this.
+    """
+    limit = pipe.text_encoder.config.max_position_embeddings
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) <= limit:
+        return text
+    keep = limit - 2  # without <|startoftext|> and <|endoftext|>
+    while True:
+        kept = tokenizer.decode(ids[1 : 1 + keep], skip_special_tokens=True).strip()
+        if len(tokenizer(kept)["input_ids"]) <= limit:  # decoding can merge tokens differently
+            break
+        keep -= 1
+    log.warning(
+        "negative prompt cut to %d tokens (the text encoder's limit): dropped %r",
+        limit,
+        tokenizer.decode(ids[1 + keep : -1], skip_special_tokens=True).strip(),
+    )
+    return kept
 
 
 def generate(
@@ -324,6 +374,8 @@ def generate(
     reference) and the target one (the pipeline writes the prompt as "a {class_name} {prompt}");
     `prompts` are the plain prompts, without an identifier. Up to `batch_size` images per
     pipeline call; each starts from its own seeded latents, so batching changes nothing.
+    The pipeline's image processor converts the reference to RGB (transparency onto white),
+    resizes it to the Q-Former's input size and normalizes it with the pipeline's mean/std.
     """
     if len(prompts) != len(seeds):
         raise SidpipeError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
@@ -332,7 +384,7 @@ def generate(
     factor = vae_scale_factor(pipe)
     if resolution < factor or resolution % factor:
         raise SidpipeError(f"resolution={resolution} must be a positive multiple of {factor}")
-    reference = reference.convert("RGB")
+    negative_prompt = fit_negative_prompt(pipe, negative_prompt)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -466,7 +518,9 @@ def build_tiny_blip_diffusion(out_dir: Path, seed: int = 0) -> str:
             ),
             qformer=qformer,
             image_processor=BlipImageProcessor(
-                size={"height": 32, "width": 32}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
+                size={"height": 32, "width": 32},
+                image_mean=OPENAI_CLIP_MEAN,
+                image_std=OPENAI_CLIP_STD,
             ),
             ctx_begin_pos=REAL_MODEL_INDEX["ctx_begin_pos"],
             mean=REAL_MODEL_INDEX["mean"],

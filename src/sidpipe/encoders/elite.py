@@ -1,61 +1,51 @@
 """ELITE (Wei et al., ICCV 2023) inference on current diffusers/transformers, official checkpoints.
 
-Read from the official repository csyxwei/ELITE (commit 665fa85): `train_global.py` (`Mapper`,
-`inj_forward_text`, `inj_forward_crossattention`, `validation`), `train_local.py` (`MapperLocal`,
-the local `inj_forward_crossattention`, `validation`), `inference_global.py/.sh`,
-`inference_local.py/.sh`, `datasets.py` (`CustomDatasetWithBG`, the test-time preprocessing) and
-`app_gradio.py`; it pinned diffusers 0.11.1 and transformers 4.26.1.
+Read from csyxwei/ELITE (commit 665fa85; it pinned diffusers 0.11.1, transformers 4.26.1):
+train_global.py (`Mapper`, `inj_forward_text`, `inj_forward_crossattention`, `validation`),
+train_local.py (`MapperLocal`, its `inj_forward_crossattention` and `validation`),
+inference_global.py/.sh, inference_local.py/.sh, datasets.py (`CustomDatasetWithBG`: test-time
+preprocessing) and app_gradio.py. Done as there:
 
-What ELITE does at inference, and what this module does the same way:
+* Reference: RGB image and object mask (`mask > 0` per channel); the unmasked image and the object
+  `image * mask` are resized to 224 px (PIL bicubic) and CLIP-normalised; the mask's first channel
+  goes (nearest) to 128 px, then to the 16x16 patch grid.
+* Global: CLIP ViT-L/14 (`CLIPVisionModel`) of the *unmasked* image; `[last_hidden_state,
+  hidden_states[4], [8], [12], [16]]` -> `Mapper` (per layer `mapping_i(CLS) +
+  mean(mapping_patch_i(patches))`: five words). Inference keeps w0 (`inj_embedding[:, 0:1]`:
+  inference_local.py always, inference_global.sh via `--token_index=0`), which replaces the token
+  embedding of the placeholder "S" before the position embeddings are added.
+* Every UNet attn2 takes keys/values from the global mapper's `<layer>_to_k` / `_to_v` (SD's
+  to_k/to_v, fine-tuned with the mapper), in the conditional and the unconditional ("") pass.
+* Local: the masked object's five layers -> `MapperLocal` (`mapping_i(CLS) +
+  mapping_patch_i(patch)` per patch, mean over layers) times the 16x16 mask; in the conditional
+  pass attn2 adds `lambda * w * softmax(q k_local^T * scale) v_local` (the local mapper's
+  `to_k`/`to_v`), `w` = each query's attention to S over its maximum. `lambda` = 0.8
+  (inference_local.py `--llambda` and .sh; the gradio demo starts at 0.6).
+* Sampling: LMSDiscreteScheduler(0.00085..0.012, scaled_linear), 100 steps, guidance 5.0, noise
+  `torch.randn` after `torch.manual_seed(seed)` times `init_noise_sigma`, VAE decode of
+  latents / 0.18215, `(x / 2 + 0.5).clamp(0, 1)`.
 
-* Reference: `CustomDatasetWithBG`. The image (RGB) and its object mask (`mask > 0`, per channel)
-  give the unmasked image and the masked object `image * mask`, each resized to 224 px (PIL
-  bicubic) and normalised with CLIP's mean/std; the mask's first channel is resized (nearest) to
-  128 px, then to the 16x16 patch grid (`validation`).
-* Global mapping: CLIP ViT-L/14 (`CLIPVisionModel`) of the *unmasked* image;
-  `[last_hidden_state, hidden_states[4], [8], [12], [16]]` go through `Mapper` (per layer
-  `mapping_i(CLS) + mean(mapping_patch_i(patches))`: five words); inference keeps word w0
-  (`inj_embedding[:, 0:1]`: `inference_local.py` always, `inference_global.sh` with
-  `--token_index=0`). w0 replaces the token embedding of the placeholder "S" before the position
-  embeddings are added (`inj_forward_text`); the text encoder is otherwise unchanged.
-* Cross-attention: every UNet attn2 takes its keys/values from the global mapper's own
-  `<layer>_to_k` / `<layer>_to_v` (copies of SD's to_k/to_v fine-tuned with the mapper), for the
-  conditional *and* the unconditional ("") pass.
-* Local mapping: the masked object's five feature layers go through `MapperLocal`
-  (`mapping_i(CLS) + mapping_patch_i(patches)` per patch, mean over the layers), times the 16x16
-  mask; attn2 adds `lambda * w * softmax(q k_local^T * scale) v_local` (`to_k_local`/`to_v_local`
-  from the local mapper), where `w` is each query's attention to S divided by its maximum; only in
-  the conditional pass. `lambda` defaults to 0.8 (`inference_local.py --llambda`, also
-  `inference_local.sh`; the gradio demo starts at 0.6).
-* Sampling (`validation`): LMSDiscreteScheduler(beta 0.00085..0.012, scaled_linear, 1000),
-  100 steps, classifier-free guidance 5.0, latents `torch.randn` from `torch.manual_seed(seed)`
-  times `init_noise_sigma`, decoded with 1/0.18215 and `(x / 2 + 0.5).clamp(0, 1)`.
+Our reading (identical to the official code in its own setting unless said):
 
-Our reading or changes (each identical to the official code in its own setting unless said):
-
-* Prompts use the standalone word "S" for the concept, as the official template "a photo of a S"
-  and the demo's "A S wearing sunglasses": e.g. "a photo of a S on the beach" (no class noun
-  after S). The official code takes S's position as its *word* index + 1; we take its *token*
-  index (the same whenever every word before S is one CLIP token, as in all official prompts;
-  otherwise the official code overwrites a wrong token, and we log the difference). A prompt
-  without a standalone "S" is an error (the official code silently overwrote the BOS token).
-* The local branch's normaliser `max` is taken per image (the official one spans the batch, which
-  its inference always ran with one image); conditional and unconditional passes share one UNet
-  call (the official code made two): the same arithmetic.
-* The tokenizer and text encoder come from `base_model` (the official code loads
-  openai/clip-vit-large-patch14's, the very text encoder of SD v1-4).
-* `mask=None` takes the whole image as the object (the official code requires a mask); a mask of
-  another size is resized (nearest) to the image's.
-* `resolution` sets the latent size (the official code is fixed at 512 px); `scheduler="ddim"`
-  (the base model's scheduler config, as the other arms), `steps` and `guidance_scale` override
-  the official LMS / 100 / 5.0 (the SID experiment: DDIM, 50, 7.5); `dtype` is free (official:
-  float16). The noise is `torch.Generator("cpu").manual_seed(seed)`, the same draw as the
-  official `torch.manual_seed(seed)` for one image.
-* `Mapper`/`MapperLocal` take the hidden width the official code hard-codes (1024) as an argument,
-  read from the checkpoint, so tiny test checkpoints stay tiny; parameter names are the official.
-* Not implemented: `inference_global.py`'s argparse default `--token_index=full` (all five words,
-  shifting the prompt); its own script uses w0. `local_mapper=None` gives the global-only
-  inference of `inference_global.sh`.
+* Prompts name the concept by the standalone word "S" (the official template "a photo of a S",
+  the demo's "A S wearing sunglasses"): "a photo of a S on the beach", no class noun after S. The
+  official code locates S by *word* index + 1, we by *token* index: the same whenever each word
+  before S is one CLIP token (all official prompts); otherwise it overwrote a wrong token (we log
+  it). A prompt without a standalone "S" is an error (officially: the BOS token was overwritten).
+* The local weight's maximum is per image (officially over the batch; its inference used one
+  image); conditional and unconditional rows share one UNet call (officially two).
+* Tokenizer and text encoder come from `base_model` (officially openai/clip-vit-large-patch14's:
+  the text encoder of SD v1-4). LMS's step coefficients are integrated exactly in numpy (diffusers
+  uses scipy's `quad`, exact for these cubics; scipy is not a dependency here).
+* `mask=None` takes the whole image as the object (officially a mask is required); a mask of
+  another size is resized (nearest). `resolution` sets the latent size (officially 512 px).
+* `scheduler="ddim"` (the base model's scheduler config, as the other arms), `steps`,
+  `guidance_scale` override LMS / 100 / 5.0 (the SID experiment: DDIM, 50, 7.5); `dtype` is free
+  (officially float16). Noise from `torch.Generator("cpu").manual_seed(seed)`: the same draw.
+* The mappers' hidden width (officially fixed 1024) is read from the checkpoint, so tiny test
+  checkpoints stay tiny; the parameter names are the official ones.
+* Not implemented: inference_global.py's argparse default `--token_index=full` (all five words,
+  shifting the prompt); its script uses w0. `local_mapper=None` is the global-only inference.
 """
 
 from __future__ import annotations
@@ -79,12 +69,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HIDDEN_LAYERS = (4, 8, 12, 16)  # image_features[2][4], [8], [12], [16] after image_features[0]
 OFFICIAL_HIDDEN = 1024  # the mappers' hard-coded width
 SEG_SIZE = 128  # CustomDatasetWithBG's mask size before the patch grid
-LMS_KWARGS = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-}
+LMS_KWARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 OFFICIAL_STEPS, OFFICIAL_GUIDANCE, OFFICIAL_LAMBDA = 100, 5.0, 0.8
 TINY_CORPUS = ["a photo of a S", "a S on the beach", "a S in the jungle", "a photo of a dog"]
 
@@ -104,14 +89,18 @@ def _mlp(input_dim: int, hidden_dim: int, output_dim: int) -> nn.Sequential:
     )
 
 
-class Mapper(nn.Module):
-    """train_global.Mapper: five image feature layers -> five word embeddings (B, 5, out)."""
+class _FiveLayerMapper(nn.Module):
+    """`mapping_i` (for CLS) and `mapping_patch_i` (for the patches) per feature layer i < 5."""
 
     def __init__(self, input_dim: int, output_dim: int, hidden_dim: int = OFFICIAL_HIDDEN):
         super().__init__()
         for i in range(5):
             setattr(self, f"mapping_{i}", _mlp(input_dim, hidden_dim, output_dim))
             setattr(self, f"mapping_patch_{i}", _mlp(input_dim, hidden_dim, output_dim))
+
+
+class Mapper(_FiveLayerMapper):
+    """train_global.Mapper: five image feature layers -> five word embeddings (B, 5, out)."""
 
     def forward(self, embs: list[torch.Tensor]) -> torch.Tensor:
         hidden_states = ()
@@ -121,14 +110,8 @@ class Mapper(nn.Module):
         return torch.cat(hidden_states, dim=1)
 
 
-class MapperLocal(nn.Module):
+class MapperLocal(_FiveLayerMapper):
     """train_local.MapperLocal: five feature layers -> one embedding per patch (B, N, out)."""
-
-    def __init__(self, input_dim: int, output_dim: int, hidden_dim: int = OFFICIAL_HIDDEN):
-        super().__init__()
-        for i in range(5):
-            setattr(self, f"mapping_{i}", _mlp(input_dim, hidden_dim, output_dim))
-            setattr(self, f"mapping_patch_{i}", _mlp(input_dim, hidden_dim, output_dim))
 
     def forward(self, embs: list[torch.Tensor]) -> torch.Tensor:
         hidden_states = ()
@@ -243,10 +226,8 @@ class EliteAttnProcessor:
 
 def _clip_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """Bicubic resize, ToTensor, CLIP Normalize (datasets.CustomDatasetWithBG.get_tensor_clip)."""
-    pixels = torch.from_numpy(
-        np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.float32)
-    )
-    pixels = pixels.permute(2, 0, 1) / 255.0
+    image = image.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1) / 255.0
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     return ((pixels - mean) / std).unsqueeze(0)
 
@@ -453,7 +434,7 @@ class Elite:
             if local is not None:
                 self.context.local = local.expand(n, -1, -1)
                 self.context.index = torch.tensor([index[p] for p, _ in batch], device=self.device)
-                self.context.start, self.context.llambda = 0, float(llambda)
+                self.context.start, self.context.llambda = n, float(llambda)
             try:
                 for t in sched.timesteps:
                     model_input = sched.scale_model_input(latents, t)
