@@ -9,15 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from test_training_methods import make_subject
 
-from sidpipe.class_images import generate_class_images
-from sidpipe.io import SidpipeError, read_csv, write_csv
-from sidpipe.masks import segment_references
+from sidpipe.io import SidpipeError, read_csv
 from sidpipe.models import load_sd_components, load_sd_pipeline
-from sidpipe.references import prepare_references
-from sidpipe.tiny_models import build_tiny_models
 from sidpipe.training import trainer_class
 from sidpipe.training.base import Batch
 from sidpipe.training.data import LatentSource, read_training_set, tokenize
@@ -32,7 +28,6 @@ from sidpipe.training.loop import train_subject
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DEMO = Path(__file__).resolve().parents[1] / "tests/data/tiny_demo/subjects/red_mug"
 SIZE = 64
 TOKENS = "<sks_1> <sks_2> <sks_3>"
 WORDS = {"positive_words": ["red", "glossy"], "negative_words": ["green", "wall"]}
@@ -41,28 +36,8 @@ WORDS = {"positive_words": ["red", "glossy"], "negative_words": ["green", "wall"
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """Tiny models, the demo mug's references (64 px), masks, case-3 descriptions, two class
-    images (as tests/test_training_methods.py's make_subject)."""
-    root = tmp_path_factory.mktemp("lego_subject")
-    table = yaml.safe_load((DEMO / "descriptions.yaml").read_text())
-    corpus = [text for row in table.values() for text in row.values()] + ["a photo of a mug"]
-    tiny = build_tiny_models(root / "tiny", corpus, seed=0)
-    refs, masks = root / "references", root / "masks"
-    prepare_references(DEMO, refs, "red_mug", SIZE)
-    segment_references(refs, masks, "red_mug", "mug", backend="provided")
-    descriptions = {image_id: row["case3"] for image_id, row in table.items()}
-    csv = root / "descriptions.csv"
-    rows = [{"image_id": k, "description": v} for k, v in descriptions.items()]
-    write_csv(csv, rows, ["image_id", "description"])
-    class_dir = root / "class_images"
-    generate_class_images(tiny["sd"], "mug", class_dir, count=2, steps=2, resolution=SIZE)
-    return SimpleNamespace(
-        sd=tiny["sd"],
-        refs=refs,
-        masks=masks,
-        csv=csv,
-        descriptions=descriptions,
-        class_dir=class_dir,
-    )
+    images."""
+    return make_subject(tmp_path_factory.mktemp("lego_subject"))
 
 
 def make_trainer(subject: SimpleNamespace, **settings) -> tuple[SimpleNamespace, LegoTrainer, list]:

@@ -79,13 +79,14 @@ def sample_encoder_arm(
         pipe = load_blip_diffusion(settings["model"], dtype, device)
         seen = [row["prompt_plain"] for row in plain]
 
-        def make(prompts: list[str], batch_seeds: list[int]) -> list[Image.Image]:
+        def make(prompts: list[str]) -> list[Image.Image]:
+            # one (prompt, seed) pair per image, prompt-major
             return generate(
                 pipe,
                 reference,
                 class_name,
-                prompts,
-                batch_seeds,
+                [p for p in prompts for _ in seeds],
+                [s for _ in prompts for s in seeds],
                 steps,
                 guidance_scale,
                 resolution,
@@ -104,13 +105,13 @@ def sample_encoder_arm(
         )
         seen = [row["prompt"] for row in expand_prompts(templates, "", ELITE_WORD)]
 
-        def make(prompts: list[str], batch_seeds: list[int]) -> list[Image.Image]:
-            # ELITE generates prompt x seed; one prompt per call keeps the pairing explicit
+        def make(prompts: list[str]) -> list[Image.Image]:
+            # prompts x seeds, prompt-major; the reference is encoded once per call
             return elite.generate(
                 reference,
                 mask,
-                prompts[:1],
-                batch_seeds,
+                prompts,
+                list(seeds),
                 steps,
                 guidance_scale,
                 resolution,
@@ -121,9 +122,14 @@ def sample_encoder_arm(
 
     log.info("%s: reference %s, %d prompts x %d seeds", algorithm, image_id, len(plain), len(seeds))
     manifest = []
-    for row, prompt in tqdm(list(zip(plain, seen, strict=True)), desc=algorithm, file=sys.stderr):
-        images = make([prompt] * len(seeds), list(seeds))
-        for seed, image in zip(seeds, images, strict=True):
+    # Calls of about `batch_size` images (whole prompts), so the progress bar moves and each
+    # call encodes the reference once.
+    per_call = max(1, batch_size // len(seeds))
+    chunks = [list(range(i, min(i + per_call, len(plain)))) for i in range(0, len(plain), per_call)]
+    for chunk in tqdm(chunks, desc=algorithm, unit="call", file=sys.stderr):
+        pairs = [(i, seed) for i in chunk for seed in seeds]
+        for (i, seed), image in zip(pairs, make([seen[i] for i in chunk]), strict=True):
+            row, prompt = plain[i], seen[i]
             name = image_name(row["prompt_id"], seed)
             with atomic_file(out_dir / name, "wb") as handle:
                 image.save(handle, format="PNG")

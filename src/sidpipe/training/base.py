@@ -84,14 +84,33 @@ def diffusion_loss(
     return loss, parts
 
 
-def train_one_row(weight: torch.Tensor, row: int) -> None:
-    """Let only `weight[row]` (a new token's embedding) get a gradient: the other rows' are
+def train_rows(weight: torch.Tensor, rows: list[int]) -> None:
+    """Let only `weight[rows]` (new tokens' embeddings) get a gradient: the other rows' are
     zeroed in the backward pass, so they stay out of the optimizer's moments and the
-    gradient clipping (AdamW's weight decay still touches them: methods put them back)."""
-    only_row = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    only_row[row] = 1.0
+    gradient clipping (AdamW's weight decay still touches them: see `FrozenRows`)."""
+    only_rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    only_rows[rows] = 1.0
     weight.requires_grad_(True)
-    weight.register_hook(lambda grad: grad * only_row.to(grad.dtype))
+    weight.register_hook(lambda grad: grad * only_rows.to(grad.dtype))
+
+
+def train_one_row(weight: torch.Tensor, row: int) -> None:
+    """`train_rows` for one token's row."""
+    train_rows(weight, [row])
+
+
+class FrozenRows:
+    """The embedding rows that must not change while `trained` rows train: `restore` puts them
+    back after an optimizer step (AdamW's weight decay shrinks every row)."""
+
+    def __init__(self, weight: torch.Tensor, trained: list[int]) -> None:
+        self.frozen = weight.detach().clone()
+        self.keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
+        self.keep[trained] = False
+
+    def restore(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            weight[self.keep] = self.frozen[self.keep]
 
 
 class Trainer(ABC):

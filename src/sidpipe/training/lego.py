@@ -44,7 +44,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from sidpipe.io import SidpipeError, log
-from sidpipe.training.base import PLACEHOLDER, Batch, Trainer, prediction_target
+from sidpipe.training.base import (
+    PLACEHOLDER,
+    Batch,
+    FrozenRows,
+    Trainer,
+    prediction_target,
+    train_rows,
+)
 
 DEFAULT_LR = 5e-4
 MANIFEST = "lego.json"
@@ -206,14 +213,9 @@ class LegoTrainer(Trainer):
                 weight[row] = weight[init[i % len(init)]].mean(dim=0)
         for module in (c.vae, c.unet, c.text_encoder):
             module.requires_grad_(False)
-        self._keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
-        self._keep[self.token_ids] = False
-        only_rows = (~self._keep).to(weight.dtype)[:, None]
-        weight.requires_grad_(True)
-        # Zero the other rows' gradient in the backward pass (train_one_row, for k rows).
-        weight.register_hook(lambda grad: grad * only_rows.to(grad.dtype))
+        train_rows(weight, self.token_ids)
+        self._frozen_rows = FrozenRows(weight, self.token_ids)
         c.text_encoder.train()
-        self._frozen = weight.detach().clone()
         if not self.use_context:
             log.info(
                 "lego: no positive_words/negative_words (or context_weight 0): no context loss"
@@ -225,9 +227,7 @@ class LegoTrainer(Trainer):
 
     def after_step(self) -> None:
         # AdamW's weight decay shrinks the other rows too: put them back.
-        with torch.no_grad():
-            weight = self._embeddings.weight
-            weight[self._keep] = self._frozen[self._keep]
+        self._frozen_rows.restore(self._embeddings.weight)
 
     # --- the loss ---------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sidpipe.io import SidpipeError, log
-from sidpipe.training.base import PLACEHOLDER, Batch, Trainer, diffusion_loss
+from sidpipe.training.base import PLACEHOLDER, Batch, FrozenRows, Trainer, train_rows
 from sidpipe.training.textual_inversion import placeholder_token
 
 WEIGHT_NAME = "sefi_ide.safetensors"
@@ -351,13 +351,8 @@ class SeFiIdeTrainer(Trainer):
             weight[ids] = weight[init_ids].mean(dim=0)
         for module in (c.vae, c.unet, c.text_encoder):
             module.requires_grad_(False)
-        rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        rows[self.variant_ids] = 1.0
-        weight.requires_grad_(True)
-        weight.register_hook(lambda grad: grad * rows.to(grad.dtype))
-        self._frozen = weight.detach().clone()
-        self._keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
-        self._keep[self.variant_ids] = False
+        train_rows(weight, self.variant_ids)
+        self._frozen_rows = FrozenRows(weight, self.variant_ids)
         c.text_encoder.train()
         self.encoder = SeFiTextEncoder(c.text_encoder, self.placeholder_id, self.variant_ids)
         self.state = SeFiState(self.stages, int(c.noise_scheduler.config.num_train_timesteps))
@@ -368,9 +363,7 @@ class SeFiIdeTrainer(Trainer):
         return len(self.variant_ids) * self._embeddings.weight.shape[1]
 
     def after_step(self) -> None:
-        with torch.no_grad():
-            weight = self._embeddings.weight
-            weight[self._keep] = self._frozen[self._keep]
+        self._frozen_rows.restore(self._embeddings.weight)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_ids).last_hidden_state
@@ -407,14 +400,8 @@ class SeFiIdeTrainer(Trainer):
         timesteps: torch.Tensor,
         prior_loss_weight: float,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, parts = diffusion_loss(
-            self.c.unet,
-            self.c.noise_scheduler,
-            batch,
-            encoder_hidden_states,
-            noise,
-            timesteps,
-            prior_loss_weight,
+        loss, parts = super().compute_loss(
+            batch, encoder_hidden_states, noise, timesteps, prior_loss_weight
         )
         weight = float(self.settings["attention_weight"])
         instance = ~batch.is_prior

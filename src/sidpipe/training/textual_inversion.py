@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from sidpipe.io import SidpipeError
-from sidpipe.training.base import PLACEHOLDER, Trainer, train_one_row
+from sidpipe.training.base import PLACEHOLDER, FrozenRows, Trainer, train_one_row
 
 DEFAULT_LR = 5e-4
 WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
@@ -67,9 +67,7 @@ class TextualInversionTrainer(Trainer):
             module.requires_grad_(False)
         train_one_row(weight, self.token_id)
         c.text_encoder.train()
-        self._frozen = weight.detach().clone()
-        self._keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
-        self._keep[self.token_id] = False
+        self._frozen_rows = FrozenRows(weight, [self.token_id])
         return [{"params": [weight], "lr": float(self.settings.get("learning_rate", DEFAULT_LR))}]
 
     def trained_parameter_count(self, params: list[torch.Tensor]) -> int:
@@ -78,9 +76,7 @@ class TextualInversionTrainer(Trainer):
     def after_step(self) -> None:
         # AdamW's weight decay shrinks the other rows too; put them back so only the new
         # token's embedding ever changes.
-        with torch.no_grad():
-            weight = self._embeddings.weight
-            weight[self._keep] = self._frozen[self._keep]
+        self._frozen_rows.restore(self._embeddings.weight)
 
     def _row(self) -> torch.Tensor:
         return self._embeddings.weight[self.token_id].detach().to("cpu", copy=True)
