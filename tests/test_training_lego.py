@@ -303,7 +303,9 @@ def test_no_separation_needs_no_masks(subject: SimpleNamespace) -> None:
         ({"num_tokens": 0}, "num_tokens"),
         ({"initializer_words": ["  "]}, "initializer_words"),
         ({"initializer_words": "red"}, "initializer_words"),
-        ({"subject_separation": "subject_token"}, "not implemented"),
+        ({"subject_separation": "subject_token"}, "subject_steps"),  # steps 1: no room
+        ({"subject_separation": "subject_token", "steps": 4, "subject_steps": 4}, "subject_steps"),
+        ({"subject_separation": "subject_token", "steps": 4, "subject_steps": 0}, "subject_steps"),
         ({"subject_separation": "bbox"}, "subject_separation"),
         ({"context_temperature": 0}, "context_temperature"),
     ],
@@ -438,3 +440,100 @@ def test_resumed_training_equals_uninterrupted(subject: SimpleNamespace, tmp_pat
 def test_loop_asks_for_masks(subject: SimpleNamespace, tmp_path: Path) -> None:
     with pytest.raises(SidpipeError, match="needs the subject masks; set masked: true"):
         _train(subject, tmp_path, settings={"masked": False})
+
+
+# --- subject_separation: subject_token (a subject token first, then the concept) -------------
+
+SUB = {"subject_separation": "subject_token", "steps": 4, "subject_steps": 2}
+
+
+def _grad_rows(trainer: LegoTrainer, batch: Batch, noise, timesteps) -> list[int]:
+    loss, parts = step_loss(trainer, batch, noise, timesteps)
+    loss.backward()
+    grad = trainer._embeddings.weight.grad
+    rows = (grad != 0).any(dim=1).nonzero().flatten().tolist()
+    trainer._embeddings.weight.grad = None
+    return rows
+
+
+def test_subject_token_learns_the_subject_first_then_the_concept(
+    subject: SimpleNamespace,
+) -> None:
+    c, trainer, groups = make_trainer(subject, learning_rate=5e-2, **SUB, **WORDS)
+    assert trainer.caption("a [V] mug") == "a <sks_sub> <sks_1> <sks_2> <sks_3> mug"
+    assert trainer.weight_files[0] == "sks_sub.safetensors" and trainer.needs_masks
+    weight = trainer._embeddings.weight
+    sub, concept = trainer.subject_id, trainer.token_ids
+    torch.testing.assert_close(
+        weight[sub], weight[c.tokenizer("mug", add_special_tokens=False).input_ids].mean(0)
+    )
+    batch, noise, timesteps = fixed_batch(subject, c, trainer, prior=True)
+    optimizer = torch.optim.AdamW(groups)
+    start = weight.detach().clone()
+
+    # Phase 1: only the subject row, the subject-region MSE under the caption without concept
+    # tokens (by hand), no context term.
+    loss, parts = step_loss(trainer, batch, noise, timesteps)
+    assert set(parts) == {"subject_loss", "instance_loss", "prior_loss"}
+    plain = strip_tokens(batch.input_ids, concept, c.tokenizer.pad_token_id)
+    with torch.no_grad():
+        noisy = c.noise_scheduler.add_noise(batch.latents, noise, timesteps)
+        pred = c.unet(noisy, timesteps, trainer.encode_text(plain)).sample
+        error = (pred - noise) ** 2
+        inst = ~batch.is_prior
+        m = batch.masks[inst].expand_as(error[inst])
+        by_hand = (error[inst] * m).sum() / m.sum() + error[batch.is_prior].mean()
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-5)
+    assert _grad_rows(trainer, batch, noise, timesteps) == [sub]
+    for _ in range(2):
+        step_loss(trainer, batch, noise, timesteps)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trainer.after_step()
+    moved = (weight != start).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [sub] and not trainer.in_subject_phase
+    learned = weight[sub].detach().clone()
+
+    # Phase 2: only the concept rows; the learned subject row stays although AdamW still has
+    # its moments; the full caption and the context term.
+    loss, parts = step_loss(trainer, batch, noise, timesteps)
+    assert {"concept_loss", "context_loss"} <= set(parts) and "subject_loss" not in parts
+    assert _grad_rows(trainer, batch, noise, timesteps) == sorted(concept)
+    for _ in range(2):
+        step_loss(trainer, batch, noise, timesteps)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trainer.after_step()
+    assert torch.equal(weight[sub], learned)
+    moved = (weight != start).any(dim=1).nonzero().flatten().tolist()
+    assert moved == sorted([sub, *concept])
+
+
+def test_subject_token_through_the_loop_resumes_in_either_phase(
+    subject: SimpleNamespace, tmp_path: Path
+) -> None:
+    settings = {"settings": {**SUB}}
+    summary = _train(subject, tmp_path / "straight", **settings)
+    weights = tmp_path / "straight/run/weights"
+    assert summary["finished"]
+    manifest = json.loads((weights / "lego.json").read_text())
+    assert manifest["tokens"] == ["<sks_sub>", *TOKENS.split()]
+    assert manifest["subject_token"] == "<sks_sub>"
+    rows = read_csv(tmp_path / "straight/run/training_log.csv")
+    assert [bool(r["concept_loss"]) for r in rows] == [False, False, True, True]
+    info = json.loads((tmp_path / "straight/run/train_info.json").read_text())
+    assert info["token"] == f"<sks_sub> {TOKENS}"
+    for stop in (1, 3):
+        folder = tmp_path / f"resumed{stop}"
+        assert not _train(subject, folder, stop_after=stop, **settings)["finished"]
+        _train(subject, folder, **settings)
+        assert read_csv(folder / "run/training_log.csv") == rows
+        for name in ("sks_sub", "sks_1", "sks_3"):
+            x, y = (
+                load_file(d / f"run/weights/{name}.safetensors")
+                for d in (tmp_path / "straight", folder)
+            )
+            assert torch.equal(x[f"<{name}>"], y[f"<{name}>"])
+    base = load_sd_pipeline(subject.sd, "float32", "cpu")
+    tuned = LegoTrainer.load_into(base, weights)
+    assert "<sks_sub>" in tuned.tokenizer.get_vocab()

@@ -18,8 +18,12 @@ Our readings of them:
   concept region (1 - subject mask) under the concept prompt, plus `subject_weight` [1.0] x
   the MSE, on the subject region, between the UNet's prediction under the concept prompt and
   its stop-gradient prediction under the plain subject prompt (the caption with the concept
-  tokens dropped). "none": the plain full-image MSE (an ablation). "subject_token" (the authors'
-  later description: a `<sub>` token learned first) is not implemented;
+  tokens dropped). "none": the plain full-image MSE (an ablation). "subject_token" (the
+  authors' later description): a subject token `<{identifier}_sub>` (from the class name's
+  embedding) is learned first, alone, for `subject_steps` [half of `steps`] steps on the subject
+  region (masked MSE under the caption without the concept tokens); then it is frozen and the
+  concept tokens learn the whole image under the full caption, where `[V]` is
+  "<sub> <tokens>"; the context loss only runs in this second phase;
 - the context loss: each step a random class of `context_classes`; z = the mean last hidden
   state over the concept tokens in "a <tokens> {class}", p_j / n_j = the same over word j in
   "a {word} {class}" for `positive_words` / `negative_words` [none: the term is skipped];
@@ -143,12 +147,21 @@ class LegoTrainer(Trainer):
                 f"lego setting subject_separation must be one of {', '.join(SEPARATIONS)}, "
                 f"got {self.separation!r}"
             )
+        self.needs_masks = self.separation in ("mask", "subject_token")
+        steps = int(settings.get("steps", 1))
+        self.subject_steps = 0
         if self.separation == "subject_token":
-            raise SidpipeError(
-                "lego subject_separation: subject_token is not implemented; use mask (needs "
-                "masked: true) or none"
-            )
-        self.needs_masks = self.separation == "mask"
+            self.subject_steps = settings.get("subject_steps", steps // 2)
+            if (
+                not isinstance(self.subject_steps, int)
+                or isinstance(self.subject_steps, bool)
+                or not 0 < self.subject_steps < steps
+            ):
+                raise SidpipeError(
+                    "lego setting subject_steps (the subject token's phase of "
+                    "subject_separation: subject_token) must be an integer in [1, steps - 1] = "
+                    f"[1, {steps - 1}], got {self.subject_steps!r}"
+                )
         self.subject_weight = float(settings.get("subject_weight", 1.0))
         self.context_weight = float(settings.get("context_weight", 0.01))
         self.temperature = float(settings.get("context_temperature", 0.07))
@@ -170,8 +183,13 @@ class LegoTrainer(Trainer):
         if self.use_context and not self.context_classes:
             raise SidpipeError("lego setting context_classes is empty; give at least one class")
         self.tokens = concept_tokens(identifier, k)
-        self.weight_files = (*(f"{t.strip('<>')}.safetensors" for t in self.tokens), MANIFEST)
+        # subject_token: the subject's own token comes first in every prompt's [V]
+        self.subject_token = f"<{identifier.strip('<>')}_sub>" if self.subject_steps else None
+        self.all_tokens = [self.subject_token, *self.tokens] if self.subject_token else self.tokens
+        self.weight_files = (*(f"{t.strip('<>')}.safetensors" for t in self.all_tokens), MANIFEST)
         self.token_ids: list[int] = []
+        self.subject_id: int | None = None
+        self.step = 0  # optimizer steps taken (the phase of subject_token)
         self._word_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -179,7 +197,11 @@ class LegoTrainer(Trainer):
         return True  # only k embedding rows train, but the encoder's outputs change
 
     def caption(self, description: str) -> str:
-        return description.replace(PLACEHOLDER, " ".join(self.tokens))
+        return description.replace(PLACEHOLDER, " ".join(self.all_tokens))
+
+    @property
+    def in_subject_phase(self) -> bool:
+        return self.step < self.subject_steps
 
     @property
     def _embeddings(self) -> torch.nn.Embedding:
@@ -190,7 +212,7 @@ class LegoTrainer(Trainer):
 
     def prepare(self) -> list[dict]:
         c = self.c
-        known = [t for t in self.tokens if t in c.tokenizer.get_vocab()]
+        known = [t for t in self.all_tokens if t in c.tokenizer.get_vocab()]
         if known:
             raise SidpipeError(
                 f"lego tokens {', '.join(known)} are already in the tokenizer's vocabulary; "
@@ -204,17 +226,27 @@ class LegoTrainer(Trainer):
                     f"lego setting initializer_words: {word!r} tokenizes to nothing; use real words"
                 )
             init.append(ids)
-        c.tokenizer.add_tokens(self.tokens)
+        c.tokenizer.add_tokens(self.all_tokens)
         self.token_ids = c.tokenizer.convert_tokens_to_ids(self.tokens)
         c.text_encoder.resize_token_embeddings(len(c.tokenizer), mean_resizing=False)
         weight = self._embeddings.weight
         with torch.no_grad():
             for i, row in enumerate(self.token_ids):
                 weight[row] = weight[init[i % len(init)]].mean(dim=0)
+            if self.subject_token:
+                self.subject_id = c.tokenizer.convert_tokens_to_ids(self.subject_token)
+                weight[self.subject_id] = weight[self._word_ids(self.class_name)].mean(dim=0)
         for module in (c.vae, c.unet, c.text_encoder):
             module.requires_grad_(False)
-        train_rows(weight, self.token_ids)
-        self._frozen_rows = FrozenRows(weight, self.token_ids)
+        if self.subject_token:
+            # Rows of the current phase only: a mask the backward hook reads at every step.
+            self._grad_rows = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
+            weight.requires_grad_(True)
+            weight.register_hook(lambda grad: grad * self._grad_rows.to(grad.dtype))
+            self._enter_phase()
+        else:
+            train_rows(weight, self.token_ids)
+            self._frozen_rows = FrozenRows(weight, self.token_ids)
         c.text_encoder.train()
         if not self.use_context:
             log.info(
@@ -222,12 +254,29 @@ class LegoTrainer(Trainer):
             )
         return [{"params": [weight], "lr": float(self.settings.get("learning_rate", DEFAULT_LR))}]
 
+    def _phase_rows(self) -> list[int]:
+        if self.subject_id is None:
+            return self.token_ids
+        return [self.subject_id] if self.in_subject_phase else self.token_ids
+
+    def _enter_phase(self) -> None:
+        """subject_token: train the current phase's rows; every other row, the subject token's
+        learned one included, is put back after each step (AdamW's moments would move it)."""
+        weight = self._embeddings.weight
+        self._grad_rows.zero_()
+        self._grad_rows[self._phase_rows()] = 1.0
+        self._frozen_rows = FrozenRows(weight, self._phase_rows())
+
     def trained_parameter_count(self, params: list[torch.Tensor]) -> int:
-        return len(self.tokens) * self._embeddings.weight.shape[1]
+        return len(self.all_tokens) * self._embeddings.weight.shape[1]
 
     def after_step(self) -> None:
         # AdamW's weight decay shrinks the other rows too: put them back.
         self._frozen_rows.restore(self._embeddings.weight)
+        self.step += 1
+        if self.subject_id is not None and self.step == self.subject_steps:
+            log.info("lego: subject token learned (%d steps); concept tokens next", self.step)
+            self._enter_phase()
 
     # --- the loss ---------------------------------------------------------------------------
 
@@ -276,6 +325,8 @@ class LegoTrainer(Trainer):
         inst = ~batch.is_prior
         parts: dict[str, float] = {}
         loss = pred.new_zeros((), dtype=torch.float32)
+        if self.subject_id is not None and self.in_subject_phase:
+            return self._subject_phase_loss(batch, noise, timesteps, prior_loss_weight)
         if inst.any():
             if self.separation == "mask":
                 if batch.masks is None:
@@ -307,26 +358,62 @@ class LegoTrainer(Trainer):
             parts["context_loss"] = float(context.detach())
         return loss, parts
 
+    def _subject_phase_loss(
+        self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, prior_loss_weight: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """subject_token's first phase: the caption without the concept tokens ("a <sub> mug
+        on ..."), the MSE on the subject region only (class images: the plain MSE)."""
+        if batch.masks is None:
+            raise SidpipeError("lego subject_separation: subject_token needs masked: true")
+        unet, scheduler = self.c.unet, self.c.noise_scheduler
+        plain = strip_tokens(batch.input_ids, self.token_ids, self.c.tokenizer.pad_token_id)
+        noisy = scheduler.add_noise(batch.latents, noise, timesteps)
+        pred = unet(noisy, timesteps, self.encode_text(plain)).sample
+        target = prediction_target(scheduler, batch.latents, noise, timesteps)
+        error = F.mse_loss(pred.float(), target.float(), reduction="none")
+        inst = ~batch.is_prior
+        loss = pred.new_zeros((), dtype=torch.float32)
+        parts: dict[str, float] = {}
+        if inst.any():
+            subject = masked_mean(error[inst], batch.masks[inst])
+            loss = loss + subject
+            parts["subject_loss"] = parts["instance_loss"] = float(subject.detach())
+        if batch.is_prior.any():
+            prior = error[batch.is_prior].mean()
+            loss = loss + prior_loss_weight * prior
+            parts["prior_loss"] = float(prior.detach())
+        return loss, parts
+
     # --- state and files --------------------------------------------------------------------
 
+    def _all_ids(self) -> list[int]:
+        return self.token_ids if self.subject_id is None else [self.subject_id, *self.token_ids]
+
     def _rows(self) -> torch.Tensor:
-        return self._embeddings.weight[self.token_ids].detach().to("cpu", copy=True)
+        return self._embeddings.weight[self._all_ids()].detach().to("cpu", copy=True)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {"token_embeddings": self._rows()}
+        return {"token_embeddings": self._rows(), "step": torch.tensor(self.step)}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             weight = self._embeddings.weight
-            weight[self.token_ids] = state["token_embeddings"].to(weight.device, weight.dtype)
+            weight[self._all_ids()] = state["token_embeddings"].to(weight.device, weight.dtype)
+        self.step = int(state.get("step", 0))
+        if self.subject_id is not None:
+            self._enter_phase()
+        else:
+            self._frozen_rows = FrozenRows(weight, self.token_ids)
 
     def save(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         files = list(self.weight_files[:-1])
-        for token, row, name in zip(self.tokens, self._rows(), files, strict=True):
+        for token, row, name in zip(self.all_tokens, self._rows(), files, strict=True):
             save_file({token: row[None].float().contiguous()}, out_dir / name)
-        manifest = {"algorithm": self.algorithm, "tokens": self.tokens, "files": files}
+        manifest = {"algorithm": self.algorithm, "tokens": self.all_tokens, "files": files}
+        if self.subject_token:
+            manifest["subject_token"] = self.subject_token
         (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
     @staticmethod

@@ -1,25 +1,21 @@
 """Stage `train`: fine-tune one method on one subject's references and their own descriptions.
 
 The loop owns everything method-independent: data, cached latents/text, noise, timesteps,
-optimizer, mixed precision, checkpoints (a killed job resumes bit-exactly) and the outputs.
+optimizer, mixed precision, checkpoints (`checkpoints.py`: a killed job resumes bit-exactly) and
+the outputs.
 A `Trainer` (see `base.py`) decides what trains and how it is saved.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import os
 import random
 import resource
 import signal
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +27,17 @@ from sidpipe.io import SidpipeError, atomic_dir, log, write_csv
 from sidpipe.models import import_bitsandbytes, load_sd_components, pick_device
 from sidpipe.training import trainer_class
 from sidpipe.training.base import PLACEHOLDER, Batch, Trainer
+from sidpipe.training.checkpoints import (
+    CHECKPOINT_VERSION,
+    TrainingInterrupted,
+    load_latest,
+    remove_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    sigterm_flag,
+    tensor_digest,
+)
 from sidpipe.training.data import (
     LatentSource,
     TextCache,
@@ -41,7 +48,6 @@ from sidpipe.training.data import (
 )
 
 LOG_FIELDS = ["step", "loss", "lr", "instance_loss", "prior_loss"]
-CHECKPOINT_VERSION = 1
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # AdamW as in diffusers' DreamBooth / LoRA / TI scripts; a method's settings may override.
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
@@ -72,110 +78,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {
-        "generator": generator.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-
-
-def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-
-def tensor_digest(*tensors: torch.Tensor | None) -> str:
-    """SHA-256 of the tensors' bytes (None counts as absent): what the job trains on."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        if tensor is None:
-            digest.update(b"none")
-            continue
-        array = tensor.detach().cpu().contiguous().numpy()
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def _checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in Path(checkpoint_dir).glob("checkpoint-*.pt"):
-        with contextlib.suppress(ValueError):
-            found.append((int(path.stem.split("-", 1)[1]), path))
-    return sorted(found)
-
-
-def save_checkpoint(checkpoint_dir: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write `checkpoint-<step>.pt` atomically (temp file + rename), then drop older ones."""
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir / f"checkpoint-{step:07d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=checkpoint_dir)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for old_step, path in _checkpoints(checkpoint_dir):
-        if old_step != step:
-            path.unlink(missing_ok=True)
-    return final
-
-
-def _load_latest(checkpoint_dir: Path, fingerprint: dict, steps: int) -> dict[str, Any] | None:
-    found = _checkpoints(checkpoint_dir)
-    if not found:
-        return None
-    step, path = found[-1]
-    # Our own file (it holds Python/NumPy RNG states, which weights_only refuses).
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
-        log.warning("%s was written for other settings or data; starting from scratch", path)
-        return None
-    if step > steps:
-        log.warning("%s is past the %d steps asked for; starting from scratch", path, steps)
-        return None
-    log.info("resuming from %s (step %d of %d)", path, step, steps)
-    return state
-
-
-class TrainingInterrupted(SidpipeError):
-    """SIGTERM arrived (SLURM's time limit or scancel, Snakemake cancelling the job): the
-    loop saved a checkpoint after the step in flight; a rerun resumes from it."""
-
-
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[dict[str, int | None]]:
-    """While training, SIGTERM only sets a flag, so the loop can checkpoint and stop between
-    steps instead of dying mid-step and losing everything since the last periodic checkpoint.
-    (SLURM sends SIGTERM, then SIGKILL after KillWait; `--signal=TERM@<s>` gives more time.)"""
-    flag: dict[str, int | None] = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # signal handlers can only be set from the main thread
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        flag["signal"] = signum
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -415,13 +317,13 @@ def train_subject(
     }
     rows: list[dict] = []
     start_step, seconds_before = 0, 0.0
-    state = _load_latest(checkpoint_dir, fingerprint, steps)
+    state = load_latest(checkpoint_dir, fingerprint, steps)
     if state is not None:
         trainer.load_trainable_state(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(generator, state["rng"])
+        set_rng_state(generator, state["rng"])
         rows, start_step, seconds_before = state["log"], state["step"], state["seconds"]
         del state
     resumed_from = start_step or None
@@ -457,7 +359,7 @@ def train_subject(
                 "trainable": trainer.trainable_state(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": _rng_state(generator),
+                "rng": rng_state(generator),
                 "log": rows,
                 "seconds": elapsed,
             },
@@ -472,7 +374,7 @@ def train_subject(
         file=sys.stderr,
     )
     # SIGTERM from here on: checkpoint after the step in flight (nothing to save before).
-    with _sigterm_flag() as interrupt:
+    with sigterm_flag() as interrupt:
         for index in progress:
             step = index + 1
             chosen = stream_indices(n_inst, seed, index, batch_size, salt=0)
@@ -615,8 +517,7 @@ def train_subject(
         )
         (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     # Finished: the (possibly GB-sized) checkpoints are no longer needed.
-    for _, path in _checkpoints(checkpoint_dir):
-        path.unlink(missing_ok=True)
+    remove_checkpoints(checkpoint_dir)
     with contextlib.suppress(OSError):
         Path(checkpoint_dir).rmdir()
     log.info(

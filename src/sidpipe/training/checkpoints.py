@@ -1,0 +1,130 @@
+"""Resumable training state: the RNG states, atomic checkpoints of one job (the newest kept)
+and SIGTERM turned into a flag the loop checks between steps, so a killed job resumes
+bit-exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sidpipe.io import SidpipeError, log
+
+CHECKPOINT_VERSION = 1
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """SHA-256 of the tensors' bytes (None counts as absent): what the job trains on."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none")
+            continue
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in Path(checkpoint_dir).glob("checkpoint-*.pt"):
+        with contextlib.suppress(ValueError):
+            found.append((int(path.stem.split("-", 1)[1]), path))
+    return sorted(found)
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write `checkpoint-<step>.pt` atomically (temp file + rename), then drop older ones."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / f"checkpoint-{step:07d}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=checkpoint_dir)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old_step, path in _checkpoints(checkpoint_dir):
+        if old_step != step:
+            path.unlink(missing_ok=True)
+    return final
+
+
+def load_latest(checkpoint_dir: Path, fingerprint: dict, steps: int) -> dict[str, Any] | None:
+    found = _checkpoints(checkpoint_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    # Our own file (it holds Python/NumPy RNG states, which weights_only refuses).
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
+        log.warning("%s was written for other settings or data; starting from scratch", path)
+        return None
+    if step > steps:
+        log.warning("%s is past the %d steps asked for; starting from scratch", path, steps)
+        return None
+    log.info("resuming from %s (step %d of %d)", path, step, steps)
+    return state
+
+
+def remove_checkpoints(checkpoint_dir: Path) -> None:
+    """A finished job's checkpoints (possibly GBs) are no longer needed."""
+    for _, path in _checkpoints(checkpoint_dir):
+        path.unlink(missing_ok=True)
+
+
+class TrainingInterrupted(SidpipeError):
+    """SIGTERM arrived (SLURM's time limit or scancel, Snakemake cancelling the job): the
+    loop saved a checkpoint after the step in flight; a rerun resumes from it."""
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[dict[str, int | None]]:
+    """While training, SIGTERM only sets a flag, so the loop can checkpoint and stop between
+    steps instead of dying mid-step and losing everything since the last periodic checkpoint.
+    (SLURM sends SIGTERM, then SIGKILL after KillWait; `--signal=TERM@<s>` gives more time.)"""
+    flag: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        flag["signal"] = signum
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
