@@ -21,6 +21,7 @@ include: "rules/training.smk"
 include: "rules/sampling.smk"
 include: "rules/metrics.smk"
 include: "rules/experiments.smk"
+include: "rules/human_study.smk"
 
 
 rule all:

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 from sidpipe.config import (
+    ConfigError,
     all_arm_subjects,
     attempt_scaled,
     expand_experiments,
@@ -13,6 +14,9 @@ from sidpipe.config import (
     validate_config,
 )
 from sidpipe.references import reference_inputs
+from sidpipe.human_study.design import settings_with_defaults, study_plan
+from sidpipe.human_study.responses import check_against_plan, read_responses
+from sidpipe.io import SidpipeError
 from sidpipe.encoders import ENCODER_ALGORITHMS
 from sidpipe.subsets import split_name
 from snakemake.logging import logger
@@ -91,6 +95,82 @@ for _experiment, _pairs in EXPERIMENTS.items():
     logger.info(f"  {_experiment}: {', '.join(_arms)}")
 
 
+def human_study_settings():
+    """The `human_study` section over the paper's defaults, checked against the grid (its arms
+    must have run on its subjects, its prompts and seeds must have been sampled); None when the
+    config has no such section."""
+    if "human_study" not in config:
+        return None
+    settings = settings_with_defaults(config["human_study"])
+    where = f"{CONFIG_SOURCE}: human_study"
+    ran = {}
+    for arm, subject in ARM_SUBJECTS:
+        ran.setdefault(arm.name, set()).add(subject)
+    for arm in settings["arms"]:
+        if arm not in ran:
+            raise ConfigError(
+                f"{where}.arms: no experiment runs arm {arm!r} (arms: {', '.join(sorted(ran))})"
+            )
+    both = [s for s in SUBJECTS if all(s in ran[arm] for arm in settings["arms"])]
+    subjects = settings.get("subjects") or both
+    missing = [s for s in subjects if s not in both]
+    if missing or not subjects:
+        raise ConfigError(
+            f"{where}.subjects: {', '.join(missing) or 'none'} not run by both arms "
+            f"(subjects both arms ran: {', '.join(both) or 'none'})"
+        )
+    sampling = config["sampling"]
+    prompt_ids = settings.get("prompt_ids") or list(
+        range(sampling["prompts_per_subject"])
+    )
+    if max(prompt_ids) >= sampling["prompts_per_subject"]:
+        raise ConfigError(
+            f"{where}.prompt_ids: the arms sample prompt ids 0-"
+            f"{sampling['prompts_per_subject'] - 1} (sampling.prompts_per_subject)"
+        )
+    if max(settings["seeds"]) >= sampling["seeds"]:
+        raise ConfigError(
+            f"{where}.seeds: the arms sample seeds 0-{sampling['seeds'] - 1} (sampling.seeds)"
+        )
+    if settings["subjects_per_participant"] > len(subjects):
+        raise ConfigError(
+            f"{where}.subjects_per_participant: {settings['subjects_per_participant']} but the "
+            f"study has {len(subjects)} subject(s)"
+        )
+    name = settings["name"]
+    settings |= {
+        "subjects": subjects,
+        "prompt_ids": sorted(prompt_ids),
+        "responses": settings.get("responses")
+        or f"results/human_study/{name}/responses.jsonl",
+    }
+    check_recorded_responses(settings, where)
+    return settings
+
+
+def check_recorded_responses(settings, where):
+    """Judgements already recorded must fit the plan these settings make: a changed study
+    fails here, before Snakemake replaces the site they were given on (a malformed responses
+    file is only reported: the analysis names its line)."""
+    if not Path(settings["responses"]).is_file():
+        return
+    try:
+        records = read_responses(settings["responses"])
+    except SidpipeError as err:
+        logger.warning(f"human_study: {err}")
+        return
+    keys = ("name", "arms", "subjects", "prompt_ids", "seeds", "participants")
+    keys += ("subjects_per_participant", "questions", "seed")
+    _, plan = study_plan(*(settings[key] for key in keys))
+    try:
+        check_against_plan(records, plan, settings["responses"])
+    except SidpipeError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+HUMAN_STUDY = human_study_settings()
+
+
 wildcard_constraints:
     subject="|".join(SUBJECTS),
     dataset=NAME,
@@ -98,6 +178,7 @@ wildcard_constraints:
     descriptions=NAME,
     inference=NAME,
     class_slug="|".join(CLASSES),
+    study=re.escape(HUMAN_STUDY["name"]) if HUMAN_STUDY else NEVER,
 
 
 def subject_images(wildcards):
@@ -538,6 +619,50 @@ def arms_table_rows():
     ]
 
 
+def human_study_inputs(wildcards):
+    """Both arms' samples of every study subject (subject by subject, arm A then B) and the
+    subjects' references."""
+    return {
+        "samples": [
+            f"results/samples/{arm}/{subject}/manifest.csv"
+            for subject in HUMAN_STUDY["subjects"]
+            for arm in HUMAN_STUDY["arms"]
+        ],
+        "references": [
+            f"results/references/{subject}/manifest.csv"
+            for subject in HUMAN_STUDY["subjects"]
+        ],
+    }
+
+
+def human_study_build_settings(wildcards):
+    """Arguments of sidpipe.human_study.build.build_study besides paths."""
+    keys = ("name", "arms", "subjects", "prompt_ids", "seeds", "participants")
+    keys += ("subjects_per_participant", "questions", "seed")
+    return {key: HUMAN_STUDY[key] for key in keys}
+
+
+def human_study_analysis_settings(wildcards):
+    """Arguments of sidpipe.human_study.analysis.analyze_study besides paths."""
+    return {"n_boot": HUMAN_STUDY["bootstrap"], "seed": HUMAN_STUDY["seed"]}
+
+
+def human_study_responses(wildcards):
+    """The participants' responses (written by `sidpipe study serve`, never by a rule)."""
+    return HUMAN_STUDY["responses"]
+
+
+def human_study_targets():
+    """The study's site; its analysis too once participants have answered."""
+    if not HUMAN_STUDY:
+        return []
+    study = f"results/human_study/{HUMAN_STUDY['name']}"
+    targets = [f"{study}/site", f"{study}/design.csv"]
+    if Path(HUMAN_STUDY["responses"]).exists():
+        targets += [f"{study}/table_b2.csv", f"{study}/plots/human_study.png"]
+    return targets
+
+
 def all_targets():
     targets = [
         "results/references/summary.csv",
@@ -555,6 +680,7 @@ def all_targets():
     ]
     targets += [f"results/samples/compare/{m}/{s}.png" for m, s in compared_methods()]
     targets.append("results/metrics/summary.csv")
+    targets += human_study_targets()
     if TINY_MODELS:
         targets.append("results/models/tiny")
     return targets

@@ -24,6 +24,21 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed here if missing (the test set-up; needs root); the test
+    skips only where it is absent and cannot be installed (not root)."""
+    if not shutil.which("chromium") and os.geteuid() == 0:
+        subprocess.run(
+            ["timeout", "-k", "10", "600", "apt-get", "install", "-y", "-q", "chromium"],
+            capture_output=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    if not shutil.which("chromium"):
+        pytest.skip("Debian's chromium is not installed and cannot be installed here (not root)")
+    return shutil.which("chromium")
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole demo, run once per session, as `make demo` runs it (same profile); tests only
     read it (copy it to change anything)."""

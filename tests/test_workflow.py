@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
 # Rules that gather over subjects or arms: any change upstream may reschedule them.
 GATHERS = {"all", "summarize_references", "plan_experiments", "gather_metrics", "analyze"}
+GATHERS |= {"human_study"}
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -98,8 +99,10 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         "analyze": 1,
         "summarize_references": 1,
         "plan_experiments": 1,
+        # the human study's site (App. B); its analysis waits for participants' responses
+        "human_study": 1,
         "all": 1,
-        "total": 1309,
+        "total": 1310,
     }
 
 
@@ -267,6 +270,19 @@ def test_demo_outputs(demo_run):
     assert page.count("<img") == 4 and "sid (case 3)" in page
     for rule in ("prepare_references", "segment_references", "describe_references"):
         assert list((demo_run / "results/logs" / rule).rglob("*.log")), rule
+    # the human study (App. B): a site of image pairs from the two DreamBooth arms
+    study = demo_run / "results/human_study/dreambooth_sid"
+    info = json.loads((study / "site/study.json").read_text())
+    assert info["arms"] == ["dreambooth/case1/standard", "dreambooth/sid/standard"]
+    assert len(info["participants"]) == 8 and info["screens_per_participant"] == 3 * 4
+    assert len(list(csv.DictReader(open(study / "site/plan.csv")))) == 8 * 3 * 4
+    files = list(csv.DictReader(open(study / "site/manifest.csv")))
+    assert sum(r["kind"] == "generated" for r in files) == 5 * 2 * 2  # subjects x pairs x arms
+    assert sum(r["kind"] == "reference" for r in files) == 5 * 4
+    assert all((study / "site" / r["path"]).is_file() for r in files)
+    design = list(csv.DictReader(open(study / "design.csv")))
+    assert sum(int(r["screens"]) for r in design) == 8 * 3 * 4
+    assert not (study / "responses.jsonl").exists()  # only participants write it
     assert scheduled_jobs(demo_run) == []  # a finished run is complete
 
 
@@ -283,23 +299,10 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _chromium() -> str:
-    """Debian's chromium, installed here if missing (the test set-up; needs root)."""
-    if not shutil.which("chromium") and os.geteuid() == 0:
-        subprocess.run(
-            ["timeout", "-k", "10", "600", "apt-get", "install", "-y", "-q", "chromium"],
-            capture_output=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    if not shutil.which("chromium"):
-        pytest.skip("Debian's chromium is not installed and cannot be installed here (not root)")
-    return shutil.which("chromium")
-
-
-def test_report_in_a_real_browser(demo_run, tmp_path):
+def test_report_in_a_real_browser(demo_run, chromium, tmp_path):
     report = demo_run / "results/report.html"
     snakemake(demo_run, "--report", str(report))
-    browser = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    browser = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     screenshot = tmp_path / "report.png"
     shot = subprocess.run(
         [*browser, "--window-size=1400,1000", f"--screenshot={screenshot}", report.as_uri()],
