@@ -109,7 +109,8 @@ def human_study_settings():
     for arm in settings["arms"]:
         if arm not in ran:
             raise ConfigError(
-                f"{where}.arms: no experiment runs arm {arm!r} (arms: {', '.join(sorted(ran))})"
+                f"{where}.arms: no experiment runs arm {arm!r} (arms: {', '.join(sorted(ran))}); "
+                "run it in an experiment, choose other arms, or remove the human_study section"
             )
     both = [s for s in SUBJECTS if all(s in ran[arm] for arm in settings["arms"])]
     subjects = settings.get("subjects") or both
