@@ -149,6 +149,13 @@ def human_study_settings():
     return settings
 
 
+def human_study_plan_settings(settings):
+    """What the study's plan is made from (study_plan's and build_study's arguments)."""
+    keys = ("name", "arms", "subjects", "prompt_ids", "seeds", "participants")
+    keys += ("subjects_per_participant", "questions", "seed")
+    return {key: settings[key] for key in keys}
+
+
 def check_recorded_responses(settings, where):
     """Judgements already recorded must fit the plan these settings make: a changed study
     fails here, before Snakemake replaces the site they were given on (a malformed responses
@@ -160,9 +167,7 @@ def check_recorded_responses(settings, where):
     except SidpipeError as err:
         logger.warning(f"human_study: {err}")
         return
-    keys = ("name", "arms", "subjects", "prompt_ids", "seeds", "participants")
-    keys += ("subjects_per_participant", "questions", "seed")
-    _, plan = study_plan(*(settings[key] for key in keys))
+    _, plan = study_plan(**human_study_plan_settings(settings))
     try:
         check_against_plan(records, plan, settings["responses"])
     except SidpipeError as err:
@@ -638,9 +643,7 @@ def human_study_inputs(wildcards):
 
 def human_study_build_settings(wildcards):
     """Arguments of sidpipe.human_study.build.build_study besides paths."""
-    keys = ("name", "arms", "subjects", "prompt_ids", "seeds", "participants")
-    keys += ("subjects_per_participant", "questions", "seed")
-    return {key: HUMAN_STUDY[key] for key in keys}
+    return human_study_plan_settings(HUMAN_STUDY)
 
 
 def human_study_analysis_settings(wildcards):

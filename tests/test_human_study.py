@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -110,6 +111,29 @@ def plan_of(study: Path) -> list[dict]:
 
 
 # --- the plan ------------------------------------------------------------------------------
+
+
+def write_subject_metrics(path: Path) -> Path:
+    """A metrics summary (results/metrics/subjects.csv layout) where arm B beats arm A by 0.1
+    on SA, NSD and TA for every subject."""
+    pd.DataFrame(
+        [
+            {"arm": arm, "subject": s, "metric": m, "mean": 0.5 + 0.1 * i}
+            for i, arm in enumerate(ARMS)
+            for s in SUBJECTS
+            for m in ("SA", "NSD", "TA")
+        ]
+    ).to_csv(path, index=False)
+    return path
+
+
+def analysis_outputs(folder: Path, plot: Path) -> dict[str, Path]:
+    """The output paths analyze_study writes, under `folder`."""
+    out = {
+        name: folder / f"{name}.csv"
+        for name in ("table", "agreement", "subjects", "metric_agreement")
+    }
+    return out | {"table_md": folder / "t.md", "table_html": folder / "t.html", "plot": plot}
 
 
 def paper_plan(seed: int = 0, participants: int = 130) -> list[dict]:

@@ -14,8 +14,10 @@ from test_human_study import (
     QUESTIONS,
     SUBJECTS,
     _record,
+    analysis_outputs,
     build_fixture_study,
     plan_of,
+    write_subject_metrics,
 )
 
 from sidpipe.human_study.agreement import fleiss_kappa, krippendorff_alpha_nominal
@@ -184,20 +186,8 @@ def test_metric_agreement_compares_the_human_majority_with_the_metric_sign(tmp_p
 def test_analyze_study_writes_every_output(tmp_path):
     study = build_fixture_study(tmp_path, participants=6)
     synthetic_responses(study, lambda row: "B" if row["participant"] < "p004" else "undecided")
-    metrics = tmp_path / "subjects.csv"
-    pd.DataFrame(
-        [
-            {"arm": arm, "subject": s, "metric": m, "mean": 0.5 + 0.1 * i}
-            for i, arm in enumerate(ARMS)
-            for s in SUBJECTS
-            for m in ("SA", "NSD", "TA")
-        ]
-    ).to_csv(metrics, index=False)
-    out = {
-        name: study / f"{name}.csv"
-        for name in ("table", "agreement", "subjects", "metric_agreement")
-    }
-    out |= {"table_md": study / "t.md", "table_html": study / "t.html", "plot": study / "plots/hs"}
+    metrics = write_subject_metrics(tmp_path / "subjects.csv")
+    out = analysis_outputs(study, study / "plots/hs")
     tables = analyze_study(study / "responses.jsonl", study / "site", metrics, out, n_boot=50)
     for name in ("table", "agreement", "subjects", "metric_agreement"):
         assert pd.read_csv(out[name]).shape == tables[name].shape

@@ -17,9 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
-from test_human_study import ARMS, SUBJECTS, build_fixture_study, plan_of
+from test_human_study import (
+    ARMS,
+    analysis_outputs,
+    build_fixture_study,
+    plan_of,
+    write_subject_metrics,
+)
 
 from sidpipe.human_study.analysis import analyze_study
 from sidpipe.human_study.responses import parse_time, read_responses
@@ -287,21 +292,8 @@ def test_a_participant_answers_every_screen_reloads_and_continues(browser, tmp_p
     assert theirs == ["right", "undecided"]
 
     # the analysis on these very records
-    metrics = tmp_path / "subjects.csv"
-    pd.DataFrame(
-        [
-            {"arm": arm, "subject": s, "metric": m, "mean": 0.5 + 0.1 * i}
-            for i, arm in enumerate(ARMS)
-            for s in SUBJECTS
-            for m in ("SA", "NSD", "TA")
-        ]
-    ).to_csv(metrics, index=False)
-    out = {
-        name: tmp_path / f"{name}.csv"
-        for name in ("table", "agreement", "subjects", "metric_agreement")
-    }
-    out |= {"table_md": tmp_path / "t.md", "table_html": tmp_path / "t.html"}
-    out["plot"] = tmp_path / "plot"
+    metrics = write_subject_metrics(tmp_path / "subjects.csv")
+    out = analysis_outputs(tmp_path, tmp_path / "plot")
     tables = analyze_study(study / "responses.jsonl", study / "site", metrics, out, n_boot=100)
     table = tables["table"]
     assert table.groupby("question")["n"].sum().to_dict() == {
