@@ -14,8 +14,11 @@ from sidpipe.config import (
     validate_config,
 )
 from sidpipe.references import reference_inputs
-from sidpipe.human_study.design import settings_with_defaults, study_plan
-from sidpipe.human_study.responses import check_against_plan, read_responses
+from sidpipe.human_study.design import (
+    check_recorded_responses,
+    plan_settings,
+    resolve_settings,
+)
 from sidpipe.io import SidpipeError
 from sidpipe.encoders import ENCODER_ALGORITHMS
 from sidpipe.subsets import split_name
@@ -96,82 +99,29 @@ for _experiment, _pairs in EXPERIMENTS.items():
 
 
 def human_study_settings():
-    """The `human_study` section over the paper's defaults, checked against the grid (its arms
-    must have run on its subjects, its prompts and seeds must have been sampled); None when the
-    config has no such section."""
+    """The `human_study` section over the paper's defaults, checked against the grid and the
+    judgements already recorded (sidpipe.human_study.design); None without such a section."""
     if "human_study" not in config:
         return None
-    settings = settings_with_defaults(config["human_study"])
-    where = f"{CONFIG_SOURCE}: human_study"
     ran = {}
     for arm, subject in ARM_SUBJECTS:
         ran.setdefault(arm.name, set()).add(subject)
-    for arm in settings["arms"]:
-        if arm not in ran:
-            raise ConfigError(
-                f"{where}.arms: no experiment runs arm {arm!r} (arms: {', '.join(sorted(ran))}); "
-                "run it in an experiment, choose other arms, or remove the human_study section"
-            )
-    both = [s for s in SUBJECTS if all(s in ran[arm] for arm in settings["arms"])]
-    subjects = settings.get("subjects") or both
-    missing = [s for s in subjects if s not in both]
-    if missing or not subjects:
-        raise ConfigError(
-            f"{where}.subjects: {', '.join(missing) or 'none'} not run by both arms "
-            f"(subjects both arms ran: {', '.join(both) or 'none'})"
+    where = f"{CONFIG_SOURCE}: human_study"
+    try:
+        settings = resolve_settings(
+            config["human_study"],
+            ran,
+            list(SUBJECTS),
+            config["sampling"]["prompts_per_subject"],
+            config["sampling"]["seeds"],
+            where,
         )
-    sampling = config["sampling"]
-    prompt_ids = settings.get("prompt_ids") or list(
-        range(sampling["prompts_per_subject"])
-    )
-    if max(prompt_ids) >= sampling["prompts_per_subject"]:
-        raise ConfigError(
-            f"{where}.prompt_ids: the arms sample prompt ids 0-"
-            f"{sampling['prompts_per_subject'] - 1} (sampling.prompts_per_subject)"
-        )
-    if max(settings["seeds"]) >= sampling["seeds"]:
-        raise ConfigError(
-            f"{where}.seeds: the arms sample seeds 0-{sampling['seeds'] - 1} (sampling.seeds)"
-        )
-    if settings["subjects_per_participant"] > len(subjects):
-        raise ConfigError(
-            f"{where}.subjects_per_participant: {settings['subjects_per_participant']} but the "
-            f"study has {len(subjects)} subject(s)"
-        )
-    name = settings["name"]
-    settings |= {
-        "subjects": subjects,
-        "prompt_ids": sorted(prompt_ids),
-        "responses": settings.get("responses")
-        or f"results/human_study/{name}/responses.jsonl",
-    }
-    check_recorded_responses(settings, where)
+        warning = check_recorded_responses(settings, where)
+    except SidpipeError as err:
+        raise ConfigError(str(err)) from None
+    if warning:
+        logger.warning(warning)
     return settings
-
-
-def human_study_plan_settings(settings):
-    """What the study's plan is made from (study_plan's and build_study's arguments)."""
-    keys = ("name", "arms", "subjects", "prompt_ids", "seeds", "participants")
-    keys += ("subjects_per_participant", "questions", "seed")
-    return {key: settings[key] for key in keys}
-
-
-def check_recorded_responses(settings, where):
-    """Judgements already recorded must fit the plan these settings make: a changed study
-    fails here, before Snakemake replaces the site they were given on (a malformed responses
-    file is only reported: the analysis names its line)."""
-    if not Path(settings["responses"]).is_file():
-        return
-    try:
-        records = read_responses(settings["responses"])
-    except SidpipeError as err:
-        logger.warning(f"human_study: {err}")
-        return
-    _, plan = study_plan(**human_study_plan_settings(settings))
-    try:
-        check_against_plan(records, plan, settings["responses"])
-    except SidpipeError as err:
-        raise ConfigError(f"{where}: {err}") from None
 
 
 HUMAN_STUDY = human_study_settings()
@@ -643,7 +593,7 @@ def human_study_inputs(wildcards):
 
 def human_study_build_settings(wildcards):
     """Arguments of sidpipe.human_study.build.build_study besides paths."""
-    return human_study_plan_settings(HUMAN_STUDY)
+    return plan_settings(HUMAN_STUDY)
 
 
 def human_study_analysis_settings(wildcards):

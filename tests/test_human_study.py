@@ -20,7 +20,15 @@ import yaml
 from PIL import Image
 
 from sidpipe.human_study.build import build_study
-from sidpipe.human_study.design import DEFAULT_QUESTIONS, make_plan, participant_ids
+from sidpipe.human_study.design import (
+    DEFAULT_QUESTIONS,
+    check_recorded_responses,
+    make_plan,
+    participant_ids,
+    plan_settings,
+    resolve_settings,
+    study_plan,
+)
 from sidpipe.human_study.responses import ResponseLog, now_iso, read_responses
 from sidpipe.io import SidpipeError
 
@@ -212,6 +220,65 @@ def test_plan_rejects_impossible_settings(change, message):
             args["k"],
             0,
         )
+
+
+# The grid the workflow hands resolve_settings: both arms on every subject but toy_car, which
+# only the SID arm ran; 14 prompts and 4 seeds sampled.
+RAN = {ARMS[0]: {"blue_mug", "red_dog"}, ARMS[1]: {"blue_mug", "red_dog", "toy_car"}}
+RAN |= {"svdiff/sid/standard": {"toy_car"}}
+
+
+def _resolve(section: dict | None, where: str = "cfg.yaml: human_study") -> dict:
+    return resolve_settings(section, RAN, SUBJECTS, 14, 4, where)
+
+
+def test_settings_take_the_paper_defaults_and_the_subjects_both_arms_ran():
+    settings = _resolve({"participants": 8, "subjects_per_participant": 2})
+    assert settings["arms"] == ARMS and settings["seeds"] == [0]
+    assert settings["subjects"] == ["blue_mug", "red_dog"]  # grid order; toy_car lacks an arm
+    assert settings["prompt_ids"] == list(range(14))
+    assert settings["responses"] == "results/human_study/dreambooth_sid/responses.jsonl"
+    assert settings["questions"] == DEFAULT_QUESTIONS and settings["participants"] == 8
+    chosen = _resolve(
+        {"subjects": ["red_dog"], "prompt_ids": [3, 1], "subjects_per_participant": 1}
+    )
+    assert chosen["subjects"] == ["red_dog"] and chosen["prompt_ids"] == [1, 3]
+    ids, plan = study_plan(**plan_settings(chosen))
+    assert {r["subject"] for r in plan} == {"red_dog"} and len(ids) == 130
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"arms": ["svdiff/case2/standard", ARMS[1]]}, r"human_study\.arms: no experiment runs"),
+        ({"subjects": ["toy_car"]}, r"human_study\.subjects: toy_car not run by both arms"),
+        ({"arms": [ARMS[0], "svdiff/sid/standard"]}, r"human_study\.subjects: none not run"),
+        ({"prompt_ids": [14]}, r"human_study\.prompt_ids: the arms sample prompt ids 0-13"),
+        ({"prompt_ids": [-1]}, r"human_study\.prompt_ids"),
+        ({"seeds": [4]}, r"human_study\.seeds: the arms sample seeds 0-3"),
+        ({"subjects_per_participant": 3}, r"subjects_per_participant: 3 but the study has 2"),
+    ],
+)
+def test_settings_that_do_not_fit_the_grid_name_the_key_and_the_fix(section, message):
+    with pytest.raises(SidpipeError, match=message) as err:
+        _resolve(section)
+    assert str(err.value).startswith("cfg.yaml: human_study.")
+
+
+def test_recorded_responses_must_fit_the_plan_of_the_settings(tmp_path):
+    responses = tmp_path / "responses.jsonl"
+    section = {"participants": 4, "subjects_per_participant": 2, "responses": str(responses)}
+    settings = _resolve(section)
+    assert check_recorded_responses(settings) is None  # nothing recorded yet
+    _, plan = study_plan(**plan_settings(settings))
+    ResponseLog(responses).append(_record(plan[0], "right"))
+    assert check_recorded_responses(settings) is None  # fits
+    assert check_recorded_responses(_resolve(section | {"participants": 6})) is None
+    with pytest.raises(SidpipeError, match="cfg: .*another build of the study"):
+        check_recorded_responses(_resolve(section | {"seed": 3}), "cfg")
+    responses.write_text("not json\n{}\n")
+    warning = check_recorded_responses(settings, "cfg")
+    assert warning is not None and warning.startswith("cfg: ") and "line 1" in warning
 
 
 # --- the site ------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from sidpipe.io import SidpipeError
 
@@ -209,6 +210,90 @@ def study_plan(
     return ids, plan
 
 
+# The settings a study's plan is made from (study_plan's and build_study's arguments).
+PLAN_KEYS = ("name", "arms", "subjects", "prompt_ids", "seeds", "participants")
+PLAN_KEYS += ("subjects_per_participant", "questions", "seed")
+
+
+def plan_settings(settings: Mapping) -> dict:
+    """The part of resolved settings that makes the plan."""
+    return {key: settings[key] for key in PLAN_KEYS}
+
+
+def resolve_settings(
+    section: dict | None,
+    arm_subjects: Mapping[str, set[str]],
+    subjects: Sequence[str],
+    prompts_per_subject: int,
+    seeds_sampled: int,
+    where: str = "human_study",
+) -> dict:
+    """A `human_study` config section over the paper's defaults, checked against the grid:
+    its arms must have run on its subjects (`arm_subjects`: arm name -> subjects it ran on;
+    `subjects`: the grid's subjects, in order), its prompt ids and seeds must have been sampled.
+    Fills in the subjects (all that both arms ran), the prompt ids (all) and the responses path.
+    A problem is a SidpipeError naming `where`.<key> and how to fix it."""
+    settings = settings_with_defaults(section)
+    for arm in settings["arms"]:
+        if arm not in arm_subjects:
+            raise SidpipeError(
+                f"{where}.arms: no experiment runs arm {arm!r} (arms: "
+                f"{', '.join(sorted(arm_subjects))}); run it in an experiment, choose other "
+                "arms, or remove the human_study section"
+            )
+    both = [s for s in subjects if all(s in arm_subjects[arm] for arm in settings["arms"])]
+    chosen = settings.get("subjects") or both
+    missing = [s for s in chosen if s not in both]
+    if missing or not chosen:
+        raise SidpipeError(
+            f"{where}.subjects: {', '.join(missing) or 'none'} not run by both arms "
+            f"(subjects both arms ran: {', '.join(both) or 'none'}); list only those"
+        )
+    prompt_ids = settings.get("prompt_ids") or list(range(prompts_per_subject))
+    if max(prompt_ids) >= prompts_per_subject or min(prompt_ids) < 0:
+        raise SidpipeError(
+            f"{where}.prompt_ids: the arms sample prompt ids 0-{prompts_per_subject - 1} "
+            "(sampling.prompts_per_subject); choose among those"
+        )
+    if max(settings["seeds"]) >= seeds_sampled or min(settings["seeds"]) < 0:
+        raise SidpipeError(
+            f"{where}.seeds: the arms sample seeds 0-{seeds_sampled - 1} (sampling.seeds); "
+            "choose among those"
+        )
+    if settings["subjects_per_participant"] > len(chosen):
+        raise SidpipeError(
+            f"{where}.subjects_per_participant: {settings['subjects_per_participant']} but the "
+            f"study has {len(chosen)} subject(s); lower it or add subjects"
+        )
+    name = settings["name"]
+    return settings | {
+        "subjects": list(chosen),
+        "prompt_ids": sorted(prompt_ids),
+        "responses": settings.get("responses") or f"results/human_study/{name}/responses.jsonl",
+    }
+
+
+def check_recorded_responses(settings: Mapping, where: str = "human_study") -> str | None:
+    """Judgements already recorded (settings["responses"]) must fit the plan these settings
+    make: a changed study is a SidpipeError here, before the workflow replaces the site they
+    were given on. A malformed responses file is only returned as a warning (the analysis names
+    its line); None when there is nothing to say."""
+    from sidpipe.human_study.responses import check_against_plan, read_responses
+
+    if not Path(settings["responses"]).is_file():
+        return None
+    try:
+        records = read_responses(settings["responses"])
+    except SidpipeError as err:
+        return f"{where}: {err}"
+    _, plan = study_plan(**plan_settings(settings))
+    try:
+        check_against_plan(records, plan, settings["responses"])
+    except SidpipeError as err:
+        raise SidpipeError(f"{where}: {err}") from None
+    return None
+
+
 def design_table(plan: Sequence[dict]) -> list[dict]:
     """Tidy counts of the plan: per subject, pair, question and left arm, how many screens."""
     counts = Counter(
@@ -232,9 +317,13 @@ __all__ = [
     "DEFAULTS",
     "DEFAULT_QUESTIONS",
     "PLAN_COLUMNS",
+    "PLAN_KEYS",
+    "check_recorded_responses",
     "design_table",
     "make_plan",
     "participant_ids",
+    "plan_settings",
+    "resolve_settings",
     "settings_with_defaults",
     "study_plan",
 ]
