@@ -99,8 +99,8 @@ for _experiment, _pairs in EXPERIMENTS.items():
 
 
 def human_study_settings():
-    """The `human_study` section over the paper's defaults, checked against the grid and the
-    judgements already recorded (sidpipe.human_study.design); None without such a section."""
+    """The `human_study` section over the paper's defaults, checked against the grid and
+    the judgements already recorded (sidpipe.human_study.design); None without one."""
     if "human_study" not in config:
         return None
     ran = {}
