@@ -5,7 +5,8 @@ combinations that no pretraining scene or caption held, with Wilson 95 % interva
 
 `--regenerate` retrains the world from scratch (the shipped settings, about 20 min on 2 cores)
 and measures the same competence on the regenerated weights: each figure should fall inside the
-shipped weights' interval and vice versa (`overlap` per figure).
+shipped weights' interval and vice versa (`overlap` per figure); `regenerated_files` says which
+files came out byte-identical.
 
     python benchmarks/bench_world.py [--world demo/world] [--regenerate] [--seeds 3]
 """
@@ -43,6 +44,17 @@ def parts(world: Path) -> dict:
     }
 
 
+def file_digests(world: Path) -> dict[str, str]:
+    """sha256 of every file of a world folder but its manifest (which records times)."""
+    import hashlib
+
+    return {
+        path.relative_to(world).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(world.rglob("*"))
+        if path.is_file() and path.name != "manifest.json"
+    }
+
+
 def bench_world(
     world: Path = REPO / "demo/world", regenerate: bool = False, seeds: int = 3
 ) -> dict:
@@ -60,6 +72,17 @@ def bench_world(
             pretrain_world(out, shipped["settings"], identifier=shipped["identifier"])
             result["regenerated"] = parts(out)
             result["regenerated"]["competence"] = competence(out, seeds)
+            shipped_files, regenerated_files = file_digests(world), file_digests(out)
+            result["regenerated_files"] = {
+                "identical": sorted(
+                    n for n in shipped_files if regenerated_files.get(n) == shipped_files[n]
+                ),
+                "differ": sorted(
+                    n
+                    for n in shipped_files.keys() | regenerated_files.keys()
+                    if regenerated_files.get(n) != shipped_files.get(n)
+                ),
+            }
         overlap = {}
         for key in FIGURES:
             a = result["shipped"]["competence"][key]

@@ -35,8 +35,9 @@ SUBJECTS = {
 PROMPTS = load_prompts(
     config["prompts"], config, {row["kind"] for row in SUBJECTS.values()}
 )
-EXPERIMENTS = expand_experiments(config, list(SUBJECTS))
-ARM_SUBJECTS = all_arm_subjects(config, list(SUBJECTS))
+SUBJECT_KINDS = {name: row["kind"] for name, row in SUBJECTS.items()}
+EXPERIMENTS = expand_experiments(config, list(SUBJECTS), SUBJECT_KINDS)
+ARM_SUBJECTS = all_arm_subjects(config, list(SUBJECTS), SUBJECT_KINDS)
 DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
 
@@ -366,6 +367,8 @@ def sample_settings(wildcards):
         "algorithm": method_settings(wildcards.method)["algorithm"],
         "templates": PROMPTS[row["kind"]],
         "class_name": row["class"],
+        # only for concept subjects: other jobs' params (and so their results) stay as they were
+        **({"concept": row["concept"]} if row.get("concept") else {}),
         "seeds": list(range(sampling["seeds"])),
         "steps": sampling["steps"],
         "guidance_scale": sampling["guidance_scale"],
@@ -390,6 +393,7 @@ def attention_settings(wildcards):
     attention = config.get("attention", {"prompt_ids": [0], "seeds": [0]})
     settings.pop("batch_size")
     settings.pop("templates")  # the prompts are expanded once, for both stages
+    settings.pop("concept", None)
     settings.update(
         seeds=attention["seeds"],
         prompt_ids=attention["prompt_ids"],

@@ -98,6 +98,49 @@ def test_grid_subjects_restrict_and_unknown_subject_is_rejected(real):
         expand_experiments(config, ["a", "b"])
 
 
+def test_concept_subjects_run_only_in_grids_that_ask_for_them(real):
+    subjects = ["mug", "dog", "frozen_mug"]
+    kinds = {"mug": "object", "dog": "live", "frozen_mug": "concept"}
+    experiments = expand_experiments(real, subjects, kinds)
+    lego = experiments["lego"]
+    assert {s for _, s in lego} == {"frozen_mug"}
+    assert {a.method for a, _ in lego} == {"lego", "textual_inversion_multi"}
+    for name, pairs in experiments.items():
+        if name != "lego":  # default grids: every kind but concept
+            assert "frozen_mug" not in {s for _, s in pairs}, name
+            assert {s for _, s in pairs} == {"mug", "dog"}, name
+    config = copy.deepcopy(real)
+    config["experiments"] = {
+        "pets": [{"methods": ["svdiff"], "descriptions": ["sid"], "kinds": ["live"]}],
+        "named": [{"methods": ["svdiff"], "descriptions": ["sid"], "subjects": ["frozen_mug"]}],
+    }
+    assert expand_experiments(config, subjects, kinds) == {
+        "pets": [(Arm("svdiff", "sid"), "dog")],
+        "named": [(Arm("svdiff", "sid"), "frozen_mug")],
+    }
+    # without any concept subject the paper's grid is what it was, and lego is empty
+    assert expand_experiments(real, ["mug"], {"mug": "object"})["lego"] == []
+    bad = copy.deepcopy(config)
+    bad["experiments"]["pets"][0]["kinds"] = ["animal"]
+    with pytest.raises(ConfigError, match=r"experiments\.pets\[0\]\.kinds\[0\]"):
+        validate_config(bad)
+
+
+def test_concept_subjects_need_the_concept_in_words(tmp_path, real):
+    header = HEADER.replace("source\n", "source\tconcept\n")
+    rows = load_subjects(
+        _table(tmp_path, "fm\tmug\tconcept\timgs\tlocal\tupside down\n", header), real, tmp_path
+    )
+    assert rows[0]["kind"] == "concept" and rows[0]["concept"] == "upside down"
+    for body, message in (
+        ("fm\tmug\tconcept\timgs\tlocal\t\n", r"line 2: subject 'fm' is of kind concept but"),
+        ("fm\tmug\tobject\timgs\tlocal\tfrozen\n", r"has a `concept` but is of kind 'object'"),
+        ("fm\tmug\tconcept\timgs\tlocal\tFrozen!\n", r"line 2: concept: 'Frozen!'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_subjects(_table(tmp_path, body, header), real, tmp_path)
+
+
 def _broken(real, edit):
     config = copy.deepcopy(real)
     edit(config)
@@ -240,6 +283,15 @@ def test_prompts_need_enough_templates_with_placeholders(tmp_path, real):
         ConfigError, match=r"kind 'style': 0 prompts, but sampling.prompts_per_subject is 25"
     ):
         load_prompts(path, real, {"style"})
+    # a concept's prompts may name other classes instead of {class}; {token} stays required
+    concept = ["a {token} dog", "a {token} {class} in the snow"] * 12 + ["a frozen cat"]
+    path.write_text(yaml.safe_dump({"concept": concept}))
+    with pytest.raises(ConfigError, match=r"concept\[24\]: 'a frozen cat' lacks \{token\}"):
+        load_prompts(path, real, {"concept"})
+    path.write_text(yaml.safe_dump({"concept": concept[:24] + ["a {token} teapot"]}))
+    assert load_prompts(path, real, {"concept"})["concept"][0] == "a {token} dog"
+    shipped = load_prompts(REPO / "prompts/dreambooth.yaml", real, {"concept"})["concept"]
+    assert len(shipped) == 25 and sum("{class}" not in t for t in shipped) == 20
 
 
 def test_tokenizer_corpus_fills_templates_and_descriptions(tmp_path):

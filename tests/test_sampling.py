@@ -93,6 +93,18 @@ def test_expand_prompts_has_25_per_kind_and_plain_prompts_lack_the_identifier() 
     assert [r["prompt_plain"] for r in rows] == ["a dog in the jungle", "a red dog"]
     with pytest.raises(SidpipeError, match="token"):
         expand_prompts(["a {class}"], "dog", "sks")
+    # a concept subject: its words stand in for the tokens in what TA and the judge read
+    rows = expand_prompts(
+        ["a {token} {class}", "a {token} teapot in the snow"], "mug", "<c_1> <c_2>", "upside down"
+    )
+    assert [r["prompt"] for r in rows] == ["a <c_1> <c_2> mug", "a <c_1> <c_2> teapot in the snow"]
+    assert [r["prompt_plain"] for r in rows] == [
+        "an upside down mug",
+        "an upside down teapot in the snow",
+    ]
+    assert expand_prompts(["A {token} {class}"], "cat", "<c>", "frozen")[0]["prompt_plain"] == (
+        "A frozen cat"
+    )
 
 
 def test_negative_prompt_keeps_the_context_and_drops_the_subject(pipe: Any) -> None:

@@ -389,6 +389,60 @@ def test_downloaded_subject_through_the_workflow(tmp_path):
     )
 
 
+def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
+    """A subject of kind concept (the world's upside-down robot as the concept "upside down"):
+    only the lego grid runs on it, its prompts carry the concept to other classes, and text
+    alignment and the judge read each prompt with the concept's words for the tokens."""
+    workdir = copy_demo(tmp_path / "w")
+    table = (workdir / "subjects.tsv").read_text().splitlines()
+    table = [table[0] + "\tconcept"] + [row + "\t" for row in table[1:]]
+    table.append(
+        "pose_concept\trobot\tconcept\tsubjects/upside_robot\tlocal\tprovided\t\tupside down"
+    )
+    (workdir / "subjects.tsv").write_text("\n".join(table) + "\n")
+    prompts = yaml.safe_load((workdir / "prompts.yaml").read_text())
+    others = ["mug", "dog", "car", "ball", "lamp"]
+    prompts["concept"] = ["a {token} {class}", "a {token} {class} on the beach"]
+    prompts["concept"] += [f"a {{token}} {c}" for c in others]
+    prompts["concept"] += [f"a {{token}} {c} in the snow" for c in others] + ["a {token} mug"] * 2
+    (workdir / "prompts.yaml").write_text(yaml.safe_dump(prompts, sort_keys=False))
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    lego = {"algorithm": "lego", "steps": 6, "learning_rate": 5.0e-3, "masked": True}
+    config["methods"] = {
+        "lego": lego | {"num_tokens": 2},
+        "textual_inversion_multi": lego
+        | {"num_tokens": 2, "subject_separation": "none", "context_weight": 0.0, "masked": False},
+    }
+    methods = ["lego", "textual_inversion_multi"]
+    config["experiments"] = {"lego": [{"methods": methods, "descriptions": ["case1"]}]}
+    config["experiments"]["lego"][0]["kinds"] = ["concept"]
+    config["attention"]["experiments"] = ["lego"]
+    config["sampling"]["seeds"] = 1
+    del config["human_study"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    jobs = scheduled_jobs(workdir)
+    trained = {(w["method"], w["subject"]) for rule, w in jobs if rule.startswith("train")}
+    assert trained == {(m, "pose_concept") for m in methods}
+    snakemake(workdir, "--cores", "2", "results/metrics/all.csv", timeout=1800)  # hang guard
+    manifest = workdir / "results/samples/lego/case1/standard/pose_concept/manifest.csv"
+    rows = list(csv.DictReader(open(manifest)))
+    assert rows[3]["prompt"] == "a <sks_1> <sks_2> dog"  # the tokens on another class
+    assert rows[3]["prompt_plain"] == "an upside down dog"
+    assert rows[1]["prompt_plain"] == "an upside down robot on the beach"
+    weights = workdir / "results/train/lego/case1/pose_concept/weights"
+    assert {p.name for p in weights.glob("sks_*.safetensors")} == {
+        "sks_1.safetensors",
+        "sks_2.safetensors",
+    }
+    scores = pd.read_csv(workdir / "results/metrics/all.csv")
+    assert set(scores["subject"]) == {"pose_concept"} and set(scores["method"]) == set(methods)
+    ta = scores[(scores["metric"] == "TA") & (scores["method"] == "lego")]
+    assert len(ta) == 14 and ta["value"].notna().all()
+    # the judge reads what the prompt asks: "upside down" (prompt_followed), the robot (kept)
+    judged = set(scores[scores["method"] == "lego"]["metric"])
+    assert {"prompt_followed", "subject_kept"} <= judged
+
+
 def test_bad_reference_folder_fails_the_job_without_partial_output(tmp_path):
     workdir = copy_demo(tmp_path / "w")
     for extra in ("02", "03", "04"):

@@ -18,6 +18,7 @@ with job_log(smk.log[0]):
         smk.input.info,
         negative_csv,
         settings["base_model"],
+        settings.pop("concept", None),
     )
     arm = {"token": token, "negative_prompt": negative, "weights_dir": Path(smk.input.weights)}
     model = {key: settings[key] for key in ("base_model", "algorithm", "dtype")}

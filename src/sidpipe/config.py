@@ -79,12 +79,21 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
 
 
-def expand_experiments(config: dict, subjects: list[str]) -> dict[str, list[tuple[Arm, str]]]:
+# Subjects of these kinds run only in grids that ask for them (`kinds`, or by name): the other
+# kinds' prompts and methods make no sense on a concept's carrier subject.
+OPT_IN_KINDS = frozenset({"concept"})
+
+
+def expand_experiments(
+    config: dict, subjects: list[str], kinds: dict[str, str] | None = None
+) -> dict[str, list[tuple[Arm, str]]]:
     """Each experiment's grids expanded to (arm, subject) pairs, in config order, deduplicated.
 
-    A grid without `subjects` runs on every subject of the table; a grid with `references`
-    runs its methods on a subset of the references (`sidpipe.subsets`: `dreambooth--first1`).
+    A grid runs on its `subjects`, or else on every subject of its `kinds` (`kinds` maps a
+    subject to its kind; default every kind but concept); a grid with `references` runs its
+    methods on a subset of the references (`sidpipe.subsets`: `dreambooth--first1`).
     """
+    kinds = kinds or {}
     experiments: dict[str, list[tuple[Arm, str]]] = {}
     for name, grids in config["experiments"].items():
         pairs: list[tuple[Arm, str]] = []
@@ -95,10 +104,16 @@ def expand_experiments(config: dict, subjects: list[str]) -> dict[str, list[tupl
                     f"experiments.{name}[{index}].subjects: unknown subject(s) "
                     f"{', '.join(unknown)} (not in the subjects table)"
                 )
+            if "subjects" in grid:
+                chosen = grid["subjects"]
+            elif "kinds" in grid:
+                chosen = [s for s in subjects if kinds.get(s) in grid["kinds"]]
+            else:
+                chosen = [s for s in subjects if kinds.get(s) not in OPT_IN_KINDS]
             for method in grid["methods"]:
                 for descriptions in grid["descriptions"]:
                     for inference in grid.get("inference", ["standard"]):
-                        for subject in grid.get("subjects", subjects):
+                        for subject in chosen:
                             arm_method = method
                             if "references" in grid:
                                 arm_method = subset_name(method, grid["references"])
@@ -109,10 +124,12 @@ def expand_experiments(config: dict, subjects: list[str]) -> dict[str, list[tupl
     return experiments
 
 
-def all_arm_subjects(config: dict, subjects: list[str]) -> list[tuple[Arm, str]]:
+def all_arm_subjects(
+    config: dict, subjects: list[str], kinds: dict[str, str] | None = None
+) -> list[tuple[Arm, str]]:
     """Every (arm, subject) job of all experiments, each once: shared arms run once."""
     return sorted(
-        {pair for pairs in expand_experiments(config, subjects).values() for pair in pairs}
+        {pair for pairs in expand_experiments(config, subjects, kinds).values() for pair in pairs}
     )
 
 
@@ -216,6 +233,16 @@ def load_subjects(
         for error in jsonschema.Draft202012Validator(schema).iter_errors(row):
             problems.append(f"line {line}: " + _describe(error))
         name = row.get("subject", "")
+        if row.get("kind") == "concept" and not row.get("concept"):
+            problems.append(
+                f"line {line}: subject {name!r} is of kind concept but has no `concept` (add the "
+                "column and write the concept in words, e.g. frozen or upside down)"
+            )
+        elif row.get("concept") and row.get("kind") != "concept":
+            problems.append(
+                f"line {line}: subject {name!r} has a `concept` but is of kind "
+                f"{row.get('kind')!r}; make it kind concept or leave the concept empty"
+            )
         if name in seen:
             problems.append(f"line {line}: duplicate subject {name!r} (first on line {seen[name]})")
         seen.setdefault(name, line)
@@ -255,8 +282,11 @@ def load_prompts(path: str | Path, config: dict, kinds: set[str]) -> dict[str, l
             )
             continue
         for index, template in enumerate(templates[:need]):
-            if "{token}" not in template or "{class}" not in template:
-                problems.append(f"{kind}[{index}]: {template!r} lacks {{token}} or {{class}}")
+            if "{token}" not in template:
+                problems.append(f"{kind}[{index}]: {template!r} lacks {{token}}")
+            elif "{class}" not in template and kind not in OPT_IN_KINDS:
+                # a concept's prompts may name other classes: transfer to them is the point
+                problems.append(f"{kind}[{index}]: {template!r} lacks {{class}}")
     if problems:
         raise ConfigError(f"{path}: invalid prompts:\n  " + "\n  ".join(problems))
     return {kind: prompts[kind][:need] for kind in kinds}

@@ -45,19 +45,26 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+([,.;:!?])", r"\1", text).strip()
 
 
-def expand_prompts(templates: list[str], class_name: str, token: str) -> list[dict]:
+def expand_prompts(
+    templates: list[str], class_name: str, token: str, concept: str | None = None
+) -> list[dict]:
     """One row per template: prompt_id (0-based), prompt (with `token`) and prompt_plain (the
-    same prompt without the identifier, e.g. "a dog in the jungle")."""
+    same prompt without the identifier, e.g. "a dog in the jungle"; for a concept subject the
+    concept's words in its place, e.g. "a frozen dog in the jungle": what text alignment and
+    the world's judge read)."""
     rows = []
     for prompt_id, template in enumerate(templates):
         if "{token}" not in template:
             raise SidpipeError(f"prompt template {template!r} has no {{token}} placeholder")
         filled = template.replace("{class}", class_name)
+        plain = filled
+        if concept and concept[0] in "aeiou":  # "an upside down dog", not "a upside down dog"
+            plain = re.sub(r"\b([Aa]) \{token\}", r"\1n {token}", plain)
         rows.append(
             {
                 "prompt_id": prompt_id,
                 "prompt": _squash(filled.replace("{token}", token)),
-                "prompt_plain": _squash(filled.replace("{token}", "")),
+                "prompt_plain": _squash(plain.replace("{token}", concept or "")),
             }
         )
     return rows
@@ -555,12 +562,14 @@ def arm_prompts(
     train_info: Path,
     negative_csv: Path | None = None,
     base_model: str | None = None,
+    concept: str | None = None,
 ) -> tuple[str, list[dict], str | None]:
     """An arm's prompt token (from its `train_info.json`: the identifier, `<sks>` for Textual
     Inversion, `<new1>` for Custom Diffusion), its expanded prompts, and the negative prompt
     built from a description CSV when the arm's inference setting uses one. With
     `base_model`, the negative prompt keeps the whole parts that fit its tokenizer's window,
-    so the manifest records what the text encoder really sees (not a cut mid-phrase)."""
+    so the manifest records what the text encoder really sees (not a cut mid-phrase). A concept
+    subject's `concept` words stand in for the token in prompt_plain."""
     token = json.loads(Path(train_info).read_text())["token"]
     negative = None
     if negative_csv is not None:
@@ -572,4 +581,4 @@ def arm_prompts(
             tokenizer = load_base_tokenizer(base_model)
         max_tokens = tokenizer.model_max_length if tokenizer is not None else 77
         negative = negative_prompt_from_descriptions(texts, class_name, tokenizer, max_tokens)
-    return token, expand_prompts(templates, class_name, token), negative
+    return token, expand_prompts(templates, class_name, token, concept), negative
