@@ -3,7 +3,7 @@ manifest `pretrain_world` writes), the judge's accuracy on held-out real scenes 
 reconstructions, and the base model's competence (background, colour, class) on prompt
 combinations that no pretraining scene or caption held, with Wilson 95 % intervals.
 
-`--regenerate` retrains the world from scratch (the shipped settings, about 20 min on 2 cores)
+`--regenerate` retrains the world from scratch (the shipped settings, about 22 min on 2 cores)
 and measures the same competence on the regenerated weights: each figure should fall inside the
 shipped weights' interval and vice versa (`overlap` per figure); `regenerated_files` says which
 files came out byte-identical.

@@ -4,8 +4,10 @@ import re
 from pathlib import Path
 
 from sidpipe.config import (
+    OPT_IN_KINDS,
     ConfigError,
     all_arm_subjects,
+    check_concept_pairs,
     attempt_scaled,
     expand_experiments,
     load_prompts,
@@ -38,6 +40,15 @@ PROMPTS = load_prompts(
 SUBJECT_KINDS = {name: row["kind"] for name, row in SUBJECTS.items()}
 EXPERIMENTS = expand_experiments(config, list(SUBJECTS), SUBJECT_KINDS)
 ARM_SUBJECTS = all_arm_subjects(config, list(SUBJECTS), SUBJECT_KINDS)
+check_concept_pairs(
+    config, EXPERIMENTS, SUBJECT_KINDS, ENCODER_ALGORITHMS, CONFIG_SOURCE
+)
+_idle = sorted(set(SUBJECTS) - {subject for _, subject in ARM_SUBJECTS})
+if _idle:
+    logger.warning(
+        f"subject(s) in no experiment (references and masks only): {', '.join(_idle)}; "
+        "a concept subject runs only in grids with `kinds: [concept]` or that name it"
+    )
 DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
 
@@ -425,13 +436,15 @@ def attention_settings(wildcards):
 def attention_pairs():
     """(arm, subject) pairs that get attention maps: those of `attention.experiments` (all)."""
     chosen = config.get("attention", {}).get("experiments") or list(EXPERIMENTS)
-    # an encoder arm has no [V] token to map
+    # An encoder arm has no [V] token to map; a concept subject's prompts name other classes,
+    # which the subject mask (found by the carrier's class) would miss.
     return sorted(
         {
             pair
             for name in chosen
             for pair in EXPERIMENTS[name]
             if pair[0].method not in ENCODER
+            and SUBJECT_KINDS[pair[1]] not in OPT_IN_KINDS
         }
     )
 

@@ -12,6 +12,7 @@ from sidpipe.config import (
     ConfigError,
     all_arm_subjects,
     attempt_scaled,
+    check_concept_pairs,
     expand_experiments,
     load_config,
     load_prompts,
@@ -124,6 +125,28 @@ def test_concept_subjects_run_only_in_grids_that_ask_for_them(real):
     bad["experiments"]["pets"][0]["kinds"] = ["animal"]
     with pytest.raises(ConfigError, match=r"experiments\.pets\[0\]\.kinds\[0\]"):
         validate_config(bad)
+    bad["experiments"]["pets"][0] |= {"kinds": ["live"], "subjects": ["dog"]}
+    with pytest.raises(ConfigError, match=r"experiments\.pets\[0\]"):
+        validate_config(bad)  # one or the other: `kinds` would be ignored beside `subjects`
+
+
+def test_an_encoder_method_on_a_concept_subject_is_a_config_error(real):
+    kinds = {"mug": "object", "frozen_mug": "concept"}
+    config = copy.deepcopy(real)
+    config["experiments"]["one_ref"] = [
+        {
+            "methods": ["blip_diffusion"],
+            "descriptions": ["case1"],
+            "references": 1,
+            "kinds": ["concept"],
+        }
+    ]
+    experiments = expand_experiments(config, list(kinds), kinds)
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml: experiments\.one_ref: method 'blip_diffusion'"
+    ):
+        check_concept_pairs(config, experiments, kinds, {"blip_diffusion", "elite"}, "c.yaml")
+    check_concept_pairs(real, expand_experiments(real, list(kinds), kinds), kinds, {"elite"})
 
 
 def test_concept_subjects_need_the_concept_in_words(tmp_path, real):

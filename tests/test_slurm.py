@@ -151,6 +151,8 @@ def test_demo_slice_runs_through_slurm_like_locally(cluster, demo_run, tmp_path)
     whole demo through SLURM took 15 more minutes for no rule this slice leaves out.)"""
     workdir = Path(shutil.copytree(demo_run, tmp_path / "demo", symlinks=True))
     dropped = _drop_slice(workdir)
+    for pattern in SLICE:  # a demo change must not shrink the slice unnoticed
+        assert any(re.search(pattern, d) for d in dropped), f"{pattern} matched nothing"
     assert any(d.startswith("train/dreambooth/sid/spotted_dog") for d in dropped), dropped
     result = _run(_snakemake(workdir, SLURM, []), 3600, cwd=REPO, env=cluster)  # hang guard
     output = result.stdout + result.stderr

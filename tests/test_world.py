@@ -202,6 +202,16 @@ def test_recolour_prompt_keeps_the_subject_by_its_pattern():
     assert image_measures(_seen(colour="red"), "a mug", TRUTH)["subject_kept"] == 0.0
 
 
+def test_a_transfer_prompt_of_a_concept_subject_does_not_ask_for_the_subject():
+    """ "an upside down dog" for a mug carrying the concept: the mug is not asked for, so
+    subject_kept is undefined, while the concept is (prompt_followed)."""
+    out = image_measures(_seen(upside_down=0.9), "an upside down dog", TRUTH)
+    assert "subject_kept" not in out and out["prompt_followed"] == 1.0
+    carrier = image_measures(_seen(upside_down=0.9), "an upside down mug", TRUTH)
+    assert carrier["subject_kept"] == 1.0 and carrier["prompt_followed"] == 1.0
+    assert "subject_kept" in image_measures(_seen(), "a mugshot of a mug", TRUTH)
+
+
 def test_pose_leak_only_for_upside_down_references():
     truth = {**TRUTH, "upside_down": True}
     assert image_measures(_seen(upside_down=0.9), "a mug", truth)["leak_pose"] == 1.0

@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 
 from sidpipe.io import SidpipeError, read_yaml
-from sidpipe.subsets import SEPARATOR, subset_name
+from sidpipe.subsets import SEPARATOR, split_name, subset_name
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rules" / "schemas"
 TINY_MODELS_DIR = "results/models/tiny"
@@ -82,6 +82,8 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
 # Subjects of these kinds run only in grids that ask for them (`kinds`, or by name): the other
 # kinds' prompts and methods make no sense on a concept's carrier subject.
 OPT_IN_KINDS = frozenset({"concept"})
+# Kinds whose prompt templates may name other classes instead of {class} (a concept's transfer).
+CLASS_OPTIONAL_KINDS = frozenset({"concept"})
 
 
 def expand_experiments(
@@ -122,6 +124,27 @@ def expand_experiments(
                                 pairs.append(pair)
         experiments[name] = pairs
     return experiments
+
+
+def check_concept_pairs(
+    config: dict,
+    experiments: dict[str, list[tuple[Arm, str]]],
+    kinds: dict[str, str],
+    encoder_algorithms: frozenset[str] | set[str],
+    source: str = "config",
+) -> None:
+    """Encoder methods (no training) cannot learn a concept: a grid that puts one on a concept
+    subject is a ConfigError naming the experiment, the method and the subject."""
+    for name, pairs in experiments.items():
+        for arm, subject in pairs:
+            base = split_name(arm.method)[0]
+            algorithm = (config["methods"].get(base) or {}).get("algorithm")
+            if kinds.get(subject) == "concept" and algorithm in encoder_algorithms:
+                raise ConfigError(
+                    f"{source}: experiments.{name}: method {base!r} is an encoder (no training) "
+                    f"and cannot learn the concept of subject {subject!r}; run it on other "
+                    "subjects (`subjects:` or `kinds:` in its grid)"
+                )
 
 
 def all_arm_subjects(
@@ -278,15 +301,21 @@ def load_prompts(path: str | Path, config: dict, kinds: set[str]) -> dict[str, l
         if not isinstance(templates, list) or len(templates) < need:
             count = len(templates) if isinstance(templates, list) else 0
             problems.append(
-                f"kind {kind!r}: {count} prompts, but sampling.prompts_per_subject is {need}"
+                f"kind {kind!r}: {count} prompts, but sampling.prompts_per_subject is {need} "
+                f"(add a `{kind}:` list of at least {need} templates, or lower it)"
             )
             continue
         for index, template in enumerate(templates[:need]):
             if "{token}" not in template:
-                problems.append(f"{kind}[{index}]: {template!r} lacks {{token}}")
-            elif "{class}" not in template and kind not in OPT_IN_KINDS:
-                # a concept's prompts may name other classes: transfer to them is the point
-                problems.append(f"{kind}[{index}]: {template!r} lacks {{class}}")
+                problems.append(
+                    f"{kind}[{index}]: {template!r} lacks {{token}} (where the subject's "
+                    "identifier goes; add it)"
+                )
+            elif "{class}" not in template and kind not in CLASS_OPTIONAL_KINDS:
+                problems.append(
+                    f"{kind}[{index}]: {template!r} lacks {{class}} (the subject's class noun; "
+                    "add it)"
+                )
     if problems:
         raise ConfigError(f"{path}: invalid prompts:\n  " + "\n  ".join(problems))
     return {kind: prompts[kind][:need] for kind in kinds}

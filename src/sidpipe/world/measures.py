@@ -10,7 +10,8 @@ subject's truth (`truth.json` of its folder):
 * leak_pose: the subject is upside down although the prompt does not ask for it (only for
   subjects whose references are all upside down);
 * subject_kept: the judge sees the subject's class and identity (its pattern and accent colour,
-  and its own colour unless the prompt asks for another one);
+  and its own colour unless the prompt asks for another one); undefined for a prompt that does
+  not name the subject's class (a concept subject's transfer prompt);
 * prompt_followed: everything the prompt asks besides the subject is there (background, colour,
   hat, upside down); undefined for a prompt that asks for nothing else.
 
@@ -20,6 +21,7 @@ Each is 0 or 1; undefined measures get no row. Lower is better for the leaks.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,9 @@ def image_measures(seen: dict[str, Any], prompt: str, truth: dict[str, Any]) -> 
         kept = kept and seen["accent"] == identity["accent"]
     if asked["colour"] is None:
         kept = kept and seen["colour"] == identity["colour"]
-    out["subject_kept"] = float(kept)
+    # A concept subject's transfer prompt asks for another class: the subject is not asked for.
+    if re.search(rf"\b{re.escape(identity['class'])}\b", prompt):
+        out["subject_kept"] = float(kept)
     checks = []
     if asked["background"]:
         checks.append(seen["background"] == asked["background"])
