@@ -46,10 +46,10 @@ def parts(world: Path) -> dict:
 
 def file_digests(world: Path) -> dict[str, str]:
     """sha256 of every file of a world folder but its manifest (which records times)."""
-    import hashlib
+    from sidpipe.io import sha256_file
 
     return {
-        path.relative_to(world).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        path.relative_to(world).as_posix(): sha256_file(path)
         for path in sorted(world.rglob("*"))
         if path.is_file() and path.name != "manifest.json"
     }
