@@ -407,6 +407,14 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     prompts["concept"] += [f"a {{token}} {c}" for c in others]
     prompts["concept"] += [f"a {{token}} {c} in the snow" for c in others] + ["a {token} mug"] * 2
     (workdir / "prompts.yaml").write_text(yaml.safe_dump(prompts, sort_keys=False))
+    # the demo's own grids skip the concept subject, and the start-up says so
+    idle = snakemake(workdir, "--dry-run")
+    assert "subject(s) in no experiment (references and masks only): pose_concept;" in (
+        idle.stdout + idle.stderr
+    )
+    assert "pose_concept" not in {
+        w.get("subject") for r, w in scheduled_jobs(workdir) if r == "train"
+    }
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     lego = {"algorithm": "lego", "steps": 6, "learning_rate": 5.0e-3, "masked": True}
     config["methods"] = {
