@@ -8,6 +8,7 @@ from sidpipe.config import (
     ConfigError,
     all_arm_subjects,
     check_concept_pairs,
+    concept_context_words,
     attempt_scaled,
     expand_experiments,
     load_prompts,
@@ -22,7 +23,11 @@ from sidpipe.human_study.design import (
     resolve_settings,
 )
 from sidpipe.io import SidpipeError
-from sidpipe.encoders import ENCODER_ALGORITHMS
+from sidpipe.encoders import (
+    BASE_MODEL_ALGORITHM,
+    ENCODER_ALGORITHMS,
+    UNTRAINED_ALGORITHMS,
+)
 from sidpipe.subsets import split_name
 from snakemake.logging import logger
 
@@ -43,6 +48,15 @@ ARM_SUBJECTS = all_arm_subjects(config, list(SUBJECTS), SUBJECT_KINDS)
 check_concept_pairs(
     config, EXPERIMENTS, SUBJECT_KINDS, ENCODER_ALGORITHMS, CONFIG_SOURCE
 )
+_unmatched = sorted(
+    set(config.get("concept_words", {}))
+    - {row.get("concept") for row in SUBJECTS.values()}
+)
+if _unmatched:
+    logger.warning(
+        f"concept_words for no subject's concept: {', '.join(_unmatched)} (the subjects "
+        "table's `concept` column must spell the concept the same way)"
+    )
 _idle = sorted(set(SUBJECTS) - {subject for _, subject in ARM_SUBJECTS})
 if _idle:
     logger.warning(
@@ -72,22 +86,22 @@ def class_slug(class_name):
 
 
 CLASSES = {class_slug(row["class"]): row["class"] for row in SUBJECTS.values()}
-# Encoder-based methods (BLIP-Diffusion, ELITE) have no training job: the reference goes in at
-# sampling time (rule sample_encoder).
-ENCODER = sorted(
+# Encoder-based methods (BLIP-Diffusion, ELITE) and the base model have no training job: the
+# reference goes in at sampling time, or none at all (rule sample_encoder).
+UNTRAINED = sorted(
     {
         arm.method
         for arm, _ in ARM_SUBJECTS
         if config["methods"][split_name(arm.method)[0]]["algorithm"]
-        in ENCODER_ALGORITHMS
+        in UNTRAINED_ALGORITHMS
     }
 )
-ENCODER_METHODS = "|".join(map(re.escape, ENCODER)) or NEVER
+UNTRAINED_METHODS = "|".join(map(re.escape, UNTRAINED)) or NEVER
 TRAINED = sorted(
     {
         (arm.method, arm.descriptions, subject)
         for arm, subject in ARM_SUBJECTS
-        if arm.method not in ENCODER
+        if arm.method not in UNTRAINED
     }
 )
 FULL_FINETUNE = sorted(
@@ -315,7 +329,12 @@ def training_inputs(wildcards):
 
 def training_settings(wildcards):
     """Arguments of sidpipe.training.loop.train_subject (except paths)."""
-    settings = method_settings(wildcards.method)
+    row = SUBJECTS[wildcards.subject]
+    settings = concept_context_words(
+        method_settings(wildcards.method),
+        row.get("concept"),
+        config.get("concept_words"),
+    )
     training = config.get("training", {})
     subset = reference_subset(wildcards.method)
     return {
@@ -436,14 +455,14 @@ def attention_settings(wildcards):
 def attention_pairs():
     """(arm, subject) pairs that get attention maps: those of `attention.experiments` (all)."""
     chosen = config.get("attention", {}).get("experiments") or list(EXPERIMENTS)
-    # An encoder arm has no [V] token to map; a concept subject's prompts name other classes,
+    # An untrained arm has no [V] token to map; a concept subject's prompts name other classes,
     # which the subject mask (found by the carrier's class) would miss.
     return sorted(
         {
             pair
             for name in chosen
             for pair in EXPERIMENTS[name]
-            if pair[0].method not in ENCODER
+            if pair[0].method not in UNTRAINED
             and SUBJECT_KINDS[pair[1]] not in OPT_IN_KINDS
         }
     )
@@ -459,13 +478,13 @@ def attention_arms_constraint(mapped):
     pairs = "|".join(
         re.escape(f"{arm.name}/{subject}") for arm, subject in attention_pairs()
     )
-    # the encoder arms are sampled by sample_encoder
-    not_encoder = f"(?!(?:{ENCODER_METHODS})/)"
+    # the untrained arms are sampled by sample_encoder
+    not_untrained = f"(?!(?:{UNTRAINED_METHODS})/)"
     if not pairs:
-        return NEVER if mapped else not_encoder + NAME
+        return NEVER if mapped else not_untrained + NAME
     if mapped:
         return f"(?=(?:{pairs})/){NAME}"
-    return f"(?!(?:{pairs})/){not_encoder}{NAME}"
+    return f"(?!(?:{pairs})/){not_untrained}{NAME}"
 
 
 def sample_and_attention_resource(key, sample_default, attention_default, combine):
@@ -490,8 +509,11 @@ def tiny_encoder_input(settings):
 
 
 def sample_encoder_inputs(wildcards):
-    """An encoder arm reads the subject's references (and masks: ELITE) and its checkpoints."""
+    """An encoder arm reads the subject's references (and masks: ELITE) and its checkpoints;
+    the base model arm only the base model."""
     settings = method_settings(wildcards.method)
+    if settings["algorithm"] == BASE_MODEL_ALGORITHM:
+        return {"models": model_input("base")} if model_input("base") else {}
     inputs = {
         "references": f"results/references/{wildcards.subject}/manifest.csv",
         "models": tiny_encoder_input(settings),
@@ -505,10 +527,15 @@ def sample_encoder_settings(wildcards):
     """Arguments of sidpipe.encoders.sampling.sample_encoder_arm besides paths."""
     settings = sample_settings(wildcards)
     method = method_settings(wildcards.method)
+    # the base model arm samples the pipeline every trained arm starts from
+    if method["algorithm"] == BASE_MODEL_ALGORITHM:
+        method = {**method, "model": settings["base_model"]}
     return {
         "algorithm": method["algorithm"],
         "settings": {k: v for k, v in method.items() if k != "algorithm"},
         "reference_subset": reference_subset(wildcards.method),
+        # a concept subject's (the base model's floor for Lego): its words in the prompts
+        **({"concept": settings["concept"]} if "concept" in settings else {}),
         **{
             key: settings[key]
             for key in (

@@ -73,6 +73,12 @@ rule analyze:
             category="Metrics",
             labels={"table": "method A minus method B (paired)"},
         ),
+        concepts=report(
+            "results/metrics/concepts.csv",
+            caption="report/concepts.rst",
+            category="Metrics",
+            labels={"table": "concept subjects: carrier vs transfer prompts"},
+        ),
         tables=expand(
             "results/metrics/tables/{table}.{ext}",
             table=["main", "cases", "vlms", "single_reference"],

@@ -106,8 +106,9 @@ rule compare_samples:
         "../workflow_scripts/compare_samples.py"
 
 
-# Encoder arms (BLIP-Diffusion, ELITE): no training job, the subject's reference goes to the
-# encoder here; the same prompts, seeds and manifest as the trained arms.
+# Arms without a training job: the encoders (BLIP-Diffusion, ELITE; the subject's reference goes
+# to the encoder here) and the base model (the prompts without [V]); the same prompts, seeds and
+# manifest as the trained arms.
 rule sample_encoder:
     input:
         unpack(sample_encoder_inputs),
@@ -129,7 +130,7 @@ rule sample_encoder:
     benchmark:
         "results/benchmarks/sample_encoder/{method}/{descriptions}/{inference}/{subject}.tsv"
     wildcard_constraints:
-        method=ENCODER_METHODS,
+        method=UNTRAINED_METHODS,
     conda:
         "../envs/gpu.yaml"
     resources:

@@ -13,6 +13,7 @@ from sidpipe.config import (
     all_arm_subjects,
     attempt_scaled,
     check_concept_pairs,
+    concept_context_words,
     expand_experiments,
     load_config,
     load_prompts,
@@ -67,7 +68,8 @@ def test_paper_grid_expands_to_the_expected_arms(real):
     subjects = [f"s{i}" for i in range(15)]
     experiments = expand_experiments(real, subjects)
     arms = {name: sorted({arm for arm, _ in pairs}) for name, pairs in experiments.items()}
-    assert len(arms["main"]) == 8
+    # the paper's 4 methods x {case1, sid}, and the untrained base model as the reference point
+    assert len(arms["main"]) == 9 and Arm("base_model", "case1") in arms["main"]
     assert {a.descriptions for a in arms["main"]} == {"case1", "sid"}
     assert [a.descriptions for a in arms["cases"]] == ["case1", "case2", "case4", "sid"]
     assert {a.descriptions for a in arms["vlms"]} == {"sid", "sid_llava", "sid_blip2"}
@@ -85,7 +87,7 @@ def test_paper_grid_expands_to_the_expected_arms(real):
     }
     # main 8 + cases 2 new + vlms 2 new + alternatives 2 new + sefi 2 new (sefi_ide x 2) +
     # single_reference 6 trained + 2 encoder arms; shared arms run once
-    assert len(all_arm_subjects(real, subjects)) == 24 * 15
+    assert len(all_arm_subjects(real, subjects)) == 25 * 15
 
 
 def test_grid_subjects_restrict_and_unknown_subject_is_rejected(real):
@@ -105,7 +107,7 @@ def test_concept_subjects_run_only_in_grids_that_ask_for_them(real):
     experiments = expand_experiments(real, subjects, kinds)
     lego = experiments["lego"]
     assert {s for _, s in lego} == {"frozen_mug"}
-    assert {a.method for a, _ in lego} == {"lego", "textual_inversion_multi"}
+    assert {a.method for a, _ in lego} == {"lego", "textual_inversion_multi", "base_model"}
     for name, pairs in experiments.items():
         if name != "lego":  # default grids: every kind but concept
             assert "frozen_mug" not in {s for _, s in pairs}, name
@@ -191,7 +193,7 @@ def _broken(real, edit):
         (
             lambda c: c["experiments"]["main"][0]["methods"].append("dreamboot"),
             r"experiments\.main\[0\]\.methods: unknown method 'dreamboot' \(defined under "
-            r"`methods`: blip_diffusion, custom_diffusion, dreambooth",
+            r"`methods`: base_model, blip_diffusion, custom_diffusion, dreambooth",
         ),
         (
             lambda c: c["experiments"]["cases"][0]["descriptions"].append("case5"),
@@ -463,3 +465,21 @@ def test_encoder_methods_need_their_checkpoints_and_no_training_settings(real):
     del config["methods"]["svdiff"]["steps"]
     with pytest.raises(ConfigError, match="steps"):
         validate_config(config)
+
+
+def test_each_concept_gets_its_own_context_words(real):
+    """concept_words replaces a Lego method's word lists for that concept's subjects only."""
+    lego = real["methods"]["lego"] | {"positive_words": ["shared"], "negative_words": ["other"]}
+    words = {"frozen": {"positive": ["icy", "frosted"], "negative": ["melting"]}}
+    frozen = concept_context_words(lego, "frozen", words)
+    assert frozen["positive_words"] == ["icy", "frosted"] and frozen["negative_words"] == [
+        "melting"
+    ]
+    assert frozen["steps"] == lego["steps"] and lego["positive_words"] == ["shared"]
+    assert concept_context_words(lego, "upside down", words) is lego  # no entry: the method's
+    assert concept_context_words(lego, None, words) is lego
+    dreambooth = real["methods"]["dreambooth"]
+    assert concept_context_words(dreambooth, "frozen", words) is dreambooth
+    validate_config(real | {"concept_words": words}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"concept_words\.frozen: 'negative' is a required"):
+        validate_config(real | {"concept_words": {"frozen": {"positive": ["icy"]}}}, "c.yaml")

@@ -1,5 +1,6 @@
-"""The encoder arms (BLIP-Diffusion, ELITE) as the sample stage runs them: one reference (the
-subset's first), the same prompts and seeds as the trained arms, sample_arm's manifest."""
+"""The arms without training as the sample stage runs them: the encoders (BLIP-Diffusion, ELITE)
+on one reference (the subset's first), and the base model on the prompts without [V]; the same
+prompts and seeds as the trained arms, sample_arm's manifest."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sidpipe.encoders.sampling import sample_encoder_arm
 from sidpipe.io import SidpipeError, read_csv
 from sidpipe.masks import segment_references
 from sidpipe.references import prepare_references
-from sidpipe.sampling import MANIFEST_FIELDS
+from sidpipe.sampling import MANIFEST_FIELDS, sample_arm
 from sidpipe.tiny_models import build_tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +35,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     prepare_references(MUG, refs, "red_mug", SIZE)
     segment_references(refs, masks, "red_mug", "mug", backend="provided")
     return SimpleNamespace(
+        sd=sd,
         refs=refs,
         masks=masks,
         blip={"model": build_tiny_blip_diffusion(root / "blip")},
@@ -82,7 +84,54 @@ def test_an_encoder_arm_samples_the_grid_from_one_reference(world, tmp_path, alg
 
 
 def test_an_unknown_algorithm_or_reference_is_refused(world, tmp_path) -> None:
-    with pytest.raises(SidpipeError, match="not an encoder algorithm"):
+    with pytest.raises(SidpipeError, match="not an algorithm without training"):
         sample_encoder_arm("dreambooth", {}, tmp_path, TEMPLATES, "mug", [0], world.refs)
     with pytest.raises(SidpipeError, match="'09' is not one of its images"):
         run(world, "blip_diffusion", tmp_path / "x", reference_subset="09")
+
+
+def test_the_base_model_arm_samples_the_plain_prompts_with_the_trained_arms_seeds(
+    world, tmp_path
+) -> None:
+    """No reference, no identifier: the base model gets each prompt's plain form and the seeds
+    of the trained arms, so its images are what sample_arm makes of those prompts untrained."""
+    args = dict(templates=TEMPLATES, class_name="mug", seeds=[0, 1], steps=2, resolution=SIZE)
+    args |= dict(dtype="float32", device="cpu")
+    rows = sample_encoder_arm("base_model", {"model": world.sd}, tmp_path / "base", **args)
+    assert [(r["prompt_id"], r["seed"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r["prompt"] for r in rows[::2]] == ["a mug", "a mug on the beach"]
+    assert all(r["prompt"] == r["prompt_plain"] for r in rows)
+    plain = [
+        {"prompt_id": i, "prompt": p, "prompt_plain": p}
+        for i, p in enumerate(["a mug", "a mug on the beach"])
+    ]
+    direct = sample_arm(
+        world.sd,
+        tmp_path / "direct",
+        plain,
+        [0, 1],
+        None,
+        None,
+        "",
+        steps=2,
+        resolution=SIZE,
+        dtype="float32",
+        device="cpu",
+    )
+    assert all(
+        np.array_equal(pixels(tmp_path / "base", r), pixels(tmp_path / "direct", s))
+        for r, s in zip(rows, direct, strict=True)
+    )
+    assert np.abs(pixels(tmp_path / "base", rows[0]) - pixels(tmp_path / "base", rows[2])).max() > 0
+    # a concept subject's prompts carry the concept's words
+    concept = sample_encoder_arm(
+        "base_model",
+        {"model": world.sd},
+        tmp_path / "concept",
+        **(args | {"seeds": [0]}),
+        concept="upside down",
+    )
+    assert [r["prompt"] for r in concept] == [
+        "an upside down mug",
+        "an upside down mug on the beach",
+    ]

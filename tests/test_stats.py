@@ -304,3 +304,42 @@ def test_single_reference_table_holds_the_subset_methods_only(summary: pd.DataFr
     table = single_reference_table(both)
     assert table.shape[0] and set(table["method"]) <= set(subset["method"])
     assert not main_table(both)["method"].str.contains("--").any()
+
+
+def test_concept_subjects_are_summarised_by_carrier_and_transfer_prompts():
+    """SA on the carrier's prompts (keeping the carrier) and on the transfer prompts (the
+    carrier leaking into the concept) get their own means; other subjects stay out."""
+    from sidpipe.concepts import carrier_transfer_summary, prompt_group
+
+    assert prompt_group("a <sks_1> <sks_2> robot on the beach", "robot") == "carrier"
+    assert prompt_group("a <sks_1> <sks_2> dog", "robot") == "transfer"
+    assert prompt_group("a <sks_1> robots", "robot") == "transfer"  # the class as a word only
+    prompts = {0: "a <sks_1> robot", 1: "a <sks_1> robot on the beach", 2: "a <sks_1> dog"}
+    prompts |= {3: "a <sks_1> mug in the snow"}
+    sa = {0: 0.8, 1: 0.6, 2: 0.1, 3: 0.3}
+    rows = [
+        {
+            "subject": subject,
+            "method": "lego",
+            "descriptions": "case1",
+            "inference": "standard",
+            "prompt_id": pid,
+            "prompt": prompts[pid],
+            "seed": seed,
+            "image": f"{subject}/{pid}_{seed}.png",
+            "metric": "SA",
+            "value": sa[pid] + (0.5 if subject == "blue_mug" else 0.0),
+        }
+        for subject in ("pose", "blue_mug")
+        for pid in prompts
+        for seed in (0, 1)
+    ]
+    subjects = [
+        {"subject": "pose", "class": "robot", "kind": "concept"},
+        {"subject": "blue_mug", "class": "mug", "kind": "object"},
+    ]
+    out = carrier_transfer_summary(pd.DataFrame(rows), subjects, n_boot=50)
+    means = dict(zip(out["prompts"], out["mean"], strict=True))
+    assert means == pytest.approx({"carrier": 0.7, "transfer": 0.2})
+    assert set(out["n_images"]) == {4}  # the concept subject's 2 prompts x 2 seeds each
+    assert carrier_transfer_summary(pd.DataFrame(rows), subjects[1:]).empty

@@ -71,7 +71,7 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "Experiment grid: 360 arm x subject pairs, 24 arms, 15 subjects" in result.stdout
+    assert "Experiment grid: 375 arm x subject pairs, 25 arms, 15 subjects" in result.stdout
     counts = {
         m.group(1): int(m.group(2))
         for m in re.finditer(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE)
@@ -92,9 +92,10 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         # attention maps (attention.experiments: all), drawn by the job that samples it
         "sample_and_attention": 330,
         "compare_samples": 15 * 8,
-        # the encoder arms (blip_diffusion, elite on one reference): no training, no [V] maps
-        "sample_encoder": 15 * 2,
-        "score": 360,
+        # the encoder arms (blip_diffusion, elite on one reference) and the base model: no
+        # training, no [V] maps
+        "sample_encoder": 15 * 3,
+        "score": 375,
         "gather_metrics": 1,
         "analyze": 1,
         "summarize_references": 1,
@@ -102,7 +103,7 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
         # the human study's site (App. B); its analysis waits for participants' responses
         "human_study": 1,
         "all": 1,
-        "total": 1310,
+        "total": 1340,
     }
 
 
@@ -126,7 +127,7 @@ def test_seeds_methods_layer_on_the_demo():
     }
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     # sefi_ide x 2 on 3 subjects, textual_inversion x 2 on the 2 subjects main lacks it on
-    assert grid and int(grid.group(1)) == 23 + 2 * 3 + 2 * 2
+    assert grid and int(grid.group(1)) == 28 + 2 * 3 + 2 * 2
 
 
 def test_strength_sweep_layers_on_the_demo():
@@ -141,7 +142,7 @@ def test_strength_sweep_layers_on_the_demo():
     )
     assert result.returncode == 0, result.stderr
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
-    assert grid and int(grid.group(1)) == 23 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
+    assert grid and int(grid.group(1)) == 28 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
     strength = re.search(r"^  strength: (.*)$", result.stdout, re.MULTILINE)
     assert strength and strength.group(1).split(", ") == [
         f"dreambooth{steps}/{case}/standard"
@@ -174,15 +175,15 @@ def test_demo_outputs(demo_run):
         assert row["mask_path"]  # the world draws ground-truth masks for every image
     arms = list(csv.DictReader(open(demo_run / "results/experiments/arms.csv")))
     assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives", "single_reference"}
-    assert sum(r["experiment"] == "main" for r in arms) == 8 + 2 * 4
+    assert sum(r["experiment"] == "main" for r in arms) == 8 + 2 * 4 + 5  # + the base model
     single = [r for r in arms if r["experiment"] == "single_reference"]
     assert {(r["method"], r["algorithm"], r["references"]) for r in single} == {
         ("dreambooth--first1", "dreambooth", "1"),
         ("blip_diffusion--first1", "blip_diffusion", "1"),
     }
-    assert len({(r["arm"], r["subject"]) for r in arms}) == 23
+    assert len({(r["arm"], r["subject"]) for r in arms}) == 28
     samples = list((demo_run / "results/samples").glob("*/*/*/*/manifest.csv"))
-    assert len(samples) == 23
+    assert len(samples) == 28
     # the encoder arm: no training job, the same prompts and seeds as the trained arms
     encoder = "results/samples/blip_diffusion--first1/case1/standard/blue_mug/manifest.csv"
     trained = "results/samples/dreambooth--first1/case1/standard/blue_mug/manifest.csv"
@@ -192,6 +193,22 @@ def test_demo_outputs(demo_run):
     ]
     assert sorted(pairs_of[0]) == sorted(pairs_of[1])
     assert not (demo_run / "results/train/blip_diffusion--first1").exists()
+    # the base model: no training job, the trained arms' prompts without the identifier and
+    # their seeds (the same starting noise), so its images pair with theirs
+    base = demo_run / "results/samples/base_model/case1/standard/spotted_dog"
+    finetuned = demo_run / "results/samples/dreambooth/case1/standard/spotted_dog"
+    base_rows, trained_rows = (
+        list(csv.DictReader(open(d / "manifest.csv"))) for d in (base, finetuned)
+    )
+    assert [r["prompt"] for r in base_rows] == [r["prompt_plain"] for r in trained_rows]
+    assert base_rows[0]["prompt"] == "a dog" and [r["seed"] for r in base_rows] == [
+        r["seed"] for r in trained_rows
+    ]
+    assert not (demo_run / "results/train/base_model").exists()
+    assert not (demo_run / "results/attention/base_model").exists()
+    base_pixels = np.asarray(Image.open(base / base_rows[0]["path"]), dtype=float)
+    trained_pixels = np.asarray(Image.open(finetuned / trained_rows[0]["path"]), dtype=float)
+    assert np.abs(base_pixels - trained_pixels).mean() > 5  # fine-tuning changed the image
     for manifest in samples:
         rows = list(csv.DictReader(open(manifest)))
         assert len(rows) == 14 * 4  # the world's prompts x seeds
@@ -228,14 +245,22 @@ def test_demo_outputs(demo_run):
     metrics = pd.read_csv(demo_run / "results/metrics/all.csv")
     clip_metrics = {"SA", "NSD", "TA", "CLIP-I", "DINO"}
     world = {"leak_background", "leak_object", "leak_pose", "subject_kept", "prompt_followed"}
+    world |= {"kept_class", "kept_colour", "kept_pattern", "kept_accent"}
     assert set(metrics["metric"]) == clip_metrics | world
-    assert (metrics["metric"].isin(clip_metrics)).sum() == 23 * 56 * 5  # pairs x images
+    assert (metrics["metric"].isin(clip_metrics)).sum() == 28 * 56 * 5  # pairs x images
+    # the accent's part only for subjects with a pattern; each part where subject_kept is
+    parts = metrics[metrics["metric"].str.startswith("kept_")]
+    kept = metrics[metrics["metric"] == "subject_kept"]
+    assert (parts.groupby("metric").size() <= len(kept)).all()
+    assert (parts[parts["metric"] == "kept_class"]["image"].sort_values().tolist()) == sorted(
+        kept["image"]
+    )
     assert "blip_diffusion--first1" in set(metrics["method"])
     # the pose leak exists only for the upside-down subject, the object leak not for it
     assert set(metrics.loc[metrics["metric"] == "leak_pose", "subject"]) == {"upside_robot"}
     assert "upside_robot" not in set(metrics.loc[metrics["metric"] == "leak_object", "subject"])
     summary = pd.read_csv(demo_run / "results/metrics/summary.csv")
-    assert len(summary[summary["metric"].isin(clip_metrics)]) == 15 * 5  # arms x metrics
+    assert len(summary[summary["metric"].isin(clip_metrics)]) == 16 * 5  # arms x metrics
     single_table = pd.read_csv(demo_run / "results/metrics/tables/single_reference.csv")
     assert set(single_table["method"]) == {"dreambooth--first1", "blip_diffusion--first1"}
     assert set(single_table["setting"]) == {"baseline", "SID"}
@@ -423,7 +448,11 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
         | {"num_tokens": 2, "subject_separation": "none", "context_weight": 0.0, "masked": False},
     }
     methods = ["lego", "textual_inversion_multi"]
-    config["experiments"] = {"lego": [{"methods": methods, "descriptions": ["case1"]}]}
+    config["methods"]["base_model"] = {"algorithm": "base_model"}  # the concept from its words
+    # the concept's own context words reach Lego (textual_inversion_multi keeps weight 0)
+    config["concept_words"] = {"upside down": {"positive": ["inverted"], "negative": ["upright"]}}
+    grid = {"methods": [*methods, "base_model"], "descriptions": ["case1"]}
+    config["experiments"] = {"lego": [grid]}
     config["experiments"]["lego"][0]["kinds"] = ["concept"]
     config["attention"]["experiments"] = ["lego"]
     config["sampling"]["seeds"] = 1
@@ -432,7 +461,7 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     jobs = scheduled_jobs(workdir)
     trained = {(w["method"], w["subject"]) for rule, w in jobs if rule.startswith("train")}
     assert trained == {(m, "pose_concept") for m in methods}
-    snakemake(workdir, "--cores", "2", "results/metrics/all.csv", timeout=1800)  # hang guard
+    snakemake(workdir, "--cores", "2", "results/metrics/concepts.csv", timeout=1800)  # hang guard
     manifest = workdir / "results/samples/lego/case1/standard/pose_concept/manifest.csv"
     rows = list(csv.DictReader(open(manifest)))
     assert rows[3]["prompt"] == "a <sks_1> <sks_2> dog"  # the tokens on another class
@@ -443,8 +472,12 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
         "sks_1.safetensors",
         "sks_2.safetensors",
     }
+    base = workdir / "results/samples/base_model/case1/standard/pose_concept/manifest.csv"
+    base_rows = list(csv.DictReader(open(base)))
+    assert base_rows[3]["prompt"] == base_rows[3]["prompt_plain"] == "an upside down dog"
     scores = pd.read_csv(workdir / "results/metrics/all.csv")
-    assert set(scores["subject"]) == {"pose_concept"} and set(scores["method"]) == set(methods)
+    assert set(scores["subject"]) == {"pose_concept"}
+    assert set(scores["method"]) == {*methods, "base_model"}
     ta = scores[(scores["metric"] == "TA") & (scores["method"] == "lego")]
     assert len(ta) == 14 and ta["value"].notna().all()
     # The judge reads what each prompt asks: "upside down" everywhere (prompt_followed on all
@@ -453,6 +486,15 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     counts = scores[scores["method"] == "lego"]["metric"].value_counts()
     assert counts["prompt_followed"] == 14 and counts["subject_kept"] == 2
     assert "leak_pose" not in counts
+    logs = workdir / "results/logs/train"
+    assert "no context loss" not in (logs / "lego/case1/pose_concept.log").read_text()
+    assert (
+        "no context loss" in (logs / "textual_inversion_multi/case1/pose_concept.log").read_text()
+    )
+    # SA split: 2 carrier prompts (keeping the robot), 12 transfer prompts (the robot leaking)
+    split = pd.read_csv(workdir / "results/metrics/concepts.csv")
+    sa = split[(split["metric"] == "SA") & (split["method"] == "lego")]
+    assert dict(zip(sa["prompts"], sa["n_images"], strict=True)) == {"carrier": 2, "transfer": 12}
     # a concept subject gets no attention maps (its mask would look for the carrier's class)
     assert not (workdir / "results/attention/lego").exists()
 

@@ -173,10 +173,12 @@ TRUTH = {
 
 def test_measures_of_a_faithful_image():
     out = image_measures(_seen(), "a mug in the jungle", TRUTH)
+    kept = dict.fromkeys(("kept_class", "kept_colour", "kept_pattern", "kept_accent"), 1.0)
     assert out == {
         "leak_background": 0.0,
         "leak_object": 0.0,
         "subject_kept": 1.0,
+        **kept,
         "prompt_followed": 1.0,
     }
 
@@ -185,10 +187,15 @@ def test_measures_of_leaks_and_lost_identity():
     out = image_measures(
         _seen(background="tablecloth", plant=0.9, accent="red"), "a mug in the jungle", TRUTH
     )
+    # Only the accent is lost: subject_kept fails, and its parts say which part.
     assert out == {
         "leak_background": 1.0,
         "leak_object": 1.0,
         "subject_kept": 0.0,
+        "kept_class": 1.0,
+        "kept_colour": 1.0,
+        "kept_pattern": 1.0,
+        "kept_accent": 0.0,
         "prompt_followed": 0.0,
     }
     # The bare prompt asks for nothing else: no prompt_followed; the references' background leaks.
@@ -199,7 +206,17 @@ def test_measures_of_leaks_and_lost_identity():
 def test_recolour_prompt_keeps_the_subject_by_its_pattern():
     out = image_measures(_seen(colour="red"), "a red mug", TRUTH)
     assert out["subject_kept"] == 1.0 and out["prompt_followed"] == 1.0
-    assert image_measures(_seen(colour="red"), "a mug", TRUTH)["subject_kept"] == 0.0
+    assert "kept_colour" not in out  # the prompt asked for another colour
+    recoloured = image_measures(_seen(colour="red"), "a mug", TRUTH)
+    assert recoloured["subject_kept"] == 0.0 and recoloured["kept_colour"] == 0.0
+    assert recoloured["kept_pattern"] == 1.0
+
+
+def test_a_plain_subject_has_no_accent_to_keep():
+    plain = {**TRUTH, "identity": {**TRUTH["identity"], "pattern": "plain", "accent": None}}
+    out = image_measures(_seen(pattern="plain", accent="green"), "a mug", plain)
+    assert "kept_accent" not in out and out["subject_kept"] == 1.0
+    assert image_measures(_seen(accent="green"), "a mug", plain)["kept_pattern"] == 0.0
 
 
 def test_a_transfer_prompt_of_a_concept_subject_does_not_ask_for_the_subject():
@@ -207,6 +224,7 @@ def test_a_transfer_prompt_of_a_concept_subject_does_not_ask_for_the_subject():
     subject_kept is undefined, while the concept is (prompt_followed)."""
     out = image_measures(_seen(upside_down=0.9), "an upside down dog", TRUTH)
     assert "subject_kept" not in out and out["prompt_followed"] == 1.0
+    assert not {"kept_class", "kept_pattern"} & set(out)
     carrier = image_measures(_seen(upside_down=0.9), "an upside down mug", TRUTH)
     assert carrier["subject_kept"] == 1.0 and carrier["prompt_followed"] == 1.0
     assert "subject_kept" in image_measures(_seen(), "a mugshot of a mug", TRUTH)

@@ -1,4 +1,4 @@
-"""Snakemake adapter: rule sample_encoder (BLIP-Diffusion, ELITE)."""
+"""Snakemake adapter: rule sample_encoder (BLIP-Diffusion, ELITE, the base model)."""
 
 from pathlib import Path
 
@@ -14,7 +14,9 @@ with job_log(smk.log[0]):
     out_dir = Path(smk.output.manifest).parent
     rows = sample_encoder_arm(
         out_dir=out_dir,
-        references_dir=Path(smk.input.references).parent,
+        references_dir=(
+            Path(smk.input.references).parent if "references" in smk.input.keys() else None
+        ),
         masks_dir=Path(smk.input.masks).parent if "masks" in smk.input.keys() else None,
         **smk.params.settings,
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sidpipe import agreement, method_pairs, plots, stats
+from sidpipe import agreement, concepts, method_pairs, plots, stats
 from sidpipe.io import atomic_file, log
 from sidpipe.subsets import SEPARATOR as SUBSET_SEPARATOR
 
@@ -28,7 +28,8 @@ def analyze(
 ) -> dict[str, Path]:
     """Write summary.csv (arm means with bootstrap CIs), subjects.csv, improvements.csv (SID minus
     baseline, paired), method_pairs.csv (method A minus method B, paired), agreement.csv
-    (proxies vs ground truth), tables/{main,cases,vlms,single_reference}.{csv,md,html} and
+    (proxies vs ground truth), concepts.csv (concept subjects: carrier vs transfer prompts),
+    tables/{main,cases,vlms,single_reference}.{csv,md,html} and
     plots/{pareto,pareto_single_reference,subjects,improvements,agreement}.{svg,png} under
     `out_dir`; return the written paths by name."""
     out_dir = Path(out_dir)
@@ -43,18 +44,21 @@ def analyze(
     )
     agree = agreement.agreement(all_df, n_boot=min(n_boot, 200), seed=seed)
     between = method_pairs.paired_methods(all_df, n_boot=n_boot, seed=seed)
+    concept = concepts.carrier_transfer_summary(all_df, subjects, n_boot=n_boot, seed=seed)
     paths = {
         "summary": out_dir / "summary.csv",
         "subjects": out_dir / "subjects.csv",
         "improvements": out_dir / "improvements.csv",
         "agreement": out_dir / "agreement.csv",
         "method_pairs": out_dir / "method_pairs.csv",
+        "concepts": out_dir / "concepts.csv",
     }
     _csv(summary, paths["summary"])
     _csv(per_subject, paths["subjects"])
     _csv(improvements, paths["improvements"])
     _csv(agree, paths["agreement"])
     _csv(between, paths["method_pairs"])
+    _csv(concept, paths["concepts"])
     # The paper's columns, then the world's ground-truth measures where they were scored.
     measured = set(summary["metric"])
     metrics = [*stats.PAPER_METRICS, *(m for m in agreement.TRUTHS if m in measured)]

@@ -147,6 +147,19 @@ def check_concept_pairs(
                 )
 
 
+def concept_context_words(
+    settings: dict, concept: str | None, concept_words: dict[str, dict] | None
+) -> dict:
+    """A method's settings for one subject: for a Lego method on a concept subject whose concept
+    has an entry in `concept_words` (config key), that entry's `positive`/`negative` words in
+    place of the method's `positive_words`/`negative_words` (the context loss is about the
+    concept, so each concept needs its own synonyms and antonyms); else `settings` unchanged."""
+    words = (concept_words or {}).get(concept or "")
+    if settings.get("algorithm") != "lego" or not words:
+        return settings
+    return {**settings, "positive_words": words["positive"], "negative_words": words["negative"]}
+
+
 def all_arm_subjects(
     config: dict, subjects: list[str], kinds: dict[str, str] | None = None
 ) -> list[tuple[Arm, str]]:

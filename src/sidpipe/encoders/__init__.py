@@ -1,7 +1,13 @@
-"""Encoder-based personalization baselines (no per-subject training)."""
+"""Arms without per-subject training: encoder-based personalization baselines, and the base
+model itself."""
 
 # `methods.*.algorithm` values of the encoder arms (rule sample_encoder, no training job).
 ENCODER_ALGORITHMS = ("blip_diffusion", "elite")
+# The untrained base model on the prompts without the identifier ("a mug on the beach"): what
+# the class word alone gives, so the floor of SA and subject_kept and the chance rate of each
+# leak. No training job either; sampled by rule sample_encoder with the trained arms' seeds.
+BASE_MODEL_ALGORITHM = "base_model"
+UNTRAINED_ALGORITHMS = (*ENCODER_ALGORITHMS, BASE_MODEL_ALGORITHM)
 
 # Exported lazily (PEP 562): the modules import torch, transformers and diffusers, which a job
 # that imports this package for something else should not pay for. name -> defining submodule.

@@ -1,7 +1,8 @@
-"""Stage `sample` for the encoder-based arms (BLIP-Diffusion, ELITE): no training job; the
-subject's reference goes to the encoder at sampling time. Images and manifest as `sample_arm`
-writes them (`{prompt_id:02d}_{seed:02d}.png`, same prompts and seeds), so `score`, the tables
-and the plots treat these arms like any other.
+"""Stage `sample` for the arms without a training job: the encoder-based ones (BLIP-Diffusion,
+ELITE; the subject's reference goes to the encoder at sampling time) and the base model (the
+prompts without the identifier). Images and manifest as `sample_arm` writes them
+(`{prompt_id:02d}_{seed:02d}.png`, same prompts and seeds), so `score`, the tables and the plots
+treat these arms like any other.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from sidpipe.encoders import ENCODER_ALGORITHMS
+from sidpipe.encoders import BASE_MODEL_ALGORITHM, UNTRAINED_ALGORITHMS
 from sidpipe.io import SidpipeError, atomic_file, log, read_manifest, write_csv
 from sidpipe.sampling import MANIFEST_FIELDS, expand_prompts, image_name
 from sidpipe.subsets import select_references
@@ -51,7 +52,7 @@ def sample_encoder_arm(
     templates: list[str],
     class_name: str,
     seeds: list[int],
-    references_dir: Path,
+    references_dir: Path | None = None,
     masks_dir: Path | None = None,
     reference_subset: int | str | None = None,
     steps: int = 50,
@@ -60,14 +61,39 @@ def sample_encoder_arm(
     batch_size: int = 4,
     dtype: str = "float16",
     device: str = "auto",
+    concept: str | None = None,
 ) -> list[dict]:
-    """Generate every (prompt, seed) image of an encoder arm into `out_dir` with
+    """Generate every (prompt, seed) image of an arm without training into `out_dir` with
     `manifest.csv` (written last); return its rows. `settings` is the method's config entry:
     BLIP-Diffusion's `model`; ELITE's `base_model`, `image_encoder`, `global_mapper`,
-    `local_mapper` and optional `lambda`."""
-    if algorithm not in ENCODER_ALGORITHMS:
-        raise SidpipeError(f"{algorithm!r} is not an encoder algorithm ({ENCODER_ALGORITHMS})")
+    `local_mapper` and optional `lambda`; the base model's `model` (its Stable Diffusion, which
+    gets each prompt without the identifier, a concept subject's with the concept's words)."""
+    if algorithm not in UNTRAINED_ALGORITHMS:
+        raise SidpipeError(
+            f"{algorithm!r} is not an algorithm without training ({UNTRAINED_ALGORITHMS})"
+        )
     out_dir = Path(out_dir)
+    if algorithm == BASE_MODEL_ALGORITHM:
+        from sidpipe.sampling import sample_arm
+
+        plain = expand_prompts(templates, class_name, "", concept)
+        return sample_arm(
+            settings["model"],
+            out_dir,
+            [{**row, "prompt": row["prompt_plain"]} for row in plain],
+            seeds,
+            None,
+            None,
+            "",
+            steps=steps,
+            guidance_scale=guidance_scale,
+            resolution=resolution,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+        )
+    if references_dir is None:
+        raise SidpipeError(f"{algorithm} needs the subject's references (references_dir)")
     out_dir.mkdir(parents=True, exist_ok=True)
     image_id, reference, mask = reference_of(
         references_dir, masks_dir if algorithm == "elite" else None, reference_subset, class_name

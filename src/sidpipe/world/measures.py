@@ -12,6 +12,10 @@ subject's truth (`truth.json` of its folder):
 * subject_kept: the judge sees the subject's class and identity (its pattern and accent colour,
   and its own colour unless the prompt asks for another one); undefined for a prompt that does
   not name the subject's class (a concept subject's transfer prompt);
+* kept_class, kept_colour, kept_pattern, kept_accent: each part of subject_kept on its own
+  (where subject_kept is defined; kept_colour only where the prompt keeps the subject's colour,
+  kept_accent only for a subject with a pattern), so a table shows which part of the identity
+  an arm learns;
 * prompt_followed: everything the prompt asks besides the subject is there (background, colour,
   hat, upside down); undefined for a prompt that asks for nothing else.
 
@@ -29,7 +33,15 @@ from typing import Any
 from sidpipe.io import SidpipeError
 from sidpipe.world.captions import read_prompt
 
-MEASURES = ("leak_background", "leak_object", "leak_pose", "subject_kept", "prompt_followed")
+IDENTITY_PARTS = ("kept_class", "kept_colour", "kept_pattern", "kept_accent")
+MEASURES = (
+    "leak_background",
+    "leak_object",
+    "leak_pose",
+    "subject_kept",
+    *IDENTITY_PARTS,
+    "prompt_followed",
+)
 LOWER_IS_BETTER = ("leak_background", "leak_object", "leak_pose")
 PRESENT = 0.5  # a flag the judge gives more than this probability is seen
 
@@ -71,14 +83,18 @@ def image_measures(seen: dict[str, Any], prompt: str, truth: dict[str, Any]) -> 
         out["leak_object"] = float(any(seen[e] > PRESENT for e in unasked))
     if truth["upside_down"] and not asked["upside_down"]:
         out["leak_pose"] = float(seen["upside_down"] > PRESENT)
-    kept = seen["class"] == identity["class"] and seen["pattern"] == identity["pattern"]
+    parts = {
+        "kept_class": seen["class"] == identity["class"],
+        "kept_pattern": seen["pattern"] == identity["pattern"],
+    }
     if identity["pattern"] != "plain":
-        kept = kept and seen["accent"] == identity["accent"]
+        parts["kept_accent"] = seen["accent"] == identity["accent"]
     if asked["colour"] is None:
-        kept = kept and seen["colour"] == identity["colour"]
+        parts["kept_colour"] = seen["colour"] == identity["colour"]
     # A concept subject's transfer prompt asks for another class: the subject is not asked for.
     if re.search(rf"\b{re.escape(identity['class'])}\b", prompt):
-        out["subject_kept"] = float(kept)
+        out["subject_kept"] = float(all(parts.values()))
+        out |= {name: float(parts[name]) for name in IDENTITY_PARTS if name in parts}
     checks = []
     if asked["background"]:
         checks.append(seen["background"] == asked["background"])

@@ -1,0 +1,44 @@
+"""A concept subject's metrics split by prompt: carrier vs transfer.
+
+A concept subject (kind `concept`, e.g. "upside down" learned from photos of a robot) is scored
+on two kinds of prompts: those naming the carrier's class ("a <cpt> robot on the beach") and
+those carrying the concept to other classes ("a <cpt> dog"). SA means opposite things on them:
+keeping the carrier on the first, the carrier leaking into the concept on the second (Lego's
+subject leak). An arm's overall mean mixes both, so this table gives each group its own mean.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from sidpipe import stats
+
+COLUMNS = ["prompts", *stats.SUMMARY_COLUMNS]
+
+
+def prompt_group(prompt: str, carrier_class: str) -> str:
+    """`carrier` when the prompt names the carrier's class (as a word), else `transfer`."""
+    return "carrier" if re.search(rf"\b{re.escape(carrier_class)}\b", prompt) else "transfer"
+
+
+def carrier_transfer_summary(
+    all_df: pd.DataFrame, subjects: list[dict], n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Per prompt group (carrier, transfer), arm and metric over the concept subjects: mean
+    with its bootstrap CI (`stats.arm_summary`); no rows without concept subjects."""
+    carriers = {s["subject"]: s["class"] for s in subjects if s.get("kind") == "concept"}
+    rows = all_df[all_df["subject"].isin(carriers)]
+    if rows.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    groups = [
+        prompt_group(prompt, carriers[subject])
+        for prompt, subject in zip(rows["prompt"], rows["subject"], strict=True)
+    ]
+    rows = rows.assign(prompts=groups)
+    parts = [
+        stats.arm_summary(part, n_boot=n_boot, seed=seed).assign(prompts=name)
+        for name, part in rows.groupby("prompts", sort=True)
+    ]
+    return pd.concat(parts, ignore_index=True)[COLUMNS]
