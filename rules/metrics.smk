@@ -159,5 +159,6 @@ rule analyze:
     params:
         subjects=[dict(row) for row in SUBJECTS.values()],
         n_boot=config["metrics"].get("bootstrap", 1000),
+        untrained=UNTRAINED,
     script:
         "../workflow_scripts/analyze.py"

@@ -261,9 +261,14 @@ def test_demo_outputs(demo_run):
     assert "upside_robot" not in set(metrics.loc[metrics["metric"] == "leak_object", "subject"])
     summary = pd.read_csv(demo_run / "results/metrics/summary.csv")
     assert len(summary[summary["metric"].isin(clip_metrics)]) == 16 * 5  # arms x metrics
+    # the base model is the tables' reference row, not a Case-1 baseline
+    main_table = (demo_run / "results/metrics/tables/main.md").read_text()
+    assert "| base_model | untrained |" in main_table
     single_table = pd.read_csv(demo_run / "results/metrics/tables/single_reference.csv")
     assert set(single_table["method"]) == {"dreambooth--first1", "blip_diffusion--first1"}
-    assert set(single_table["setting"]) == {"baseline", "SID"}
+    assert set(single_table["setting"]) == {"baseline", "SID", "untrained"}
+    encoder_rows = single_table[single_table["method"] == "blip_diffusion--first1"]
+    assert set(encoder_rows["setting"]) == {"untrained"}
     pairs = pd.read_csv(demo_run / "results/metrics/method_pairs.csv")
     one_vs_all = pairs[
         (pairs["method_a"] == "dreambooth") & (pairs["method_b"] == "dreambooth--first1")

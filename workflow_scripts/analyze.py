@@ -12,4 +12,5 @@ with job_log(smk.log[0]):
         Path(smk.output.summary).parent,
         smk.params.subjects,
         n_boot=smk.params.n_boot,
+        untrained=smk.params.untrained,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
@@ -24,14 +25,20 @@ def _csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def analyze(
-    all_csv: Path, out_dir: Path, subjects: list[dict], n_boot: int = 1000, seed: int = 0
+    all_csv: Path,
+    out_dir: Path,
+    subjects: list[dict],
+    n_boot: int = 1000,
+    seed: int = 0,
+    untrained: Collection[str] = (),
 ) -> dict[str, Path]:
     """Write summary.csv (arm means with bootstrap CIs), subjects.csv, improvements.csv (SID minus
     baseline, paired), method_pairs.csv (method A minus method B, paired), agreement.csv
     (proxies vs ground truth), concepts.csv (concept subjects: carrier vs transfer prompts),
     tables/{main,cases,vlms,single_reference}.{csv,md,html} and
     plots/{pareto,pareto_single_reference,subjects,improvements,agreement}.{svg,png} under
-    `out_dir`; return the written paths by name."""
+    `out_dir`; return the written paths by name. `untrained`: the methods without a training
+    job (the base model, encoders), whose rows the tables label `untrained`, not `baseline`."""
     out_dir = Path(out_dir)
     all_df = stats.read_metrics(all_csv)
     subjects_df = pd.DataFrame(subjects) if subjects else None
@@ -65,8 +72,11 @@ def analyze(
     for name, build in TABLES.items():
         base = out_dir / "tables" / name
         base.parent.mkdir(parents=True, exist_ok=True)
+        table = build(summary, metrics=metrics)
+        # An arm without training has no captions to be a baseline of: it is the reference.
+        table.loc[table["method"].isin(list(untrained)), "setting"] = "untrained"
         stats.write_table(
-            build(summary, metrics=metrics),
+            table,
             base.with_suffix(".csv"),
             base.with_suffix(".md"),
             base.with_suffix(".html"),
