@@ -85,7 +85,7 @@ def test_paper_grid_expands_to_the_expected_arms(real):
         "blip_diffusion--first1",
         "elite--first1",
     }
-    # main 8 + cases 2 new + vlms 2 new + alternatives 2 new + sefi 2 new (sefi_ide x 2) +
+    # main 9 + cases 2 new + vlms 2 new + alternatives 2 new + sefi 2 new (sefi_ide x 2) +
     # single_reference 6 trained + 2 encoder arms; shared arms run once
     assert len(all_arm_subjects(real, subjects)) == 25 * 15
 
@@ -190,6 +190,10 @@ def _broken(real, edit):
         ),
         (lambda c: c["methods"]["svdiff"].update(algorithm="lora"), r"methods\.svdiff\.algorithm"),
         (lambda c: c.pop("models"), r"'models' is a required property"),
+        (
+            lambda c: c["methods"]["base_model"].update(model="x"),
+            r"methods\.base_model: .*expected only `algorithm: base_model`",
+        ),
         (
             lambda c: c["experiments"]["main"][0]["methods"].append("dreamboot"),
             r"experiments\.main\[0\]\.methods: unknown method 'dreamboot' \(defined under "
@@ -480,6 +484,11 @@ def test_each_concept_gets_its_own_context_words(real):
     assert concept_context_words(lego, None, words) is lego
     dreambooth = real["methods"]["dreambooth"]
     assert concept_context_words(dreambooth, "frozen", words) is dreambooth
+    # multi-vector Textual Inversion is Lego without the context loss: its params stay as they
+    # were, so setting concept_words does not retrain it
+    multi = real["methods"]["textual_inversion_multi"]
+    assert concept_context_words(multi, "frozen", words) is multi
+    assert concept_context_words(real["methods"]["lego"], "frozen", words)["positive_words"]
     validate_config(real | {"concept_words": words}, "c.yaml")
     with pytest.raises(ConfigError, match=r"concept_words\.frozen: 'negative' is a required"):
         validate_config(real | {"concept_words": {"frozen": {"positive": ["icy"]}}}, "c.yaml")

@@ -83,3 +83,35 @@ def test_empty_inputs_still_write_placeholders(tmp_path: Path) -> None:
         plot_subjects(subject_summary(empty), tmp_path / "s"),
     ):
         assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_an_untrained_arm_is_a_reference_point_off_the_front(tmp_path: Path) -> None:
+    """The base model (or an encoder) is drawn with its own marker and never on the Pareto
+    front, even where it dominates every trained arm."""
+    from sidpipe.plots import front_points
+
+    pts = pd.DataFrame(
+        {
+            "method": ["base_model", "dreambooth", "dreambooth", "svdiff"],
+            "descriptions": ["case1", "case1", "sid", "case1"],
+            "mean_x": [0.9, 0.3, 0.5, 0.6],
+            "mean_y": [0.9, 0.6, 0.5, 0.2],
+        }
+    )
+    assert front_points(pts, "mean_x", "mean_y")["method"].tolist() == ["base_model"]
+    front = front_points(pts, "mean_x", "mean_y", untrained=["base_model"])
+    assert list(zip(front["method"], front["descriptions"], strict=True)) == [
+        ("dreambooth", "case1"),
+        ("dreambooth", "sid"),
+        ("svdiff", "case1"),
+    ]
+    rows = [
+        {"subject": "s", "method": m, "descriptions": d, "inference": "standard"}
+        | {"prompt_id": 0, "seed": 0, "metric": metric, "value": v}
+        for m, d, v in (("base_model", "case1", 0.9), ("dreambooth", "case1", 0.4))
+        for metric in ("SA", "NSD", "TA")
+    ]
+    summary = arm_summary(pd.DataFrame(rows), n_boot=5)
+    plain = plot_pareto(summary, tmp_path / "plain")[0].read_text()
+    marked = plot_pareto(summary, tmp_path / "marked", untrained=["base_model"])[0].read_text()
+    assert "untrained (reference)" in marked and "untrained (reference)" not in plain

@@ -73,8 +73,13 @@ def analyze(
         base = out_dir / "tables" / name
         base.parent.mkdir(parents=True, exist_ok=True)
         table = build(summary, metrics=metrics)
-        # An arm without training has no captions to be a baseline of: it is the reference.
-        table.loc[table["method"].isin(list(untrained)), "setting"] = "untrained"
+        # An arm without training has no captions to be a baseline of: it is the reference
+        # (named by its description set if it ran with another than the baseline's).
+        rows = table["method"].isin(list(untrained))
+        table.loc[rows, "setting"] = [
+            "untrained" if s == "baseline" else f"untrained ({s})"
+            for s in table.loc[rows, "setting"]
+        ]
         stats.write_table(
             table,
             base.with_suffix(".csv"),
@@ -88,10 +93,10 @@ def analyze(
         summary[~summary["method"].str.contains(SUBSET_SEPARATOR, regex=False)],
         summary[summary["method"].str.contains(SUBSET_SEPARATOR, regex=False)],
     )
-    plots.plot_pareto(full, plot_dir / "pareto")
+    plots.plot_pareto(full, plot_dir / "pareto", untrained=untrained)
     # The single-reference experiment's own figure (paper Fig. 9).
-    plots.plot_pareto(subsets, plot_dir / "pareto_single_reference")
-    plots.plot_subjects(per_subject, plot_dir / "subjects")
+    plots.plot_pareto(subsets, plot_dir / "pareto_single_reference", untrained=untrained)
+    plots.plot_subjects(per_subject, plot_dir / "subjects", untrained=untrained)
     plots.plot_improvements(improvements, plot_dir / "improvements")
     plots.plot_agreement(agree, plot_dir / "agreement")
     for name in ("pareto", "pareto_single_reference", "subjects", "improvements", "agreement"):

@@ -19,7 +19,9 @@ COLUMNS = ["prompts", *stats.SUMMARY_COLUMNS]
 
 
 def prompt_group(prompt: str, carrier_class: str) -> str:
-    """`carrier` when the prompt names the carrier's class (as a word), else `transfer`."""
+    """`carrier` when the prompt names the carrier's class (as a word), else `transfer` (the
+    world's subject_kept uses the same rule; a transfer class that contains the carrier's word,
+    "toy car" for a car, counts as the carrier's)."""
     return "carrier" if re.search(rf"\b{re.escape(carrier_class)}\b", prompt) else "transfer"
 
 

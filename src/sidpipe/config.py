@@ -81,6 +81,9 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
 
 # Subjects of these kinds run only in grids that ask for them (`kinds`, or by name): the other
 # kinds' prompts and methods make no sense on a concept's carrier subject.
+# Lego's context-loss weight when a method does not set one (as sidpipe.training.lego's
+# DEFAULT_CONTEXT_WEIGHT; kept here so that loading a config imports no torch).
+LEGO_CONTEXT_WEIGHT = 0.01
 OPT_IN_KINDS = frozenset({"concept"})
 # Kinds whose prompt templates may name other classes instead of {class} (a concept's transfer).
 CLASS_OPTIONAL_KINDS = frozenset({"concept"})
@@ -150,12 +153,15 @@ def check_concept_pairs(
 def concept_context_words(
     settings: dict, concept: str | None, concept_words: dict[str, dict] | None
 ) -> dict:
-    """A method's settings for one subject: for a Lego method on a concept subject whose concept
-    has an entry in `concept_words` (config key), that entry's `positive`/`negative` words in
-    place of the method's `positive_words`/`negative_words` (the context loss is about the
-    concept, so each concept needs its own synonyms and antonyms); else `settings` unchanged."""
+    """A method's settings for one subject: for a Lego method with a context loss on a concept
+    subject whose concept has an entry in `concept_words` (config key), that entry's
+    `positive`/`negative` words in place of the method's `positive_words`/`negative_words` (the
+    context loss is about the concept, so each concept needs its own synonyms and antonyms);
+    else `settings` unchanged, so a method without the loss (context_weight 0, e.g.
+    textual_inversion_multi) keeps its params and its trained results."""
     words = (concept_words or {}).get(concept or "")
-    if settings.get("algorithm") != "lego" or not words:
+    context = settings.get("context_weight", LEGO_CONTEXT_WEIGHT) > 0
+    if settings.get("algorithm") != "lego" or not context or not words:
         return settings
     return {**settings, "positive_words": words["positive"], "negative_words": words["negative"]}
 

@@ -8,7 +8,7 @@ on the same numbers gives byte-identical files.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +33,8 @@ LABELS = {
 _MARKERS = {"case1": "o", "case2": "s", "sid": "*", "case4": "D", "sid_llava": "P"}
 _MARKERS |= {"sid_blip2": "X"}
 _SPARE_MARKERS = ("v", "^", "<", ">", "h", "p", "d", "8")
+# Arms without training (the base model, encoders): a reference point, not on the Pareto front.
+UNTRAINED_MARKER = "x"
 DPI = 150
 _METRIC_ORDER = ("TA", "SA", "NSD", "CLIP-I", "DINO")
 
@@ -58,9 +60,14 @@ def _styles(methods: Sequence[str], descriptions: Sequence[str]) -> tuple[dict, 
     return colors, markers
 
 
-def _legend(fig: Figure, colors: dict, markers: dict, front: bool = False) -> None:
+def _legend(
+    fig: Figure, colors: dict, markers: dict, front: bool = False, untrained: bool = False
+) -> None:
     handles = [Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in colors.items()]
     handles += [Line2D([], [], color="0.3", marker=k, ls="", label=d) for d, k in markers.items()]
+    if untrained:
+        label = "untrained (reference)"
+        handles += [Line2D([], [], color="0.3", marker=UNTRAINED_MARKER, ls="", label=label)]
     hollow = "open marker: inference \u2260 standard"
     handles += [Line2D([], [], color="0.3", marker="o", ls="", mfc="none", label=hollow)]
     arrow = {"marker": r"$\rightarrow$", "ms": 12, "ls": "", "label": "baseline \u2192 SID"}
@@ -113,8 +120,30 @@ def _draw_arrows(
             )
 
 
+def front_points(
+    pts: pd.DataFrame, xcol: str, ycol: str, untrained: Collection[str] = ()
+) -> pd.DataFrame:
+    """The Pareto front's arms (both columns maximised), sorted by x; an untrained method's
+    arm is a reference point and never on it."""
+    trained = pts[~pts["method"].isin(list(untrained))]
+    front = trained.iloc[pareto_front(list(zip(trained[xcol], trained[ycol], strict=True)))]
+    return front.sort_values(xcol)
+
+
+def _marker(record: dict, markers: dict, untrained: Collection[str]) -> str:
+    return UNTRAINED_MARKER if record["method"] in untrained else markers[record["descriptions"]]
+
+
 def _draw_pareto(
-    ax: Axes, pts: pd.DataFrame, x: str, y: str, colors: dict, markers: dict, baseline, treatment
+    ax: Axes,
+    pts: pd.DataFrame,
+    x: str,
+    y: str,
+    colors: dict,
+    markers: dict,
+    baseline,
+    treatment,
+    untrained: Collection[str] = (),
 ) -> None:
     for r in pts.to_dict("records"):  # records, not itertuples: "CLIP-I" is no identifier
         mx, my = r[f"mean_{x}"], r[f"mean_{y}"]
@@ -126,7 +155,7 @@ def _draw_pareto(
             my,
             xerr=np.nan_to_num(xerr),
             yerr=np.nan_to_num(yerr),
-            fmt=markers[r["descriptions"]],
+            fmt=_marker(r, markers, untrained),
             color=colors[r["method"]],
             markerfacecolor="none" if hollow else colors[r["method"]],
             ms=9 if r["descriptions"] == "sid" else 6,
@@ -135,8 +164,7 @@ def _draw_pareto(
             zorder=3,
         )
     _draw_arrows(ax, pts, f"mean_{x}", f"mean_{y}", colors, baseline, treatment)
-    front = pts.iloc[pareto_front(list(zip(pts[f"mean_{x}"], pts[f"mean_{y}"], strict=True)))]
-    front = front.sort_values(f"mean_{x}")
+    front = front_points(pts, f"mean_{x}", f"mean_{y}", untrained)
     ax.plot(front[f"mean_{x}"], front[f"mean_{y}"], "--", color="0.4", lw=1, zorder=2)
     ax.scatter(
         front[f"mean_{x}"],
@@ -159,9 +187,11 @@ def plot_pareto(
     pairs: Sequence[tuple[str, str]] = PARETO_PAIRS,
     baseline: tuple[str, str] = ("case1", "standard"),
     treatment: tuple[str, str] = ("sid", "standard"),
+    untrained: Collection[str] = (),
 ) -> list[Path]:
     """One panel per metric pair (default SA-TA, NSD-TA, SA-NSD): every arm's mean with its CI
-    as error bars, arrows baseline -> SID per method, the Pareto front circled and dashed."""
+    as error bars, arrows baseline -> SID per method, the Pareto front circled and dashed; the
+    `untrained` methods' arms (base model, encoders) drawn as reference points off the front."""
     panels = [(x, y, _points(summary, x, y)) for x, y in pairs]
     panels = [(x, y, p) for x, y, p in panels if len(p)]
     if not panels:
@@ -171,9 +201,9 @@ def plot_pareto(
     fig = Figure(figsize=(4.6 * len(panels) + 1.6, 4.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (x, y, pts) in zip(axes, panels, strict=True):
-        _draw_pareto(ax, pts, x, y, colors, markers, baseline, treatment)
+        _draw_pareto(ax, pts, x, y, colors, markers, baseline, treatment, untrained)
         ax.set_title(f"{x} vs {y}")
-    _legend(fig, colors, markers, front=True)
+    _legend(fig, colors, markers, front=True, untrained=every["method"].isin(list(untrained)).any())
     return _save(fig, out)
 
 
@@ -185,6 +215,7 @@ def plot_subjects(
     baseline: tuple[str, str] = ("case1", "standard"),
     treatment: tuple[str, str] = ("sid", "standard"),
     ncols: int = 5,
+    untrained: Collection[str] = (),
 ) -> list[Path]:
     """Small multiples: one panel per subject, each arm a point at its (x, y) subject mean,
     arrows baseline -> SID per method. Takes `stats.subject_summary`'s table."""
@@ -215,7 +246,7 @@ def plot_subjects(
             ax.plot(
                 r[x],
                 r[y],
-                markers[r["descriptions"]],
+                _marker(r, markers, untrained),
                 color=color,
                 ms=8 if r["descriptions"] == "sid" else 5,
                 markerfacecolor="none" if r["inference"] != "standard" else color,
@@ -228,7 +259,7 @@ def plot_subjects(
         ax.set_visible(False)
     fig.supxlabel(LABELS.get(x, x) + " \u2191")
     fig.supylabel(LABELS.get(y, y) + " \u2191")
-    _legend(fig, colors, markers)
+    _legend(fig, colors, markers, untrained=wide["method"].isin(list(untrained)).any())
     return _save(fig, out)
 
 

@@ -14,8 +14,8 @@ subject's truth (`truth.json` of its folder):
   not name the subject's class (a concept subject's transfer prompt);
 * kept_class, kept_colour, kept_pattern, kept_accent: each part of subject_kept on its own
   (where subject_kept is defined; kept_colour only where the prompt keeps the subject's colour,
-  kept_accent only for a subject with a pattern), so a table shows which part of the identity
-  an arm learns;
+  kept_accent only for a subject with a pattern), so summary.csv shows which part of the
+  identity an arm learns;
 * prompt_followed: everything the prompt asks besides the subject is there (background, colour,
   hat, upside down); undefined for a prompt that asks for nothing else.
 
