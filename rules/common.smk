@@ -9,6 +9,7 @@ from sidpipe.config import (
     all_arm_subjects,
     check_concept_pairs,
     concept_context_words,
+    unmatched_concept_words,
     attempt_scaled,
     expand_experiments,
     load_prompts,
@@ -48,10 +49,7 @@ ARM_SUBJECTS = all_arm_subjects(config, list(SUBJECTS), SUBJECT_KINDS)
 check_concept_pairs(
     config, EXPERIMENTS, SUBJECT_KINDS, ENCODER_ALGORITHMS, CONFIG_SOURCE
 )
-_unmatched = sorted(
-    set(config.get("concept_words", {}))
-    - {row.get("concept") for row in SUBJECTS.values()}
-)
+_unmatched = unmatched_concept_words(config, SUBJECTS)
 if _unmatched:
     logger.warning(
         f"concept_words for no subject's concept: {', '.join(_unmatched)} (the subjects "
@@ -513,11 +511,12 @@ def sample_encoder_inputs(wildcards):
     the base model arm only the base model."""
     settings = method_settings(wildcards.method)
     if settings["algorithm"] == BASE_MODEL_ALGORITHM:
-        return {"models": model_input("base")} if model_input("base") else {}
-    inputs = {
-        "references": f"results/references/{wildcards.subject}/manifest.csv",
-        "models": tiny_encoder_input(settings),
-    }
+        inputs = {"models": model_input("base")}
+    else:
+        inputs = {
+            "references": f"results/references/{wildcards.subject}/manifest.csv",
+            "models": tiny_encoder_input(settings),
+        }
     if settings["algorithm"] == "elite":
         inputs["masks"] = f"results/masks/{wildcards.subject}/manifest.csv"
     return {key: value for key, value in inputs.items() if value}

@@ -19,6 +19,7 @@ from sidpipe.config import (
     load_prompts,
     load_subjects,
     tokenizer_corpus,
+    unmatched_concept_words,
     validate_config,
 )
 
@@ -492,3 +493,12 @@ def test_each_concept_gets_its_own_context_words(real):
     validate_config(real | {"concept_words": words}, "c.yaml")
     with pytest.raises(ConfigError, match=r"concept_words\.frozen: 'negative' is a required"):
         validate_config(real | {"concept_words": {"frozen": {"positive": ["icy"]}}}, "c.yaml")
+
+
+def test_concept_words_no_subject_spells_are_named():
+    """A concept_words key the subjects table never spells would silently do nothing."""
+    subjects = {"ice": {"concept": "frozen"}, "mug": {"concept": ""}}
+    words = {"frozen": {"positive": ["icy"], "negative": ["warm"]}}
+    words["upside-down"] = words["frozen"]
+    assert unmatched_concept_words({"concept_words": words}, subjects) == ["upside-down"]
+    assert unmatched_concept_words({}, subjects) == []

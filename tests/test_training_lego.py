@@ -259,15 +259,6 @@ def test_context_term_is_skipped_without_words(subject: SimpleNamespace) -> None
     assert parts["context_loss"] > 0 and float(loss) == pytest.approx(total, rel=1e-5)
 
 
-def test_config_reads_lego_default_context_weight() -> None:
-    """The config decides per concept whether Lego has a context loss (concept_words) from the
-    same default weight the trainer uses."""
-    from sidpipe.config import LEGO_CONTEXT_WEIGHT
-    from sidpipe.training.lego import DEFAULT_CONTEXT_WEIGHT
-
-    assert LEGO_CONTEXT_WEIGHT == DEFAULT_CONTEXT_WEIGHT
-
-
 def test_context_term_grows_when_the_concept_moves_to_a_negative_word(
     subject: SimpleNamespace,
 ) -> None:

@@ -9,11 +9,10 @@ subject leak). An arm's overall mean mixes both, so this table gives each group 
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 
 from sidpipe import stats
+from sidpipe.sampling import names_class
 
 COLUMNS = ["prompts", *stats.SUMMARY_COLUMNS]
 
@@ -22,7 +21,7 @@ def prompt_group(prompt: str, carrier_class: str) -> str:
     """`carrier` when the prompt names the carrier's class (as a word), else `transfer` (the
     world's subject_kept uses the same rule; a transfer class that contains the carrier's word,
     "toy car" for a car, counts as the carrier's)."""
-    return "carrier" if re.search(rf"\b{re.escape(carrier_class)}\b", prompt) else "transfer"
+    return "carrier" if names_class(prompt, carrier_class) else "transfer"
 
 
 def carrier_transfer_summary(

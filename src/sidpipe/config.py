@@ -81,9 +81,6 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
 
 # Subjects of these kinds run only in grids that ask for them (`kinds`, or by name): the other
 # kinds' prompts and methods make no sense on a concept's carrier subject.
-# Lego's context-loss weight when a method does not set one (as sidpipe.training.lego's
-# DEFAULT_CONTEXT_WEIGHT; kept here so that loading a config imports no torch).
-LEGO_CONTEXT_WEIGHT = 0.01
 OPT_IN_KINDS = frozenset({"concept"})
 # Kinds whose prompt templates may name other classes instead of {class} (a concept's transfer).
 CLASS_OPTIONAL_KINDS = frozenset({"concept"})
@@ -160,10 +157,17 @@ def concept_context_words(
     else `settings` unchanged, so a method without the loss (context_weight 0, e.g.
     textual_inversion_multi) keeps its params and its trained results."""
     words = (concept_words or {}).get(concept or "")
-    context = settings.get("context_weight", LEGO_CONTEXT_WEIGHT) > 0
-    if settings.get("algorithm") != "lego" or not context or not words:
+    # context_weight 0 is the only way to turn the loss off (the trainer rejects < 0)
+    no_context = settings.get("context_weight") == 0
+    if settings.get("algorithm") != "lego" or no_context or not words:
         return settings
     return {**settings, "positive_words": words["positive"], "negative_words": words["negative"]}
+
+
+def unmatched_concept_words(config: dict, subjects: dict[str, dict]) -> list[str]:
+    """`concept_words` entries that no subject's `concept` column spells (never used)."""
+    concepts = {row.get("concept") for row in subjects.values()}
+    return sorted(set(config.get("concept_words") or {}) - concepts)
 
 
 def all_arm_subjects(

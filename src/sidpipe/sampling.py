@@ -45,6 +45,12 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+([,.;:!?])", r"\1", text).strip()
 
 
+def names_class(prompt: str, class_name: str) -> bool:
+    """Whether the prompt names the class as a word ("a mug on the beach" names mug, "a mugshot"
+    does not): a concept subject's carrier prompts do, its transfer prompts do not."""
+    return re.search(rf"\b{re.escape(class_name)}\b", prompt) is not None
+
+
 def expand_prompts(
     templates: list[str], class_name: str, token: str, concept: str | None = None
 ) -> list[dict]:

@@ -58,7 +58,6 @@ from sidpipe.training.base import (
 )
 
 DEFAULT_LR = 5e-4
-DEFAULT_CONTEXT_WEIGHT = 0.01  # sidpipe.config.LEGO_CONTEXT_WEIGHT reads the same
 MANIFEST = "lego.json"
 SEPARATIONS = ("mask", "none", "subject_token")
 CONTEXT_CLASSES = (
@@ -164,7 +163,7 @@ class LegoTrainer(Trainer):
                     f"[1, {steps - 1}], got {self.subject_steps!r}"
                 )
         self.subject_weight = float(settings.get("subject_weight", 1.0))
-        self.context_weight = float(settings.get("context_weight", DEFAULT_CONTEXT_WEIGHT))
+        self.context_weight = float(settings.get("context_weight", 0.01))
         self.temperature = float(settings.get("context_temperature", 0.07))
         if self.subject_weight < 0 or self.context_weight < 0 or self.temperature <= 0:
             raise SidpipeError(

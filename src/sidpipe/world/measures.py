@@ -25,12 +25,12 @@ Each is 0 or 1; undefined measures get no row. Lower is better for the leaks.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sidpipe.io import SidpipeError
+from sidpipe.sampling import names_class
 from sidpipe.world.captions import read_prompt
 
 IDENTITY_PARTS = ("kept_class", "kept_colour", "kept_pattern", "kept_accent")
@@ -92,7 +92,7 @@ def image_measures(seen: dict[str, Any], prompt: str, truth: dict[str, Any]) -> 
     if asked["colour"] is None:
         parts["kept_colour"] = seen["colour"] == identity["colour"]
     # A concept subject's transfer prompt asks for another class: the subject is not asked for.
-    if re.search(rf"\b{re.escape(identity['class'])}\b", prompt):
+    if names_class(prompt, identity["class"]):
         out["subject_kept"] = float(all(parts.values()))
         out |= {name: float(parts[name]) for name in IDENTITY_PARTS if name in parts}
     checks = []
