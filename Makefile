@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-strength world-seeds
+.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-strength world-seeds world-lego
 
 # torch first (the CPU build), then everything else constrained to keep exactly that torch.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
@@ -66,6 +66,11 @@ world-strength: install
 # The demo plus SeFi-IDE beside Textual Inversion and DreamBooth (demo/seeds.yaml).
 world-seeds: install
 	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml demo/seeds.yaml \
+		--directory demo
+
+# The demo plus Lego beside multi-vector Textual Inversion on the concept subjects (demo/lego.yaml).
+world-lego: install
+	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml demo/lego.yaml \
 		--directory demo
 
 # Redraw the demo's biased subjects (byte-reproducible) from the world's grammar.

@@ -79,6 +79,14 @@ rule analyze:
             category="Metrics",
             labels={"table": "concept subjects: carrier vs transfer prompts"},
         ),
+        concept_pairs=report(
+            "results/metrics/concept_pairs.csv",
+            caption="report/concept_pairs.rst",
+            category="Metrics",
+            labels={
+                "table": "concept subjects: method A minus method B per prompt group"
+            },
+        ),
         tables=expand(
             "results/metrics/tables/{table}.{ext}",
             table=["main", "cases", "vlms", "single_reference"],

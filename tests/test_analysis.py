@@ -54,6 +54,8 @@ def test_untrained_arms_are_the_tables_reference_not_a_baseline(tmp_path):
     # no concept subjects: the split table has its header and no rows
     concepts = pd.read_csv(paths["concepts"])
     assert concepts.empty and "prompts" in concepts.columns
+    concept_pairs = pd.read_csv(paths["concept_pairs"])
+    assert concept_pairs.empty and {"prompts", "method_a", "diff"} <= set(concept_pairs.columns)
     # SID minus Case 1 pairs only within a method: the base model has no SID arm
     assert set(pd.read_csv(paths["improvements"])["method"]) == {"dreambooth"}
     for name in ("pareto", "subjects", "improvements"):

@@ -343,3 +343,43 @@ def test_concept_subjects_are_summarised_by_carrier_and_transfer_prompts():
     assert means == pytest.approx({"carrier": 0.7, "transfer": 0.2})
     assert set(out["n_images"]) == {4}  # the concept subject's 2 prompts x 2 seeds each
     assert carrier_transfer_summary(pd.DataFrame(rows), subjects[1:]).empty
+
+
+def test_concept_methods_are_paired_within_each_prompt_group():
+    """Lego minus multi-vector Textual Inversion on the same prompts and seeds, separately on
+    the carrier's prompts and the transfer prompts; other subjects stay out."""
+    from sidpipe.concepts import carrier_transfer_pairs
+
+    prompts = {0: "a <t> robot", 1: "a <t> robot on the beach", 2: "a <t> dog", 3: "a <t> mug"}
+    # lego keeps the carrier as well as TI on its prompts, and leaks 0.3 less on the others
+    values = {
+        "textual_inversion_multi": {0: 0.8, 1: 0.6, 2: 0.5, 3: 0.7},
+        "lego": {0: 0.8, 1: 0.6, 2: 0.2, 3: 0.4},
+    }
+    rows = [
+        {
+            "subject": subject,
+            "method": method,
+            "descriptions": "case1",
+            "inference": "standard",
+            "prompt_id": pid,
+            "prompt": prompts[pid],
+            "seed": seed,
+            "metric": "SA",
+            "value": values[method][pid] + (0.9 if subject == "blue_mug" and pid > 1 else 0),
+        }
+        for subject in ("pose", "blue_mug")
+        for method in values
+        for pid in prompts
+        for seed in (0, 1)
+    ]
+    subjects = [
+        {"subject": "pose", "class": "robot", "kind": "concept"},
+        {"subject": "blue_mug", "class": "mug", "kind": "object"},
+    ]
+    out = carrier_transfer_pairs(pd.DataFrame(rows), subjects, n_boot=50)
+    assert list(out["prompts"]) == ["carrier", "transfer"]
+    assert set(out["method_a"]) == {"lego"} and set(out["method_b"]) == {"textual_inversion_multi"}
+    assert list(out["diff"]) == pytest.approx([0.0, -0.3])
+    assert list(out["n_pairs"]) == [4, 4] and set(out["subjects"]) == {"pose"}
+    assert carrier_transfer_pairs(pd.DataFrame(rows), subjects[1:]).empty

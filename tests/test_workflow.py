@@ -151,6 +151,27 @@ def test_strength_sweep_layers_on_the_demo():
     ]
 
 
+def test_lego_layers_on_the_demo():
+    """demo/lego.yaml adds Lego, multi-vector Textual Inversion and the base model on the
+    demo's two concept subjects, and nothing else."""
+    result = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
+        + ["--configfile", str(REPO / "demo/config.yaml"), str(REPO / "demo/lego.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lego = re.search(r"^  lego: (.*)$", result.stdout, re.MULTILINE)
+    methods = ["lego", "textual_inversion_multi", "base_model"]
+    methods += ["lego_concept_init", "textual_inversion_multi_concept_init"]
+    assert lego and set(lego.group(1).split(", ")) == {f"{m}/case1/standard" for m in methods}
+    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
+    assert grid and int(grid.group(1)) == 28 + 5 * 2  # 5 arms x 2 concept subjects
+    assert "subject(s) in no experiment" not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("config", ["config.yaml", "demo/config.yaml"])
 def test_lint_is_clean(config):
     workdir = REPO if config == "config.yaml" else REPO / "demo"
@@ -167,8 +188,9 @@ def test_lint_is_clean(config):
 
 def test_demo_outputs(demo_run):
     subjects = ("blue_mug", "toy_robot", "spotted_dog", "balloon_car", "upside_robot")
+    concept_subjects = ("upside_down_dog", "upside_down_car")  # references only (make world-lego)
     summary = list(csv.DictReader(open(demo_run / "results/references/summary.csv")))
-    assert Counter(r["subject"] for r in summary) == dict.fromkeys(subjects, 4)
+    assert Counter(r["subject"] for r in summary) == dict.fromkeys(subjects + concept_subjects, 4)
     for row in summary:
         image = Image.open(demo_run / "results/references" / row["subject"] / row["path"])
         assert image.size == (32, 32) and image.mode == "RGB"
@@ -420,29 +442,18 @@ def test_downloaded_subject_through_the_workflow(tmp_path):
 
 
 def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
-    """A subject of kind concept (the world's upside-down robot as the concept "upside down"):
-    a `kinds: [concept]` grid runs on it alone, its prompts carry the concept to other classes,
-    and text alignment and the judge read each prompt with the concept's words for the
-    tokens."""
+    """The demo's concept subjects (kind concept: "upside down" on a dog and on a car, drawn by
+    the world): a `kinds: [concept]` grid runs on them alone, their prompts carry the concept to
+    other classes, and text alignment and the judge read each prompt with the concept's words
+    for the tokens; the carrier/transfer tables split and pair the arms."""
     workdir = copy_demo(tmp_path / "w")
-    table = (workdir / "subjects.tsv").read_text().splitlines()
-    table = [table[0] + "\tconcept"] + [row + "\t" for row in table[1:]]
-    table.append(
-        "pose_concept\trobot\tconcept\tsubjects/upside_robot\tlocal\tprovided\t\tupside down"
-    )
-    (workdir / "subjects.tsv").write_text("\n".join(table) + "\n")
-    prompts = yaml.safe_load((workdir / "prompts.yaml").read_text())
-    others = ["mug", "dog", "car", "ball", "lamp"]
-    prompts["concept"] = ["a {token} {class}", "a {token} {class} on the beach"]
-    prompts["concept"] += [f"a {{token}} {c}" for c in others]
-    prompts["concept"] += [f"a {{token}} {c} in the snow" for c in others] + ["a {token} mug"] * 2
-    (workdir / "prompts.yaml").write_text(yaml.safe_dump(prompts, sort_keys=False))
-    # the demo's own grids skip the concept subject, and the start-up says so
+    concept_subjects = ["upside_down_car", "upside_down_dog"]
+    # the demo's own grids skip the concept subjects, and the start-up says so
     idle = snakemake(workdir, "--dry-run")
-    assert "subject(s) in no experiment (references and masks only): pose_concept;" in (
+    assert "subject(s) in no experiment (references and masks only): upside_down_car, " in (
         idle.stdout + idle.stderr
     )
-    assert "pose_concept" not in {
+    assert not set(concept_subjects) & {
         w.get("subject") for r, w in scheduled_jobs(workdir) if r == "train"
     }
     config = yaml.safe_load((workdir / "config.yaml").read_text())
@@ -455,7 +466,7 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     methods = ["lego", "textual_inversion_multi"]
     config["methods"]["base_model"] = {"algorithm": "base_model"}  # the concept from its words
     # the concept's own context words reach Lego (textual_inversion_multi keeps weight 0)
-    config["concept_words"] = {"upside down": {"positive": ["inverted"], "negative": ["upright"]}}
+    config["concept_words"] = {"upside down": {"positive": ["upside down"], "negative": ["red"]}}
     grid = {"methods": [*methods, "base_model"], "descriptions": ["case1"]}
     config["experiments"] = {"lego": [grid]}
     config["experiments"]["lego"][0]["kinds"] = ["concept"]
@@ -465,41 +476,48 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = scheduled_jobs(workdir)
     trained = {(w["method"], w["subject"]) for rule, w in jobs if rule.startswith("train")}
-    assert trained == {(m, "pose_concept") for m in methods}
+    assert trained == {(m, s) for m in methods for s in concept_subjects}
     snakemake(workdir, "--cores", "2", "results/metrics/concepts.csv", timeout=1800)  # hang guard
-    manifest = workdir / "results/samples/lego/case1/standard/pose_concept/manifest.csv"
+    manifest = workdir / "results/samples/lego/case1/standard/upside_down_car/manifest.csv"
     rows = list(csv.DictReader(open(manifest)))
-    assert rows[3]["prompt"] == "a <sks_1> <sks_2> dog"  # the tokens on another class
-    assert rows[3]["prompt_plain"] == "an upside down dog"
-    assert rows[1]["prompt_plain"] == "an upside down robot on the beach"
-    weights = workdir / "results/train/lego/case1/pose_concept/weights"
+    assert rows[4]["prompt"] == "a <sks_1> <sks_2> dog"  # the tokens on another class
+    assert rows[4]["prompt_plain"] == "an upside down dog"
+    assert rows[2]["prompt_plain"] == "an upside down car on the beach"
+    weights = workdir / "results/train/lego/case1/upside_down_car/weights"
     assert {p.name for p in weights.glob("sks_*.safetensors")} == {
         "sks_1.safetensors",
         "sks_2.safetensors",
     }
-    base = workdir / "results/samples/base_model/case1/standard/pose_concept/manifest.csv"
+    base = workdir / "results/samples/base_model/case1/standard/upside_down_car/manifest.csv"
     base_rows = list(csv.DictReader(open(base)))
-    assert base_rows[3]["prompt"] == base_rows[3]["prompt_plain"] == "an upside down dog"
+    assert base_rows[4]["prompt"] == base_rows[4]["prompt_plain"] == "an upside down dog"
     scores = pd.read_csv(workdir / "results/metrics/all.csv")
-    assert set(scores["subject"]) == {"pose_concept"}
+    assert set(scores["subject"]) == set(concept_subjects)
     assert set(scores["method"]) == {*methods, "base_model"}
     ta = scores[(scores["metric"] == "TA") & (scores["method"] == "lego")]
-    assert len(ta) == 14 and ta["value"].notna().all()
+    assert len(ta) == 28 and ta["value"].notna().all()
     # The judge reads what each prompt asks: "upside down" everywhere (prompt_followed on all
-    # 14, never a pose leak), the robot only where the prompt names it (subject_kept on the 2
-    # carrier prompts; the transfer prompts ask for other classes).
+    # 28, never a pose leak); the carrier where the prompt names its class (subject_kept on 6
+    # prompts per subject), the carrier leaking into the other classes' (leak_subject on 8).
     counts = scores[scores["method"] == "lego"]["metric"].value_counts()
-    assert counts["prompt_followed"] == 14 and counts["subject_kept"] == 2
-    assert "leak_pose" not in counts
+    assert counts["prompt_followed"] == 28 and counts["subject_kept"] == 12
+    assert counts["leak_subject"] == 16 and "leak_pose" not in counts
     logs = workdir / "results/logs/train"
-    assert "no context loss" not in (logs / "lego/case1/pose_concept.log").read_text()
+    assert "no context loss" not in (logs / "lego/case1/upside_down_car.log").read_text()
     assert (
-        "no context loss" in (logs / "textual_inversion_multi/case1/pose_concept.log").read_text()
+        "no context loss"
+        in (logs / "textual_inversion_multi/case1/upside_down_car.log").read_text()
     )
-    # SA split: 2 carrier prompts (keeping the robot), 12 transfer prompts (the robot leaking)
+    # SA split: 12 carrier prompts (keeping the carrier), 16 transfer prompts (it leaking)
     split = pd.read_csv(workdir / "results/metrics/concepts.csv")
     sa = split[(split["metric"] == "SA") & (split["method"] == "lego")]
-    assert dict(zip(sa["prompts"], sa["n_images"], strict=True)) == {"carrier": 2, "transfer": 12}
+    assert dict(zip(sa["prompts"], sa["n_images"], strict=True)) == {"carrier": 12, "transfer": 16}
+    # and paired: Lego minus multi-vector Textual Inversion on the same images' conditions
+    pairs = pd.read_csv(workdir / "results/metrics/concept_pairs.csv")
+    leak = pairs[(pairs["metric"] == "leak_subject") & (pairs["method_a"] == "lego")]
+    assert list(leak["method_b"]) == ["textual_inversion_multi"]
+    assert list(leak["prompts"]) == ["transfer"] and list(leak["n_pairs"]) == [16]
+    assert leak["ci_low"].item() <= leak["diff"].item() <= leak["ci_high"].item()
     # a concept subject gets no attention maps (its mask would look for the carrier's class)
     assert not (workdir / "results/attention/lego").exists()
 

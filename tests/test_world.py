@@ -27,7 +27,12 @@ from sidpipe.world.grammar import (
     sample_scene,
 )
 from sidpipe.world.measures import image_measures, read_truth
-from sidpipe.world.subjects import DEMO_SUBJECTS, subjects_table, write_subject
+from sidpipe.world.subjects import (
+    CONCEPT_SUBJECTS,
+    DEMO_SUBJECTS,
+    subjects_table,
+    write_subject,
+)
 
 MUG = Scene(
     Subject("mug", "blue", "spotted", "yellow"),
@@ -125,11 +130,15 @@ def test_read_prompt(prompt, expected):
 
 def test_world_prompt_file_is_read_by_the_world(tmp_path):
     prompts = yaml.safe_load(open("demo/prompts.yaml"))
-    for _kind, templates in prompts.items():
+    assert set(prompts) == {"object", "live", "concept"}
+    for kind, templates in prompts.items():
         assert templates[0] == "a {token} {class}"  # the bare prompt: everything unasked leaks
+        # a concept's prompts are read with its words for the token: the concept is asked
+        token = "upside down" if kind == "concept" else "sks"
         for template in templates[1:]:
-            read = read_prompt(template.format(token="sks", **{"class": "dog"}), "dog")
-            assert read["background"] or read["colour"] or read["hat"], template
+            read = read_prompt(template.format(token=token, **{"class": "dog"}), "dog")
+            asked = read["background"] or read["colour"] or read["hat"] or read["upside_down"]
+            assert asked and read["upside_down"] == (kind == "concept"), template
 
 
 def test_subject_folder_holds_images_masks_descriptions_and_truth(tmp_path):
@@ -146,7 +155,21 @@ def test_subject_folder_holds_images_masks_descriptions_and_truth(tmp_path):
     assert truth["backgrounds"] == ["tablecloth"] and truth["elements"] == ["plant"]
     assert truth["identity"]["pattern"] == "spotted" and not truth["upside_down"]
     table = subjects_table(DEMO_SUBJECTS, "subjects").splitlines()
-    assert table[0].split("\t")[-1] == "bias" and len(table) == len(DEMO_SUBJECTS) + 1
+    assert table[0].split("\t")[-2:] == ["bias", "concept"]
+    assert len(table) == len(DEMO_SUBJECTS) + 1
+    assert all(row.endswith("\t") for row in table[1:])  # no concept: an ordinary subject
+
+
+def test_concept_subjects_carry_their_concept_in_every_view(tmp_path):
+    """Lego's subjects: kind concept, the concept in the table, upside down in all 4 views on 4
+    backgrounds (what the views share is the carrier and the concept), no other elements."""
+    for spec in CONCEPT_SUBJECTS:
+        truth = read_truth(write_subject(spec, tmp_path / spec.name) / "truth.json")
+        assert truth["upside_down"] and len(truth["backgrounds"]) == 4
+        assert truth["elements"] == [] and truth["identity"]["pattern"] != "plain"
+    rows = [r.split("\t") for r in subjects_table(CONCEPT_SUBJECTS, "s").splitlines()[1:]]
+    assert {(r[2], r[-1]) for r in rows} == {("concept", "upside down")}
+    assert len({r[1] for r in rows}) == len(rows)  # carriers of different classes
 
 
 def _seen(**overrides):
@@ -227,7 +250,20 @@ def test_a_transfer_prompt_of_a_concept_subject_does_not_ask_for_the_subject():
     assert not {"kept_class", "kept_pattern"} & set(out)
     carrier = image_measures(_seen(upside_down=0.9), "an upside down mug", TRUTH)
     assert carrier["subject_kept"] == 1.0 and carrier["prompt_followed"] == 1.0
+    assert "leak_subject" not in carrier  # the carrier is asked for: not a leak
     assert "subject_kept" in image_measures(_seen(), "a mugshot of a mug", TRUTH)
+
+
+def test_the_carrier_leaks_into_a_transfer_prompt_by_its_class_or_colour():
+    """Lego's subject leak: on "an upside down dog" for a blue mug carrier, the judge seeing a
+    mug, or a blue body when the prompt asks no colour, is the carrier leaking."""
+    dog = {"class": "dog", "colour": "green"}
+    assert image_measures(_seen(**dog), "an upside down dog", TRUTH)["leak_subject"] == 0.0
+    assert image_measures(_seen(colour="green"), "an upside down dog", TRUTH)["leak_subject"] == 1
+    blue_dog = _seen(**{**dog, "colour": "blue"})
+    assert image_measures(blue_dog, "an upside down dog", TRUTH)["leak_subject"] == 1.0
+    # asked for blue, a blue dog is the prompt followed, not the carrier leaking
+    assert image_measures(blue_dog, "an upside down blue dog", TRUTH)["leak_subject"] == 0.0
 
 
 def test_pose_leak_only_for_upside_down_references():

@@ -10,14 +10,23 @@ import numpy as np
 import pandas as pd
 
 PROXIES = ("SA", "NSD", "TA")
-TRUTHS = ("leak_background", "leak_object", "leak_pose", "subject_kept", "prompt_followed")
+TRUTHS = (
+    "leak_background",
+    "leak_object",
+    "leak_pose",
+    "leak_subject",
+    "subject_kept",
+    "prompt_followed",
+)
 # What a faithful proxy should do: NSD falls when things leak, SA rises when the subject is
-# kept, TA rises when the prompt is followed.
+# kept (and, on a concept's transfer prompts, when the carrier leaks into them), TA rises when
+# the prompt is followed.
 EXPECTED_SIGN = {
     ("NSD", "leak_background"): -1,
     ("NSD", "leak_object"): -1,
     ("NSD", "leak_pose"): -1,
     ("SA", "subject_kept"): 1,
+    ("SA", "leak_subject"): 1,
     ("TA", "prompt_followed"): 1,
     ("TA", "leak_background"): -1,
 }

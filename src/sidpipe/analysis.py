@@ -34,7 +34,8 @@ def analyze(
 ) -> dict[str, Path]:
     """Write summary.csv (arm means with bootstrap CIs), subjects.csv, improvements.csv (SID minus
     baseline, paired), method_pairs.csv (method A minus method B, paired), agreement.csv
-    (proxies vs ground truth), concepts.csv (concept subjects: carrier vs transfer prompts),
+    (proxies vs ground truth), concepts.csv and concept_pairs.csv (concept subjects: carrier vs
+    transfer prompts, per arm and as paired method differences),
     tables/{main,cases,vlms,single_reference}.{csv,md,html} and
     plots/{pareto,pareto_single_reference,subjects,improvements,agreement}.{svg,png} under
     `out_dir`; return the written paths by name. `untrained`: the methods without a training
@@ -52,6 +53,7 @@ def analyze(
     agree = agreement.agreement(all_df, n_boot=min(n_boot, 200), seed=seed)
     between = method_pairs.paired_methods(all_df, n_boot=n_boot, seed=seed)
     concept = concepts.carrier_transfer_summary(all_df, subjects, n_boot=n_boot, seed=seed)
+    concept_pairs = concepts.carrier_transfer_pairs(all_df, subjects, n_boot=n_boot, seed=seed)
     paths = {
         "summary": out_dir / "summary.csv",
         "subjects": out_dir / "subjects.csv",
@@ -59,6 +61,7 @@ def analyze(
         "agreement": out_dir / "agreement.csv",
         "method_pairs": out_dir / "method_pairs.csv",
         "concepts": out_dir / "concepts.csv",
+        "concept_pairs": out_dir / "concept_pairs.csv",
     }
     _csv(summary, paths["summary"])
     _csv(per_subject, paths["subjects"])
@@ -66,6 +69,7 @@ def analyze(
     _csv(agree, paths["agreement"])
     _csv(between, paths["method_pairs"])
     _csv(concept, paths["concepts"])
+    _csv(concept_pairs, paths["concept_pairs"])
     # The paper's columns, then the world's ground-truth measures where they were scored.
     measured = set(summary["metric"])
     metrics = [*stats.PAPER_METRICS, *(m for m in agreement.TRUTHS if m in measured)]

@@ -4,17 +4,20 @@ A concept subject (kind `concept`, e.g. "upside down" learned from photos of a r
 on two kinds of prompts: those naming the carrier's class ("a <cpt> robot on the beach") and
 those carrying the concept to other classes ("a <cpt> dog"). SA means opposite things on them:
 keeping the carrier on the first, the carrier leaking into the concept on the second (Lego's
-subject leak). An arm's overall mean mixes both, so this table gives each group its own mean.
+subject leak). An arm's overall mean mixes both, so this table gives each group its own mean,
+and `carrier_transfer_pairs` each group's paired method differences (Lego minus multi-vector
+Textual Inversion on the same prompts and seeds).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from sidpipe import stats
+from sidpipe import method_pairs, stats
 from sidpipe.sampling import names_class
 
 COLUMNS = ["prompts", *stats.SUMMARY_COLUMNS]
+PAIR_COLUMNS = ["prompts", *method_pairs.COLUMNS]
 
 
 def prompt_group(prompt: str, carrier_class: str) -> str:
@@ -24,22 +27,44 @@ def prompt_group(prompt: str, carrier_class: str) -> str:
     return "carrier" if names_class(prompt, carrier_class) else "transfer"
 
 
+def _grouped(all_df: pd.DataFrame, subjects: list[dict]) -> pd.DataFrame:
+    """The concept subjects' rows with their prompt group (`prompts`: carrier or transfer)."""
+    carriers = {s["subject"]: s["class"] for s in subjects if s.get("kind") == "concept"}
+    rows = all_df[all_df["subject"].isin(carriers)]
+    groups = [
+        prompt_group(prompt, carriers[subject])
+        for prompt, subject in zip(rows["prompt"], rows["subject"], strict=True)
+    ]
+    return rows.assign(prompts=groups)
+
+
 def carrier_transfer_summary(
     all_df: pd.DataFrame, subjects: list[dict], n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
     """Per prompt group (carrier, transfer), arm and metric over the concept subjects: mean
     with its bootstrap CI (`stats.arm_summary`); no rows without concept subjects."""
-    carriers = {s["subject"]: s["class"] for s in subjects if s.get("kind") == "concept"}
-    rows = all_df[all_df["subject"].isin(carriers)]
+    rows = _grouped(all_df, subjects)
     if rows.empty:
         return pd.DataFrame(columns=COLUMNS)
-    groups = [
-        prompt_group(prompt, carriers[subject])
-        for prompt, subject in zip(rows["prompt"], rows["subject"], strict=True)
-    ]
-    rows = rows.assign(prompts=groups)
     parts = [
         stats.arm_summary(part, n_boot=n_boot, seed=seed).assign(prompts=name)
         for name, part in rows.groupby("prompts", sort=True)
     ]
     return pd.concat(parts, ignore_index=True)[COLUMNS]
+
+
+def carrier_transfer_pairs(
+    all_df: pd.DataFrame, subjects: list[dict], n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Per prompt group, every two methods on the concept subjects' same prompts and seeds:
+    mean(A - B) with a two-stage bootstrap CI (`method_pairs.paired_methods`); no rows without
+    concept subjects or with one method."""
+    rows = _grouped(all_df, subjects)
+    parts = [
+        method_pairs.paired_methods(part, n_boot=n_boot, seed=seed).assign(prompts=name)
+        for name, part in rows.groupby("prompts", sort=True)
+    ]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=PAIR_COLUMNS)
+    return pd.concat(parts, ignore_index=True)[PAIR_COLUMNS]

@@ -23,7 +23,9 @@ from sidpipe.subsets import SEPARATOR as SUBSET_SEPARATOR
 # Higher is better for every metric scored by sidpipe.metrics and for the world's subject_kept
 # and prompt_followed; a metric missing here is too. The world's leaks are better lower.
 HIGHER_IS_BETTER: dict[str, bool] = {m: True for m in ("SA", "NSD", "TA", "CLIP-I", "DINO")}
-HIGHER_IS_BETTER |= {m: False for m in ("leak_background", "leak_object", "leak_pose")}
+HIGHER_IS_BETTER |= {
+    m: False for m in ("leak_background", "leak_object", "leak_pose", "leak_subject")
+}
 PAPER_METRICS = ("TA", "SA", "NSD")  # the paper's column order
 ARM_KEYS = ["method", "descriptions", "inference"]
 SUMMARY_COLUMNS = ["arm", *ARM_KEYS, "metric", "mean", "ci_low", "ci_high", "n_images"]

@@ -12,6 +12,10 @@ subject's truth (`truth.json` of its folder):
 * subject_kept: the judge sees the subject's class and identity (its pattern and accent colour,
   and its own colour unless the prompt asks for another one); undefined for a prompt that does
   not name the subject's class (a concept subject's transfer prompt);
+* leak_subject: on a prompt that does not name the subject's class (a concept subject's
+  transfer prompt, "an upside down mug" for a concept learned on a dog), the judge sees the
+  carrier: its class, or its body colour where the prompt asks for no colour (Lego's subject
+  leak; the base model's rate of the same is its chance level);
 * kept_class, kept_colour, kept_pattern, kept_accent: each part of subject_kept on its own
   (where subject_kept is defined; kept_colour only where the prompt keeps the subject's colour,
   kept_accent only for a subject with a pattern), so summary.csv shows which part of the
@@ -32,17 +36,19 @@ from typing import Any
 from sidpipe.io import SidpipeError
 from sidpipe.sampling import names_class
 from sidpipe.world.captions import read_prompt
+from sidpipe.world.grammar import SUBJECT_CLASSES
 
 IDENTITY_PARTS = ("kept_class", "kept_colour", "kept_pattern", "kept_accent")
 MEASURES = (
     "leak_background",
     "leak_object",
     "leak_pose",
+    "leak_subject",
     "subject_kept",
     *IDENTITY_PARTS,
     "prompt_followed",
 )
-LOWER_IS_BETTER = ("leak_background", "leak_object", "leak_pose")
+LOWER_IS_BETTER = ("leak_background", "leak_object", "leak_pose", "leak_subject")
 PRESENT = 0.5  # a flag the judge gives more than this probability is seen
 
 
@@ -95,6 +101,11 @@ def image_measures(seen: dict[str, Any], prompt: str, truth: dict[str, Any]) -> 
     if names_class(prompt, identity["class"]):
         out["subject_kept"] = float(all(parts.values()))
         out |= {name: float(parts[name]) for name in IDENTITY_PARTS if name in parts}
+    else:
+        # a colour the prompt gives its own class is asked for, whatever the carrier's
+        asks_colour = any(read_prompt(prompt, c)["colour"] for c in SUBJECT_CLASSES)
+        carrier_colour = not asks_colour and seen["colour"] == identity["colour"]
+        out["leak_subject"] = float(parts["kept_class"] or carrier_colour)
     checks = []
     if asked["background"]:
         checks.append(seen["background"] == asked["background"])

@@ -4,12 +4,15 @@ Each subject has an identity its class word alone does not give (a colour and pa
 the base model draws about 1 time in 200 for "a {class}"), 4 views, and the biases of the SID
 paper: the same background and nearby object in every view (background and nearby-object
 bias), an object tied to the subject (tied-object bias) or one pose in every view (pose bias).
+The concept subjects (kind `concept`, for Lego) show one concept beyond appearance, "upside
+down", on a carrier with its own look, in 4 views on 4 backgrounds: what the views share is the
+carrier and the concept, so the carrier is what can leak into the concept's tokens.
 A subject folder holds `01.png`.. with `<stem>.mask.png` ground-truth masks, a
 `descriptions.yaml` with Case 1-4 from the caption writer (the `manual` backend) and
 `truth.json` (the identity and each view's scene), which the leak measures read.
 
-`python -m sidpipe.world.subjects OUT_DIR [--table subjects.tsv]` writes the demo's subjects
-(byte-reproducible).
+`python -m sidpipe.world.subjects OUT_DIR [--table subjects.tsv]` writes the demo's subjects,
+the concept subjects included (byte-reproducible).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class SubjectSpec:
     bias: str  # the SID paper's bias types, comma-separated
     backgrounds: tuple[str, ...]  # one per view (repeated: a background bias)
     elements: tuple[tuple[Element, ...], ...]  # per view
+    concept: str = ""  # a concept subject's concept in words (the subjects table's column)
 
 
 def _same(element: Element, sides: tuple[str, ...]) -> tuple[tuple[Element, ...], ...]:
@@ -87,6 +91,29 @@ DEMO_SUBJECTS: tuple[SubjectSpec, ...] = (
 )
 
 
+# Concept subjects (Lego): the concept is the pose. Each carrier's colour and pattern are its
+# own, so the judge can tell the carrier leaking (its class or colour) from the concept.
+CONCEPT_SUBJECTS: tuple[SubjectSpec, ...] = (
+    SubjectSpec(
+        "upside_down_dog",
+        Subject("dog", "green", "striped", "white", upside_down=True),
+        "",
+        ("grass", "city", "snow", "wooden floor"),
+        ((), (), (), ()),
+        concept="upside down",
+    ),
+    SubjectSpec(
+        "upside_down_car",
+        Subject("car", "red", "two-tone", "white", upside_down=True),
+        "",
+        ("beach", "brick wall", "night sky", "tablecloth"),
+        ((), (), (), ()),
+        concept="upside down",
+    ),
+)
+WORLD_SUBJECTS = DEMO_SUBJECTS + CONCEPT_SUBJECTS
+
+
 def view_scenes(spec: SubjectSpec, seed: int) -> list[Scene]:
     """The subject's views: its identity, each view's background and elements, placement and
     (for classes with a left/right) facing drawn from `seed`."""
@@ -136,13 +163,15 @@ def write_subject(spec: SubjectSpec, out_dir: Path, resolution: int = 32, seed: 
 
 
 def subjects_table(specs: tuple[SubjectSpec, ...], folder: str) -> str:
-    """subjects.tsv rows for `specs` (ground-truth masks: mask_backend provided)."""
-    lines = ["subject\tclass\tkind\timages\tsource\tmask_backend\tbias"]
+    """subjects.tsv rows for `specs` (ground-truth masks: mask_backend provided); a spec
+    with a concept is of kind `concept`."""
+    lines = ["subject\tclass\tkind\timages\tsource\tmask_backend\tbias\tconcept"]
     for spec in specs:
         cls = spec.identity.cls
+        kind = "concept" if spec.concept else CLASS_KIND[cls]
         lines.append(
-            f"{spec.name}\t{cls}\t{CLASS_KIND[cls]}\t{folder}/{spec.name}\tlocal\t"
-            f"provided\t{spec.bias}"
+            f"{spec.name}\t{cls}\t{kind}\t{folder}/{spec.name}\tlocal\t"
+            f"provided\t{spec.bias}\t{spec.concept}"
         )
     return "\n".join(lines) + "\n"
 
@@ -156,13 +185,13 @@ def main(argv: list[str] | None = None) -> None:
         "--table", type=Path, help="also write this subjects.tsv (paths relative to its folder)"
     )
     args = parser.parse_args(argv)
-    for spec in DEMO_SUBJECTS:
+    for spec in WORLD_SUBJECTS:
         write_subject(spec, args.out / spec.name, args.resolution, args.seed)
         print(args.out / spec.name)
     if args.table:
         folder = os.path.relpath(args.out, args.table.parent)
         with atomic_file(args.table) as handle:
-            handle.write(subjects_table(DEMO_SUBJECTS, folder))
+            handle.write(subjects_table(WORLD_SUBJECTS, folder))
         print(args.table)
 
 
