@@ -517,7 +517,13 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     leak = pairs[(pairs["metric"] == "leak_subject") & (pairs["method_a"] == "lego")]
     assert list(leak["method_b"]) == ["textual_inversion_multi"]
     assert list(leak["prompts"]) == ["transfer"] and list(leak["n_pairs"]) == [16]
-    assert leak["ci_low"].item() <= leak["diff"].item() <= leak["ci_high"].item()
+    # its two means are the arms' transfer means of concepts.csv, and its difference theirs
+    means = split[(split["metric"] == "leak_subject")].set_index("method")["mean"]
+    row = leak.iloc[0]
+    assert (row["mean_a"], row["mean_b"]) == pytest.approx(
+        (means["lego"], means["textual_inversion_multi"])
+    )
+    assert row["diff"] == pytest.approx(row["mean_a"] - row["mean_b"])
     # a concept subject gets no attention maps (its mask would look for the carrier's class)
     assert not (workdir / "results/attention/lego").exists()
 

@@ -26,7 +26,7 @@ from sidpipe.world.grammar import (
     held_out_triples,
     sample_scene,
 )
-from sidpipe.world.measures import image_measures, read_truth
+from sidpipe.world.measures import image_measures, prompt_class, read_truth
 from sidpipe.world.subjects import (
     CONCEPT_SUBJECTS,
     DEMO_SUBJECTS,
@@ -264,6 +264,10 @@ def test_the_carrier_leaks_into_a_transfer_prompt_by_its_class_or_colour():
     assert image_measures(blue_dog, "an upside down dog", TRUTH)["leak_subject"] == 1.0
     # asked for blue, a blue dog is the prompt followed, not the carrier leaking
     assert image_measures(blue_dog, "an upside down blue dog", TRUTH)["leak_subject"] == 0.0
+    # a colour asked for another thing in the prompt does not excuse the drawn class's colour
+    both = "an upside down dog next to a red ball"
+    assert prompt_class(both) == "dog" and prompt_class("a sks") is None
+    assert image_measures(blue_dog, both, TRUTH)["leak_subject"] == 1.0
 
 
 def test_pose_leak_only_for_upside_down_references():

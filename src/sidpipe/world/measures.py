@@ -14,8 +14,8 @@ subject's truth (`truth.json` of its folder):
   not name the subject's class (a concept subject's transfer prompt);
 * leak_subject: on a prompt that does not name the subject's class (a concept subject's
   transfer prompt, "an upside down mug" for a concept learned on a dog), the judge sees the
-  carrier: its class, or its body colour where the prompt asks for no colour (Lego's subject
-  leak; the base model's rate of the same is its chance level);
+  carrier: its class, or its body colour where the prompt asks no colour of the class it draws
+  (its first class noun) (Lego's subject leak; the base model's rate of it is the chance level);
 * kept_class, kept_colour, kept_pattern, kept_accent: each part of subject_kept on its own
   (where subject_kept is defined; kept_colour only where the prompt keeps the subject's colour,
   kept_accent only for a subject with a pattern), so summary.csv shows which part of the
@@ -29,6 +29,7 @@ Each is 0 or 1; undefined measures get no row. Lower is better for the leaks.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,6 @@ MEASURES = (
     *IDENTITY_PARTS,
     "prompt_followed",
 )
-LOWER_IS_BETTER = ("leak_background", "leak_object", "leak_pose", "leak_subject")
 PRESENT = 0.5  # a flag the judge gives more than this probability is seen
 
 
@@ -74,6 +74,13 @@ def read_truth(path: str | Path, reference_subset: int | str | None = None) -> d
         "elements": sorted({e["kind"] for v in views for e in v.get("elements", [])}),
         "upside_down": all(v["subject"]["upside_down"] for v in views),
     }
+
+
+def prompt_class(prompt: str) -> str | None:
+    """The world class a prompt draws: the first class noun in it (None without one)."""
+    found = {c: re.search(rf"\b{re.escape(c)}\b", prompt) for c in SUBJECT_CLASSES}
+    named = {c: m.start() for c, m in found.items() if m is not None}
+    return min(named, key=named.__getitem__, default=None)
 
 
 def image_measures(seen: dict[str, Any], prompt: str, truth: dict[str, Any]) -> dict[str, float]:
@@ -102,8 +109,9 @@ def image_measures(seen: dict[str, Any], prompt: str, truth: dict[str, Any]) -> 
         out["subject_kept"] = float(all(parts.values()))
         out |= {name: float(parts[name]) for name in IDENTITY_PARTS if name in parts}
     else:
-        # a colour the prompt gives its own class is asked for, whatever the carrier's
-        asks_colour = any(read_prompt(prompt, c)["colour"] for c in SUBJECT_CLASSES)
+        # the colour asked for the class the prompt draws (its first class noun), if any
+        drawn = prompt_class(prompt)
+        asks_colour = drawn is not None and read_prompt(prompt, drawn)["colour"] is not None
         carrier_colour = not asks_colour and seen["colour"] == identity["colour"]
         out["leak_subject"] = float(parts["kept_class"] or carrier_colour)
     checks = []
