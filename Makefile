@@ -58,27 +58,24 @@ world: install
 	rm -rf demo/world.tmp && cp -r demo/results/world/models demo/world.tmp
 	rm -rf demo/world && mv demo/world.tmp demo/world
 
-# The demo's layers; each rewrites demo/results/report.html with the layer's arms in it.
+# The demo's layers: the demo plus a config on top; each rewrites demo/results/report.html with
+# the layer's arms in it.
+define demo_layer
+	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml $(1) --directory demo
+	$(BIN)/snakemake --configfile demo/config.yaml $(1) --directory demo --report results/report.html
+endef
+
 # The demo plus DreamBooth at 100 and 600 steps (Case 1 and SID): leak and NSD vs strength.
 world-strength: install
-	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml demo/strength.yaml \
-		--directory demo
-	$(BIN)/snakemake --configfile demo/config.yaml demo/strength.yaml --directory demo \
-		--report results/report.html
+	$(call demo_layer,demo/strength.yaml)
 
 # The demo plus SeFi-IDE beside Textual Inversion and DreamBooth (demo/seeds.yaml).
 world-seeds: install
-	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml demo/seeds.yaml \
-		--directory demo
-	$(BIN)/snakemake --configfile demo/config.yaml demo/seeds.yaml --directory demo \
-		--report results/report.html
+	$(call demo_layer,demo/seeds.yaml)
 
 # The demo plus Lego beside multi-vector Textual Inversion on the concept subjects (demo/lego.yaml).
 world-lego: install
-	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml demo/lego.yaml \
-		--directory demo
-	$(BIN)/snakemake --configfile demo/config.yaml demo/lego.yaml --directory demo \
-		--report results/report.html
+	$(call demo_layer,demo/lego.yaml)
 
 # Redraw the demo's biased subjects (byte-reproducible) from the world's grammar.
 world-subjects: install

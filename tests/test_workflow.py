@@ -107,18 +107,24 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
     }
 
 
-def test_seeds_methods_layer_on_the_demo():
-    """demo/seeds.yaml adds SeFi-IDE x {Case 1, SID} beside Textual Inversion and DreamBooth on
-    the three background subjects."""
+def layer_dry_run(layer: str) -> subprocess.CompletedProcess:
+    """`snakemake --dry-run` of the demo with a layer's config file on top (it must succeed)."""
     result = subprocess.run(
         [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
-        + ["--configfile", str(REPO / "demo/config.yaml"), str(REPO / "demo/seeds.yaml")],
+        + ["--configfile", str(REPO / "demo/config.yaml"), str(REPO / layer)],
         capture_output=True,
         text=True,
         env={**os.environ, **ENV},
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_seeds_methods_layer_on_the_demo():
+    """demo/seeds.yaml adds SeFi-IDE x {Case 1, SID} beside Textual Inversion and DreamBooth on
+    the three background subjects."""
+    result = layer_dry_run("demo/seeds.yaml")
     sefi = re.search(r"^  sefi: (.*)$", result.stdout, re.MULTILINE)
     assert sefi and set(sefi.group(1).split(", ")) == {
         f"{method}/{case}/standard"
@@ -132,15 +138,7 @@ def test_seeds_methods_layer_on_the_demo():
 
 def test_strength_sweep_layers_on_the_demo():
     """demo/strength.yaml adds DreamBooth at 100 and 600 steps (Case 1, SID) to the demo."""
-    result = subprocess.run(
-        [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
-        + ["--configfile", str(REPO / "demo/config.yaml"), str(REPO / "demo/strength.yaml")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **ENV},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = layer_dry_run("demo/strength.yaml")
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     assert grid and int(grid.group(1)) == 28 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
     strength = re.search(r"^  strength: (.*)$", result.stdout, re.MULTILINE)
@@ -154,15 +152,7 @@ def test_strength_sweep_layers_on_the_demo():
 def test_lego_layers_on_the_demo():
     """demo/lego.yaml adds Lego, multi-vector Textual Inversion and the base model on the
     demo's two concept subjects, and nothing else."""
-    result = subprocess.run(
-        [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
-        + ["--configfile", str(REPO / "demo/config.yaml"), str(REPO / "demo/lego.yaml")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **ENV},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = layer_dry_run("demo/lego.yaml")
     lego = re.search(r"^  lego: (.*)$", result.stdout, re.MULTILINE)
     methods = ["lego", "textual_inversion_multi", "base_model"]
     methods += ["lego_concept_init", "textual_inversion_multi_concept_init"]

@@ -9,15 +9,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from sidpipe.world.measures import IDENTITY_PARTS, MEASURES
+
 PROXIES = ("SA", "NSD", "TA")
-TRUTHS = (
-    "leak_background",
-    "leak_object",
-    "leak_pose",
-    "leak_subject",
-    "subject_kept",
-    "prompt_followed",
-)
+# The world's measures but subject_kept's parts (which subject_kept already sums up).
+TRUTHS = tuple(m for m in MEASURES if m not in IDENTITY_PARTS)
 # What a faithful proxy should do: NSD falls when things leak, SA rises when the subject is
 # kept (and, on a concept's transfer prompts, when the carrier leaks into them), TA rises when
 # the prompt is followed.

@@ -76,11 +76,13 @@ def read_truth(path: str | Path, reference_subset: int | str | None = None) -> d
     }
 
 
+_CLASS_WORD = re.compile(r"\b(" + "|".join(map(re.escape, SUBJECT_CLASSES)) + r")\b")
+
+
 def prompt_class(prompt: str) -> str | None:
     """The world class a prompt draws: the first class noun in it (None without one)."""
-    found = {c: re.search(rf"\b{re.escape(c)}\b", prompt) for c in SUBJECT_CLASSES}
-    named = {c: m.start() for c, m in found.items() if m is not None}
-    return min(named, key=named.__getitem__, default=None)
+    match = _CLASS_WORD.search(prompt)
+    return match.group(1) if match else None
 
 
 def image_measures(seen: dict[str, Any], prompt: str, truth: dict[str, Any]) -> dict[str, float]:
