@@ -514,6 +514,7 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
         (means["lego"], means["textual_inversion_multi"])
     )
     assert row["diff"] == pytest.approx(row["mean_a"] - row["mean_b"])
+    assert not row["higher_is_better"]  # a leak: lower is better
     # a concept subject gets no attention maps (its mask would look for the carrier's class)
     assert not (workdir / "results/attention/lego").exists()
 

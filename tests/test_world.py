@@ -315,6 +315,21 @@ def test_agreement_finds_a_proxy_that_tracks_the_truth():
     assert agreement(pd.DataFrame(rows)[lambda d: d.metric != "leak_background"]).empty
 
 
+def test_sa_should_rise_with_the_carrier_leaking_into_a_concept():
+    """On a concept's transfer prompts SA is the carrier's look in the image: a faithful SA
+    rises with leak_subject (the cell the agreement plot outlines)."""
+    rows = [
+        {"method": "lego", "descriptions": "case1", "inference": "standard", "subject": s}
+        | {"prompt_id": p, "seed": 0, "metric": metric, "value": value}
+        for s in ("dog", "car")
+        for p in range(4)
+        for metric, value in (("leak_subject", float(p % 2)), ("SA", 0.1 + 0.3 * (p % 2)))
+    ]
+    table = agreement(pd.DataFrame(rows), n_boot=20)
+    cell = table[(table.proxy == "SA") & (table.truth == "leak_subject")]
+    assert list(cell.expected_sign) == [1, 1] and cell.iloc[0].spearman > 0.9
+
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory, one_thread):
     """pretrain_world end to end with a few steps per part: the machinery, not the quality."""
