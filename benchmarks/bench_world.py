@@ -1,9 +1,11 @@
 """The synthetic world's models: each pretraining part's time and the job's peak memory (from the
 manifest `pretrain_world` writes), the judge's accuracy on held-out real scenes and on VAE
-reconstructions, and the base model's competence (background, colour, class) on prompt
-combinations that no pretraining scene or caption held, with Wilson 95 % intervals.
+reconstructions, and the base model's competence (background, colour, class; overall and per
+asked class and colour) on prompt combinations that no pretraining scene or caption held, with
+Wilson 95 % intervals; and what limits it (`conditioning`): how far apart the frozen text encoder
+holds the class and colour words, and the world CLIP's zero-shot reading of real scenes.
 
-`--regenerate` retrains the world from scratch (the shipped settings, about 22 min on 2 cores)
+`--regenerate` retrains the world from scratch (the shipped settings, about 36 min on 2 cores)
 and measures the same competence on the regenerated weights: each figure should fall inside the
 shipped weights' interval and vice versa (`overlap` per figure); `regenerated_files` says which
 files came out byte-identical.
@@ -31,6 +33,29 @@ def competence(world: Path, seeds: int) -> dict:
         world / "sd", world / "judge", manifest["held_out_triples"], list(range(seeds))
     )
     return {k: v for k, v in result.items() if k not in ("images", "rows", "seen")}
+
+
+def conditioning(world: Path, scenes: int = 1000) -> dict:
+    """What limits the competence: how far apart the frozen text encoder holds the class and
+    colour words (cosine at the word's token, every pair), and how well the world's CLIP reads
+    each attribute of fresh real scenes zero-shot."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sidpipe.world.competence import clip_attribute_accuracy, word_similarity
+    from sidpipe.world.dataset import random_scenes
+    from sidpipe.world.grammar import COLOURS, SUBJECT_CLASSES
+
+    tokenizer = CLIPTokenizer.from_pretrained(world / "sd/tokenizer")
+    encoder = CLIPTextModel.from_pretrained(world / "sd/text_encoder").eval()
+    return {
+        "class_words": word_similarity(
+            encoder, tokenizer, SUBJECT_CLASSES, "a red {} on the grass"
+        ),
+        "colour_words": word_similarity(encoder, tokenizer, list(COLOURS), "a {} dog on the grass"),
+        "clip_zero_shot": clip_attribute_accuracy(
+            world / "clip", random_scenes(scenes, seed=4321, resolution=32)
+        ),
+    }
 
 
 def parts(world: Path) -> dict:
@@ -63,6 +88,7 @@ def bench_world(
     setup_job(2)
     result = {"name": "world", "world": str(world), "shipped": parts(world)}
     result["shipped"]["competence"] = competence(world, seeds)
+    result["shipped"]["conditioning"] = conditioning(world)
     if regenerate:
         from sidpipe.world.pretrain import pretrain_world
 
@@ -72,6 +98,7 @@ def bench_world(
             pretrain_world(out, shipped["settings"], identifier=shipped["identifier"])
             result["regenerated"] = parts(out)
             result["regenerated"]["competence"] = competence(out, seeds)
+            result["regenerated"]["conditioning"] = conditioning(out)
             shipped_files, regenerated_files = file_digests(world), file_digests(out)
             result["regenerated_files"] = {
                 "identical": sorted(

@@ -18,8 +18,9 @@ overhead.json: per adapter, seconds before a job's first real computation (start
 model loads), and the demo's workflow time, each against the baseline commit's code timed in the
 same run (a git worktree; about 20 minutes on 2 cores).
 world.json: the synthetic world: pretraining time per part, peak memory, the judge's accuracy,
-the base model's competence on held-out combinations (benchmarks/bench_world.py --regenerate
-also retrains and compares).
+the base model's competence on held-out combinations (overall, per class and per colour) and
+what limits it: the text encoder's class and colour words, the world CLIP's zero-shot reading
+(benchmarks/bench_world.py --regenerate also retrains and compares).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def main() -> None:
         "scoring": lambda: bench_scoring(),
         "slurm": lambda: bench_slurm(),  # skipped without root
         "overhead": lambda: bench_overhead(repeats=args.repeats),
-        "world": lambda: bench_world(),  # shipped weights; --regenerate by hand (~20 min)
+        "world": lambda: bench_world(),  # shipped weights; --regenerate by hand (~36 min)
     }
     for name, bench in benches.items():
         if args.only and name not in args.only:

@@ -29,7 +29,12 @@ TEXT_WIDTH = 64  # CLIP's text width = the UNet's cross-attention width (SD's fr
 
 def clip_config(tokenizer: Any) -> dict:
     """CLIPConfig kwargs: a 3-layer text tower (77 tokens, as CLIP) and a 4-layer ViT on
-    32 px images in 8 px patches."""
+    32 px images in 4 px patches.
+
+    The patches are small because SD's text encoder is this CLIP's text tower, frozen: words
+    its image side cannot tell apart, contrastive training has no reason to tell apart either.
+    With 8 px patches (a ball is two patches wide) and 600 steps the tower held "mug" and
+    "ball" at cosine 0.95 and the UNet drew both alike; 4 px patches and 1,500 steps: 0.75."""
     return {
         "text_config": {
             "vocab_size": len(tokenizer),
@@ -44,7 +49,7 @@ def clip_config(tokenizer: Any) -> dict:
         },
         "vision_config": {
             "image_size": RESOLUTION,
-            "patch_size": 8,  # 4 x 4 patches, as ViT-B/32 sees 7 x 7
+            "patch_size": 4,  # 8 x 8 patches (ViT-B/32 sees 7 x 7, ViT-B/16 14 x 14)
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 4,

@@ -4,11 +4,14 @@ class, colour and background that no pretraining caption (or scene) held?"""
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sidpipe.world.captions import background_phrase
 from sidpipe.world.judge import load_judge, read_images
@@ -79,10 +82,151 @@ def measure_competence(
     for key in ("background", "colour", "class"):
         hits = int(sum(s[key] == r[key] for s, r in zip(seen, rows, strict=True)))
         result[key] = {"accuracy": round(hits / len(rows), 4), "ci95": wilson(hits, len(rows))}
+    result["class_by_class"] = accuracy_by_value(rows, seen, "class")
+    result["colour_by_colour"] = accuracy_by_value(rows, seen, "colour")
     result["images"] = images
     result["rows"] = rows
     result["seen"] = seen
     return result
+
+
+def accuracy_by_value(rows: list[dict], seen: list[dict], key: str) -> dict[str, dict]:
+    """How often the judge reads `key` as asked, per asked value (each class, each colour), and
+    what it read instead: which values the aggregate's misses come from."""
+    read_as: dict[str, Counter] = {}
+    for row, read in zip(rows, seen, strict=True):
+        read_as.setdefault(row[key], Counter())[read[key]] += 1
+    result = {}
+    for value, counts in sorted(read_as.items()):
+        n = sum(counts.values())
+        result[value] = {
+            "accuracy": round(counts[value] / n, 4),
+            "ci95": wilson(counts[value], n),
+            "n": n,
+            "read_as": dict(counts),
+        }
+    return result
+
+
+# --- what limits it: the text conditioning and the CLIP ------------------------------------------
+
+
+@torch.no_grad()
+def word_similarity(
+    text_encoder: Any, tokenizer: Any, words: Sequence[str], template: str
+) -> dict[str, Any]:
+    """Cosine similarity of the text encoder's output at each word's last token, every pair of
+    `words` put into the same `template` ("a red {} on the grass"). CLIP's text tower is causal,
+    so that state depends on the template's prefix and the word only: two words whose states are
+    nearly parallel reach the UNet's cross-attention as nearly the same condition, and the UNet
+    cannot draw them apart (the tokenizer must give each word its own token(s))."""
+    prompts = [template.format(word) for word in words]
+    prefix = template.split("{}")[0]
+    # [BOS, prefix..., word..., EOS]: the word's last token sits just before EOS
+    positions = [len(tokenizer(prefix + word).input_ids) - 2 for word in words]
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    hidden = text_encoder(ids).last_hidden_state
+    states = torch.stack([hidden[i, pos] for i, pos in enumerate(positions)])
+    states = torch.nn.functional.normalize(states, dim=-1)
+    cosine = (states @ states.T).numpy()
+    pairs = [
+        {"a": words[i], "b": words[j], "cosine": round(float(cosine[i, j]), 4)}
+        for i in range(len(words))
+        for j in range(i + 1, len(words))
+    ]
+    pairs.sort(key=lambda pair: -pair["cosine"])
+    return {"template": template, "pairs": pairs, "max": pairs[0] if pairs else None}
+
+
+def zero_shot_accuracy(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    candidates: np.ndarray,
+    truth: np.ndarray,
+) -> float:
+    """Share of images whose most similar text among their own `candidates` (image i: row i,
+    indices into `text_features`) is the true one (`truth[i]`, an index into that row)."""
+    image = torch.nn.functional.normalize(image_features, dim=-1)
+    text = torch.nn.functional.normalize(text_features, dim=-1)
+    scores = torch.einsum("id,icd->ic", image, text[torch.as_tensor(candidates)])
+    return float((scores.argmax(1).numpy() == truth).mean())
+
+
+@torch.no_grad()
+def clip_attribute_accuracy(clip_model: str | Path, scenes: Any) -> dict[str, float]:
+    """The world CLIP's zero-shot reading of each scene's class, colour and background, one at
+    a time with the other two given: among "a {colour} {class} {background}" captions that
+    differ from the truth in that one attribute, is the true one the closest? (The metrics'
+    CLIP, and the text tower SD is conditioned on: a class it cannot read is a class whose
+    words its contrastive training had no reason to tell apart.)"""
+    from sidpipe.models import load_clip
+    from sidpipe.world.grammar import BACKGROUND_NAMES, COLOURS, SUBJECT_CLASSES
+
+    model, processor = load_clip(str(clip_model), "cpu")
+    colours = list(COLOURS)
+    axes = {"class": list(SUBJECT_CLASSES), "colour": colours, "background": list(BACKGROUND_NAMES)}
+    grid = [(k, c, b) for k in colours for c in SUBJECT_CLASSES for b in BACKGROUND_NAMES]
+    index = {triple: i for i, triple in enumerate(grid)}
+    texts = [
+        f"{'an' if k[0] in 'aeiou' else 'a'} {k} {c} {background_phrase(b, 'prompt')}"
+        for k, c, b in grid
+    ]
+    text_features = torch.cat(
+        [
+            _features(
+                model.get_text_features(
+                    **processor(
+                        text=texts[i : i + 256], padding=True, truncation=True, return_tensors="pt"
+                    )
+                )
+            )
+            for i in range(0, len(texts), 256)
+        ]
+    )
+    images = [Image.fromarray(image) for image in scenes.images]
+    image_features = torch.cat(
+        [
+            _features(
+                model.get_image_features(
+                    **processor(images=images[i : i + 256], return_tensors="pt")
+                )
+            )
+            for i in range(0, len(images), 256)
+        ]
+    )
+    result = {}
+    for axis, values in axes.items():
+        candidates, truth = [], []
+        for scene in scenes.scenes:
+            true = {
+                "colour": scene.subject.colour,
+                "class": scene.subject.cls,
+                "background": scene.background,
+            }
+            row = []
+            for value in values:
+                t = {**true, axis: value}
+                row.append(index[(t["colour"], t["class"], t["background"])])
+            candidates.append(row)
+            truth.append(values.index(true[axis]))
+        result[axis] = round(
+            zero_shot_accuracy(
+                image_features, text_features, np.array(candidates), np.array(truth)
+            ),
+            4,
+        )
+    return result
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers 5 returns a model output from get_*_features; 4.x a tensor
+    return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
 def contact_sheet(images: list, columns: int = 16, scale: int = 2):
