@@ -56,6 +56,7 @@ world: install
 	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml --directory demo \
 		--forcerun pretrain_world results/world/models
 	rm -rf demo/world.tmp && cp -r demo/results/world/models demo/world.tmp
+	rm -f demo/world.tmp/.snakemake_timestamp  # Snakemake's marker of a directory output
 	rm -rf demo/world && mv demo/world.tmp demo/world
 
 # The demo's layers: the demo plus a config on top; each rewrites demo/results/report.html with
