@@ -41,7 +41,7 @@ def conditioning(world: Path, scenes: int = 1000) -> dict:
     each attribute of fresh real scenes zero-shot."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sidpipe.world.competence import clip_attribute_accuracy, word_similarity
+    from sidpipe.world.competence import clip_attribute_accuracy, with_article, word_similarity
     from sidpipe.world.dataset import random_scenes
     from sidpipe.world.grammar import COLOURS, SUBJECT_CLASSES
 
@@ -51,7 +51,10 @@ def conditioning(world: Path, scenes: int = 1000) -> dict:
         "class_words": word_similarity(
             encoder, tokenizer, SUBJECT_CLASSES, "a red {} on the grass"
         ),
-        "colour_words": word_similarity(encoder, tokenizer, list(COLOURS), "a {} dog on the grass"),
+        # "an orange dog": each colour after the article the captions give it
+        "colour_words": word_similarity(
+            encoder, tokenizer, [with_article(c) for c in COLOURS], "{} dog on the grass"
+        ),
         "clip_zero_shot": clip_attribute_accuracy(
             world / "clip", random_scenes(scenes, seed=4321, resolution=32)
         ),

@@ -451,6 +451,23 @@ def test_demo_subjects_are_drawn_by_the_world(tmp_path):
 # --- what limits the base model's competence ---------------------------------------------------
 
 
+def test_competence_prompts_write_the_colour_s_article_as_the_captions_do():
+    from sidpipe.world.captions import pretraining_caption
+    from sidpipe.world.competence import competence_prompts
+
+    rows = competence_prompts([("ball", "orange", "beach"), ("mug", "red", "snow")], [0, 1])
+    assert [r["prompt"] for r in rows[::2]] == [
+        "an orange ball on the beach",
+        "a red mug in the snow",
+    ]
+    assert [r["seed"] for r in rows] == [0, 1, 0, 1]
+    # the captions the base model learned from say "an orange ..." too
+    scene = Scene(Subject("ball", "orange", "plain", None), "beach")
+    captions = {pretraining_caption(scene, np.random.default_rng(i)) for i in range(40)}
+    assert any("an orange ball" in c for c in captions)
+    assert not any("a orange" in c for c in captions)
+
+
 def test_competence_by_value_counts_each_asked_value_and_what_it_was_read_as():
     from sidpipe.world.competence import accuracy_by_value
 
@@ -489,6 +506,15 @@ def test_word_similarity_reads_the_word_s_own_token_state():
     assert {after["max"]["a"], after["max"]["b"]} == {"mug", "ball"}
     assert after["max"]["cosine"] == pytest.approx(1.0, abs=1e-5)
     assert before["max"]["cosine"] < 0.999
+    # a word of two tokens ("an orange"): its last token's state
+    two = word_similarity(encoder, tokenizer, ["an orange", "a yellow"], "{} dog on the grass")
+    ids = tokenizer(
+        ["an orange dog on the grass", "a yellow dog on the grass"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        states = encoder(ids.input_ids).last_hidden_state[:, 2]  # [BOS, an/a, colour, ...]
+    by_hand = torch.nn.functional.cosine_similarity(states[0], states[1], dim=0)
+    assert two["max"]["cosine"] == pytest.approx(float(by_hand), abs=1e-4)
 
 
 def test_zero_shot_accuracy_picks_among_each_image_s_own_candidates():

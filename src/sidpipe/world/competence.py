@@ -27,11 +27,19 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (round(centre - half, 4), round(centre + half, 4))
 
 
+def with_article(phrase: str) -> str:
+    """ "a red", "an orange": the article the world's captions put before a phrase (the caption
+    writer's own rule; it is not imported from there, because the shipped weights' code digest
+    covers `captions.py`)."""
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
 def competence_prompts(held_out: list, seeds: list[int]) -> list[dict[str, Any]]:
-    """ "a {colour} {class} {background}" for every held-out triple and seed."""
+    """ "a {colour} {class} {background}" for every held-out triple and seed ("an orange
+    ...", as the captions write it)."""
     rows = []
     for cls, colour, background in sorted(tuple(t) for t in held_out):
-        prompt = f"a {colour} {cls} {background_phrase(background, 'prompt')}"
+        prompt = f"{with_article(colour)} {cls} {background_phrase(background, 'prompt')}"
         for seed in seeds:
             rows.append(
                 {
@@ -173,10 +181,7 @@ def clip_attribute_accuracy(clip_model: str | Path, scenes: Any) -> dict[str, fl
     axes = {"class": list(SUBJECT_CLASSES), "colour": colours, "background": list(BACKGROUND_NAMES)}
     grid = [(k, c, b) for k in colours for c in SUBJECT_CLASSES for b in BACKGROUND_NAMES]
     index = {triple: i for i, triple in enumerate(grid)}
-    texts = [
-        f"{'an' if k[0] in 'aeiou' else 'a'} {k} {c} {background_phrase(b, 'prompt')}"
-        for k, c, b in grid
-    ]
+    texts = [f"{with_article(k)} {c} {background_phrase(b, 'prompt')}" for k, c, b in grid]
     text_features = torch.cat(
         [
             _features(
