@@ -166,45 +166,23 @@ def zero_shot_accuracy(
     return float((scores.argmax(1).numpy() == truth).mean())
 
 
-@torch.no_grad()
 def clip_attribute_accuracy(clip_model: str | Path, scenes: Any) -> dict[str, float]:
     """The world CLIP's zero-shot reading of each scene's class, colour and background, one at
     a time with the other two given: among "a {colour} {class} {background}" captions that
     differ from the truth in that one attribute, is the true one the closest? (The metrics'
     CLIP, and the text tower SD is conditioned on: a class it cannot read is a class whose
     words its contrastive training had no reason to tell apart.)"""
-    from sidpipe.models import load_clip
+    from sidpipe.metrics import Encoders
     from sidpipe.world.grammar import BACKGROUND_NAMES, COLOURS, SUBJECT_CLASSES
 
-    model, processor = load_clip(str(clip_model), "cpu")
+    encoders = Encoders.load(str(clip_model), batch_size=256, device="cpu")
     colours = list(COLOURS)
     axes = {"class": list(SUBJECT_CLASSES), "colour": colours, "background": list(BACKGROUND_NAMES)}
     grid = [(k, c, b) for k in colours for c in SUBJECT_CLASSES for b in BACKGROUND_NAMES]
     index = {triple: i for i, triple in enumerate(grid)}
     texts = [f"{with_article(k)} {c} {background_phrase(b, 'prompt')}" for k, c, b in grid]
-    text_features = torch.cat(
-        [
-            _features(
-                model.get_text_features(
-                    **processor(
-                        text=texts[i : i + 256], padding=True, truncation=True, return_tensors="pt"
-                    )
-                )
-            )
-            for i in range(0, len(texts), 256)
-        ]
-    )
-    images = [Image.fromarray(image) for image in scenes.images]
-    image_features = torch.cat(
-        [
-            _features(
-                model.get_image_features(
-                    **processor(images=images[i : i + 256], return_tensors="pt")
-                )
-            )
-            for i in range(0, len(images), 256)
-        ]
-    )
+    text_features = encoders.encode_texts(texts)
+    image_features = encoders.encode_images([Image.fromarray(image) for image in scenes.images])
     result = {}
     for axis, values in axes.items():
         candidates, truth = [], []
@@ -227,11 +205,6 @@ def clip_attribute_accuracy(clip_model: str | Path, scenes: Any) -> dict[str, fl
             4,
         )
     return result
-
-
-def _features(output: Any) -> torch.Tensor:
-    # transformers 5 returns a model output from get_*_features; 4.x a tensor
-    return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
 def contact_sheet(images: list, columns: int = 16, scale: int = 2):
