@@ -29,8 +29,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def with_article(phrase: str) -> str:
     """ "a red", "an orange": the article the world's captions put before a phrase (the caption
-    writer's own rule; it is not imported from there, because the shipped weights' code digest
-    covers `captions.py`)."""
+    writer's rule, `captions._article`, is private; making it public would edit `captions.py`,
+    which the shipped weights' code digest covers, and mark them stale)."""
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
 
