@@ -3,9 +3,12 @@ manifest `pretrain_world` writes), the judge's accuracy on held-out real scenes 
 reconstructions, and the base model's competence (background, colour, class; overall and per
 asked class and colour) on prompt combinations that no pretraining scene or caption held, with
 Wilson 95 % intervals; and what limits it (`conditioning`): how far apart the frozen text encoder
-holds the class and colour words, and the world CLIP's zero-shot reading of real scenes.
+holds the class and colour words, and the world CLIP's zero-shot reading of real scenes; and
+what survives the VAE (`vae`: PSNR, the judge's reading of the subject's identity on real scenes
+against their reconstructions, and on each demo subject's references), the ceiling of
+`subject_kept`.
 
-`--regenerate` retrains the world from scratch (the shipped settings, about 36 min on 2 cores)
+`--regenerate` retrains the world from scratch (the shipped settings, about 40 min on 2 cores)
 and measures the same competence on the regenerated weights: each figure should fall inside the
 shipped weights' interval and vice versa (`overlap` per figure); `regenerated_files` says which
 files came out byte-identical.
@@ -61,6 +64,22 @@ def conditioning(world: Path, scenes: int = 1000) -> dict:
     }
 
 
+def vae(world: Path, scenes: int = 2000) -> dict:
+    """What survives the world VAE (the ceiling of `subject_kept`): PSNR and the judge's reading
+    of fresh real scenes against their reconstructions, and each demo subject's references."""
+    from sidpipe.world.competence import references_through_vae, vae_fidelity
+    from sidpipe.world.dataset import random_scenes
+
+    return {
+        "scenes": vae_fidelity(
+            world / "sd", world / "judge", random_scenes(scenes, seed=4321, resolution=32)
+        ),
+        "demo_subjects": references_through_vae(
+            world / "sd", world / "judge", REPO / "demo/subjects"
+        ),
+    }
+
+
 def parts(world: Path) -> dict:
     manifest = json.loads((world / "manifest.json").read_text())
     return {
@@ -92,6 +111,7 @@ def bench_world(
     result = {"name": "world", "world": str(world), "shipped": parts(world)}
     result["shipped"]["competence"] = competence(world, seeds)
     result["shipped"]["conditioning"] = conditioning(world)
+    result["shipped"]["vae"] = vae(world)
     if regenerate:
         from sidpipe.world.pretrain import pretrain_world
 
@@ -102,6 +122,7 @@ def bench_world(
             result["regenerated"] = parts(out)
             result["regenerated"]["competence"] = competence(out, seeds)
             result["regenerated"]["conditioning"] = conditioning(out)
+            result["regenerated"]["vae"] = vae(out)
             shipped_files, regenerated_files = file_digests(world), file_digests(out)
             result["regenerated_files"] = {
                 "identical": sorted(

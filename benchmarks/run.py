@@ -133,7 +133,7 @@ def main() -> None:
         "scoring": lambda: bench_scoring(),
         "slurm": lambda: bench_slurm(),  # skipped without root
         "overhead": lambda: bench_overhead(repeats=args.repeats),
-        "world": lambda: bench_world(),  # shipped weights; --regenerate by hand (~36 min)
+        "world": lambda: bench_world(),  # shipped weights; --regenerate by hand (~40 min)
     }
     for name, bench in benches.items():
         if args.only and name not in args.only:

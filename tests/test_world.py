@@ -14,7 +14,7 @@ import yaml
 
 from sidpipe.agreement import agreement, spearman
 from sidpipe.descriptions import check_description
-from sidpipe.world.captions import describe, pretraining_caption, read_prompt
+from sidpipe.world.captions import describe, pretraining_caption
 from sidpipe.world.draw import render
 from sidpipe.world.grammar import (
     BACKGROUND_NAMES,
@@ -27,6 +27,7 @@ from sidpipe.world.grammar import (
     sample_scene,
 )
 from sidpipe.world.measures import image_measures, prompt_class, read_truth
+from sidpipe.world.prompts import read_prompt
 from sidpipe.world.subjects import (
     CONCEPT_SUBJECTS,
     DEMO_SUBJECTS,
@@ -547,3 +548,61 @@ def test_shipped_clip_reads_each_attribute_and_holds_the_class_words_apart():
     encoder = CLIPTextModel.from_pretrained(SHIPPED / "sd/text_encoder").eval()
     closest = word_similarity(encoder, tokenizer, SUBJECT_CLASSES, "a red {} on the grass")["max"]
     assert closest["cosine"] < 0.9, closest
+
+
+def test_identity_read_needs_every_labelled_head():
+    from sidpipe.world.competence import identity_read
+
+    labels = {
+        "class": np.array([0, 1, 2, 3]),
+        "colour": np.array([4, 4, 4, 4]),
+        "pattern": np.array([1, 0, 1, 0]),
+        "accent": np.array([2, -1, 2, -1]),  # -1: a plain subject has no accent
+    }
+    predicted = {
+        "class": np.array([0, 1, 2, 0]),  # image 3: wrong class
+        "colour": np.array([4, 4, 5, 4]),  # image 2: wrong colour
+        "pattern": np.array([1, 0, 1, 0]),
+        "accent": np.array([2, 7, 2, 7]),  # image 1: an accent it has none of: not counted
+    }
+    assert identity_read(predicted, labels).tolist() == [True, True, False, False]
+
+
+def test_psnr_by_hand():
+    from sidpipe.world.competence import psnr
+
+    a = torch.zeros(2, 3, 4, 4)
+    b = torch.full((2, 3, 4, 4), 0.2)  # mse 0.04 on a peak-to-peak range of 2
+    assert psnr(a, b) == pytest.approx(10 * np.log10(4 / 0.04))
+    assert psnr(a, a) == float("inf")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_vae_fidelity_reads_real_scenes_as_the_judge_accuracy_does_and_references_kept():
+    """The real-scene column agrees with pretrain's own judge accuracy (two code paths), and the
+    judge reads the biased demo subjects' drawn references as kept (the measure's prompt and
+    truth are wired right); after the VAE the rate is what the benchmark reports. (The concept
+    subjects, drawn upside down, are not read as kept even as drawn: their concept, not their
+    identity, is what Lego's measures ask for.)"""
+    from sidpipe.world.competence import references_through_vae, vae_fidelity
+    from sidpipe.world.dataset import random_scenes
+    from sidpipe.world.judge import load_judge
+    from sidpipe.world.pretrain import judge_accuracy
+
+    scenes = random_scenes(120, seed=777, resolution=32)
+    result = vae_fidelity(SHIPPED / "sd", SHIPPED / "judge", scenes)
+    expected = judge_accuracy(load_judge(SHIPPED / "judge"), scenes)
+    for head in ("class", "colour", "pattern", "accent"):
+        assert result["real"][head] == pytest.approx(expected[head], abs=1e-4), head
+    assert result["real"]["identity"] <= min(result["real"][h] for h in ("class", "colour"))
+    assert 10 < result["psnr_db"] < 60
+    subjects = references_through_vae(
+        SHIPPED / "sd", SHIPPED / "judge", SHIPPED.parent / "subjects"
+    )
+    biased = {"blue_mug", "toy_robot", "spotted_dog", "balloon_car", "upside_robot"}
+    assert set(subjects) >= biased
+    # The judge reads about 97 % per head, so a view now and then is misread (it reads 0.92 of
+    # fresh real scenes' identities right); a miswired prompt or truth would read none.
+    assert np.mean([subjects[s]["references"] for s in biased]) >= 0.75, subjects
+    assert all(subjects[s]["references"] >= 0.5 for s in biased), subjects
+    assert all(0.0 <= s["reconstructed"] <= 1.0 for s in subjects.values()), subjects

@@ -1,4 +1,4 @@
-"""The world's caption writer and prompt reader.
+"""The world's caption writer.
 
 `describe` renders a scene's truth at the SID paper's four detail levels for a subject's
 reference images (Case 1 "a [V] class"; Case 2 + the non-subject elements' classes; Case 3 +
@@ -9,16 +9,11 @@ and the prompts use. `read_prompt` recovers what an evaluation prompt asks for.
 
 from __future__ import annotations
 
-import re
-from typing import Any
-
 import numpy as np
 
 from sidpipe.world.grammar import (
     BACKGROUNDS,
-    COLOURS,
     ELEMENTS,
-    SUBJECT_CLASSES,
     Element,
     Scene,
     Subject,
@@ -156,40 +151,3 @@ def pretraining_caption(scene: Scene, rng: np.random.Generator) -> str:
     if rng.random() < 0.15:
         text = "a photo of " + text
     return text
-
-
-# --- reading prompts -------------------------------------------------------------------------
-
-_COLOUR_BEFORE = re.compile(
-    r"\b(" + "|".join(COLOURS) + r")\s+(?:\S+\s+)?(" + "|".join(SUBJECT_CLASSES) + r")\b"
-)
-_HAT = re.compile(r"wearing an? (" + "|".join(COLOURS) + r") hat")
-
-
-def read_prompt(prompt: str, class_name: str) -> dict[str, Any]:
-    """What a prompt in the world's language asks for: background (name or None), colour of
-    the subject, hat colour, upside down, and the non-subject elements it names."""
-    text = " ".join(prompt.lower().split())
-    background = None
-    for name, entry in BACKGROUNDS.items():
-        phrases = [*entry["phrases"], entry["spec"]]
-        if any(p in text for p in phrases):
-            background = name
-            break
-    colour = None
-    for match in _COLOUR_BEFORE.finditer(text):
-        if match.group(2) == class_name:
-            colour = match.group(1)
-    hat = _HAT.search(text)
-    elements = sorted(
-        k
-        for k, spec in ELEMENTS.items()
-        if re.search(rf"\b{spec['noun']}s?\b", text) and spec["noun"] != class_name
-    )
-    return {
-        "background": background,
-        "colour": colour,
-        "hat": hat.group(1) if hat else None,
-        "upside_down": "upside down" in text,
-        "elements": elements,
-    }

@@ -207,6 +207,97 @@ def clip_attribute_accuracy(clip_model: str | Path, scenes: Any) -> dict[str, fl
     return result
 
 
+# The subject's identity as `subject_kept` asks for it (measures.image_measures).
+IDENTITY_HEADS = ("class", "colour", "pattern", "accent")
+
+
+def identity_read(predicted: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> np.ndarray:
+    """Per image: every identity head read as labelled (a head without a label for the image,
+    -1, as the accent of a plain subject, counts as read)."""
+    ok = np.ones(len(labels[IDENTITY_HEADS[0]]), dtype=bool)
+    for head in IDENTITY_HEADS:
+        ok &= (predicted[head] == labels[head]) | (labels[head] < 0)
+    return ok
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two [-1, 1] image batches (peak-to-peak 2)."""
+    mse = float(((a - b) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(4 / mse)
+
+
+@torch.no_grad()
+def vae_fidelity(
+    sd_model: str | Path, judge_model: str | Path, scenes: Any, batch: int = 256
+) -> dict[str, Any]:
+    """What of a scene survives the world VAE's encode-decode (latent mean): the PSNR, and the
+    judge's reading of the real scenes against their reconstructions, per identity head and all
+    four at once. Every image the UNet draws comes out of this decoder, so the reconstructions'
+    identity rate bounds what `subject_kept` can reach."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae").eval()
+    judge = load_judge(judge_model)
+    real = scenes.pixels(slice(None))
+    rebuilt = torch.cat(
+        [
+            vae.decode(vae.encode(real[i : i + batch]).latent_dist.mean).sample.clamp(-1, 1)
+            for i in range(0, len(real), batch)
+        ]
+    )
+    result: dict[str, Any] = {"scenes": len(real), "psnr_db": round(psnr(real, rebuilt), 2)}
+    for name, pixels in (("real", real), ("reconstructed", rebuilt)):
+        outs = [judge(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+        predicted = {h: torch.cat([o[h] for o in outs]).argmax(1).numpy() for h in IDENTITY_HEADS}
+        heads = {
+            h: round(float((predicted[h] == scenes.labels[h])[scenes.labels[h] >= 0].mean()), 4)
+            for h in IDENTITY_HEADS
+        }
+        identity = round(float(identity_read(predicted, scenes.labels).mean()), 4)
+        result[name] = {**heads, "identity": identity}
+    return result
+
+
+@torch.no_grad()
+def references_through_vae(
+    sd_model: str | Path, judge_model: str | Path, subjects_dir: str | Path
+) -> dict[str, dict[str, float]]:
+    """Per world subject under `subjects_dir` (a folder with truth.json): the share of its
+    reference views in which the judge sees the subject kept (`subject_kept` of the bare prompt
+    "a [V] class"), as drawn and after the VAE's encode-decode: whether the subject's identity
+    can survive the VAE at all."""
+    from diffusers import AutoencoderKL
+
+    from sidpipe.world.judge import to_pixels
+    from sidpipe.world.measures import image_measures, read_truth
+
+    vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae").eval()
+    judge = load_judge(judge_model)
+    out = {}
+    for truth_path in sorted(Path(subjects_dir).glob("*/truth.json")):
+        truth = read_truth(truth_path)
+        prompt = f"a {truth['identity']['class']}"
+        views = sorted(truth_path.parent.glob("[0-9][0-9].png"))
+        images = [Image.open(path).convert("RGB") for path in views]
+        pixels = to_pixels(images, judge.resolution)
+        rebuilt = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+        as_images = [
+            Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+            for p in rebuilt
+        ]
+        out[truth_path.parent.name] = {
+            name: round(
+                float(np.mean([image_measures(s, prompt, truth)["subject_kept"] for s in seen])),
+                4,
+            )
+            for name, seen in (
+                ("references", read_images(judge, images)),
+                ("reconstructed", read_images(judge, as_images)),
+            )
+        }
+    return out
+
+
 def contact_sheet(images: list, columns: int = 16, scale: int = 2):
     """The images in a grid (nearest upscaling), for a quick look."""
     from PIL import Image

@@ -1,6 +1,6 @@
 """Ground-truth entanglement measures of generated images, read by the world's judge.
 
-Per image, from what the judge sees, what the prompt asks (`captions.read_prompt`) and the
+Per image, from what the judge sees, what the prompt asks (`prompts.read_prompt`) and the
 subject's truth (`truth.json` of its folder):
 
 * leak_background: the judge sees one of the references' backgrounds that the prompt did not
@@ -36,8 +36,8 @@ from typing import Any
 
 from sidpipe.io import SidpipeError
 from sidpipe.sampling import names_class
-from sidpipe.world.captions import read_prompt
 from sidpipe.world.grammar import SUBJECT_CLASSES
+from sidpipe.world.prompts import read_prompt
 
 IDENTITY_PARTS = ("kept_class", "kept_colour", "kept_pattern", "kept_accent")
 MEASURES = (
