@@ -117,6 +117,8 @@ def test_pretraining_captions_mix_levels_and_never_use_the_identifier():
         ("a mug in the jungle", {"background": "jungle", "colour": None}),
         ("a red mug", {"background": None, "colour": "red"}),
         ("a dog wearing a red hat", {"hat": "red", "colour": None}),
+        ("a wearing a red hat dog", {"hat": "red", "colour": None}),
+        ("a red sks dog", {"colour": "red"}),
         ("a mug with a city in the background", {"background": "city"}),
         ("a upside down mug", {"upside_down": True}),
         ("a mug with a plant", {"elements": ["plant"]}),

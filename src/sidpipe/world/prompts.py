@@ -11,8 +11,10 @@ from typing import Any
 
 from sidpipe.world.grammar import BACKGROUNDS, COLOURS, ELEMENTS, SUBJECT_CLASSES
 
+# A colour, at most one word, then the class ("a red sks dog"); not a hat's colour ("a wearing
+# a red hat dog": a hat concept's words in place of its tokens).
 _COLOUR_BEFORE = re.compile(
-    r"\b(" + "|".join(COLOURS) + r")\s+(?:\S+\s+)?(" + "|".join(SUBJECT_CLASSES) + r")\b"
+    r"\b(" + "|".join(COLOURS) + r")\s+(?:(?!hat\b)\S+\s+)?(" + "|".join(SUBJECT_CLASSES) + r")\b"
 )
 _HAT = re.compile(r"wearing an? (" + "|".join(COLOURS) + r") hat")
 
