@@ -67,16 +67,17 @@ def conditioning(world: Path, scenes: int = 1000) -> dict:
 def vae(world: Path, scenes: int = 2000) -> dict:
     """What survives the world VAE (the ceiling of `subject_kept`): PSNR and the judge's reading
     of fresh real scenes against their reconstructions, and each demo subject's references."""
+    from diffusers import AutoencoderKL
+
     from sidpipe.world.competence import references_through_vae, vae_fidelity
     from sidpipe.world.dataset import random_scenes
+    from sidpipe.world.judge import load_judge
 
+    autoencoder = AutoencoderKL.from_pretrained(world / "sd", subfolder="vae").eval()
+    judge = load_judge(world / "judge")
     return {
-        "scenes": vae_fidelity(
-            world / "sd", world / "judge", random_scenes(scenes, seed=4321, resolution=32)
-        ),
-        "demo_subjects": references_through_vae(
-            world / "sd", world / "judge", REPO / "demo/subjects"
-        ),
+        "scenes": vae_fidelity(autoencoder, judge, random_scenes(scenes, seed=4321, resolution=32)),
+        "demo_subjects": references_through_vae(autoencoder, judge, REPO / "demo/subjects"),
     }
 
 

@@ -586,21 +586,23 @@ def test_vae_fidelity_reads_real_scenes_as_the_judge_accuracy_does_and_reference
     truth are wired right); after the VAE the rate is what the benchmark reports. (The concept
     subjects, drawn upside down, are not read as kept even as drawn: their concept, not their
     identity, is what Lego's measures ask for.)"""
+    from diffusers import AutoencoderKL
+
     from sidpipe.world.competence import references_through_vae, vae_fidelity
     from sidpipe.world.dataset import random_scenes
     from sidpipe.world.judge import load_judge
     from sidpipe.world.pretrain import judge_accuracy
 
     scenes = random_scenes(120, seed=777, resolution=32)
-    result = vae_fidelity(SHIPPED / "sd", SHIPPED / "judge", scenes)
-    expected = judge_accuracy(load_judge(SHIPPED / "judge"), scenes)
+    vae = AutoencoderKL.from_pretrained(SHIPPED / "sd", subfolder="vae").eval()
+    judge = load_judge(SHIPPED / "judge")
+    result = vae_fidelity(vae, judge, scenes)
+    expected = judge_accuracy(judge, scenes)
     for head in ("class", "colour", "pattern", "accent"):
         assert result["real"][head] == pytest.approx(expected[head], abs=1e-4), head
     assert result["real"]["identity"] <= min(result["real"][h] for h in ("class", "colour"))
     assert 10 < result["psnr_db"] < 60
-    subjects = references_through_vae(
-        SHIPPED / "sd", SHIPPED / "judge", SHIPPED.parent / "subjects"
-    )
+    subjects = references_through_vae(vae, judge, SHIPPED.parent / "subjects")
     biased = {"blue_mug", "toy_robot", "spotted_dog", "balloon_car", "upside_robot"}
     assert set(subjects) >= biased
     # The judge reads about 97 % per head, so a view now and then is misread (it reads 0.92 of

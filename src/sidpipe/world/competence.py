@@ -227,27 +227,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def vae_fidelity(
-    sd_model: str | Path, judge_model: str | Path, scenes: Any, batch: int = 256
-) -> dict[str, Any]:
-    """What of a scene survives the world VAE's encode-decode (latent mean): the PSNR, and the
-    judge's reading of the real scenes against their reconstructions, per identity head and all
-    four at once. Every image the UNet draws comes out of this decoder, so the reconstructions'
-    identity rate bounds what `subject_kept` can reach."""
-    from diffusers import AutoencoderKL
+def vae_fidelity(vae: Any, judge: Any, scenes: Any) -> dict[str, Any]:
+    """What of a scene survives the world VAE's encode-decode (`pretrain.reconstruct`): the
+    PSNR, and the judge's reading of the real scenes against their reconstructions, per identity
+    head and all four at once. Every image the UNet draws comes out of this decoder, so the
+    reconstructions' identity rate bounds what `subject_kept` can reach."""
+    from sidpipe.world.pretrain import reconstruct
 
-    vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae").eval()
-    judge = load_judge(judge_model)
     real = scenes.pixels(slice(None))
-    rebuilt = torch.cat(
-        [
-            vae.decode(vae.encode(real[i : i + batch]).latent_dist.mean).sample.clamp(-1, 1)
-            for i in range(0, len(real), batch)
-        ]
-    )
+    rebuilt = reconstruct(vae, scenes)
     result: dict[str, Any] = {"scenes": len(real), "psnr_db": round(psnr(real, rebuilt), 2)}
     for name, pixels in (("real", real), ("reconstructed", rebuilt)):
-        outs = [judge(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+        outs = [judge(pixels[i : i + 512]) for i in range(0, len(pixels), 512)]
         predicted = {h: torch.cat([o[h] for o in outs]).argmax(1).numpy() for h in IDENTITY_HEADS}
         heads = {
             h: round(float((predicted[h] == scenes.labels[h])[scenes.labels[h] >= 0].mean()), 4)
@@ -260,19 +251,18 @@ def vae_fidelity(
 
 @torch.no_grad()
 def references_through_vae(
-    sd_model: str | Path, judge_model: str | Path, subjects_dir: str | Path
+    vae: Any, judge: Any, subjects_dir: str | Path
 ) -> dict[str, dict[str, float]]:
     """Per world subject under `subjects_dir` (a folder with truth.json): the share of its
     reference views in which the judge sees the subject kept (`subject_kept` of the bare prompt
-    "a [V] class"), as drawn and after the VAE's encode-decode: whether the subject's identity
-    can survive the VAE at all."""
-    from diffusers import AutoencoderKL
+    "a [V] class"), as drawn and after the VAE's encode-decode, turned into images the way a
+    pipeline turns its output into PNGs: whether the subject's identity can survive the VAE."""
+    from diffusers.image_processor import VaeImageProcessor
 
     from sidpipe.world.judge import to_pixels
     from sidpipe.world.measures import image_measures, read_truth
 
-    vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae").eval()
-    judge = load_judge(judge_model)
+    to_images = VaeImageProcessor(do_resize=False)
     out = {}
     for truth_path in sorted(Path(subjects_dir).glob("*/truth.json")):
         truth = read_truth(truth_path)
@@ -280,11 +270,7 @@ def references_through_vae(
         views = sorted(truth_path.parent.glob("[0-9][0-9].png"))
         images = [Image.open(path).convert("RGB") for path in views]
         pixels = to_pixels(images, judge.resolution)
-        rebuilt = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-        as_images = [
-            Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
-            for p in rebuilt
-        ]
+        rebuilt = vae.decode(vae.encode(pixels).latent_dist.mean).sample
         out[truth_path.parent.name] = {
             name: round(
                 float(np.mean([image_measures(s, prompt, truth)["subject_kept"] for s in seen])),
@@ -292,7 +278,7 @@ def references_through_vae(
             )
             for name, seen in (
                 ("references", read_images(judge, images)),
-                ("reconstructed", read_images(judge, as_images)),
+                ("reconstructed", read_images(judge, to_images.postprocess(rebuilt, "pil"))),
             )
         }
     return out
