@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-strength world-seeds world-lego
+.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-biases world-strength world-seeds world-lego
 
 # torch first (the CPU build), then everything else constrained to keep exactly that torch.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
@@ -65,6 +65,11 @@ define demo_layer
 	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml $(1) --directory demo
 	$(BIN)/snakemake --configfile demo/config.yaml $(1) --directory demo --report results/report.html
 endef
+
+# The demo plus DreamBooth on all five biased subjects, the base model on them and the
+# single-reference experiment (demo/biases.yaml): the grid of the README's world figures.
+world-biases: install
+	$(call demo_layer,demo/biases.yaml)
 
 # The demo plus DreamBooth at 100 and 600 steps (Case 1 and SID): leak and NSD vs strength.
 world-strength: install

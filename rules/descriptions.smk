@@ -10,6 +10,7 @@ rule describe_references:
         "results/logs/describe_references/{descriptions}/{subject}.log",
     benchmark:
         "results/benchmarks/describe_references/{descriptions}/{subject}.tsv"
+    priority: 3  # short, and training waits for it (priorities: rules/training.smk)
     conda:
         "../envs/gpu.yaml"
     resources:

@@ -15,6 +15,7 @@ rule segment_references:
         "results/logs/segment_references/{subject}.log",
     benchmark:
         "results/benchmarks/segment_references/{subject}.tsv"
+    priority: 3  # short, and training waits for it (priorities: rules/training.smk)
     conda:
         "../envs/gpu.yaml"
     resources:

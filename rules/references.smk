@@ -7,6 +7,7 @@ rule prepare_references:
         "results/logs/prepare_references/{subject}.log",
     benchmark:
         "results/benchmarks/prepare_references/{subject}.tsv"
+    priority: 3  # short, and training waits for it (priorities: rules/training.smk)
     conda:
         "../envs/cpu.yaml"
     resources:

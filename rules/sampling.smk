@@ -20,6 +20,7 @@ rule sample:
         "results/benchmarks/sample/{method}/{descriptions}/{inference}/{subject}.tsv"
     wildcard_constraints:
         method=attention_arms_constraint(mapped=False),
+    priority: 1  # after training (rules/training.smk), before the short jobs
     conda:
         "../envs/gpu.yaml"
     resources:
@@ -131,6 +132,7 @@ rule sample_encoder:
         "results/benchmarks/sample_encoder/{method}/{descriptions}/{inference}/{subject}.tsv"
     wildcard_constraints:
         method=UNTRAINED_METHODS,
+    priority: 1  # sampling, as rule sample
     conda:
         "../envs/gpu.yaml"
     resources:

@@ -7,6 +7,7 @@ rule class_images:
         "results/logs/class_images/{class_slug}.log",
     benchmark:
         "results/benchmarks/class_images/{class_slug}.tsv"
+    priority: 3  # short, and training waits for it (priorities: rules/training.smk)
     conda:
         "../envs/gpu.yaml"
     resources:
@@ -39,6 +40,10 @@ rule train:
         "results/benchmarks/train/{method}/{descriptions}/{subject}.tsv"
     wildcard_constraints:
         method=ADAPTER_METHODS,
+    # Priorities put the longest jobs first, so that on a few cores a run ends on short jobs
+    # rather than on a training started late: what training waits for (3: references, masks,
+    # descriptions, class images), training (2), sampling (1), then the rest.
+    priority: 2
     conda:
         "../envs/gpu.yaml"
     resources:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from snakemake.utils import update_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,18 +40,46 @@ def chromium() -> str:
     return shutil.which("chromium")
 
 
+# What the tests keep of the plain demo before its biases layer runs in the same folder.
+PLAIN_DEMO_KEPT = ("results/experiments", "results/metrics", "results/human_study")
+
+
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The whole demo, run once per session, as `make demo` runs it (same profile); tests only
-    read it (copy it to change anything)."""
-    workdir = tmp_path_factory.mktemp("demo") / "demo"
+def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """`make demo` then `make world-biases`, run once per session with their profile: the
+    folder of both, and a copy of what the plain demo had made (PLAIN_DEMO_KEPT) before the
+    layer ran. The folder's config.yaml is then the two config files merged as Snakemake merges
+    them, so a plain `--configfile config.yaml` there sees the finished layered run. Tests only
+    read them (copy them to change anything)."""
+    root = tmp_path_factory.mktemp("demo")
+    workdir = root / "demo"
     shutil.copytree(REPO / "demo", workdir, ignore=shutil.ignore_patterns("results", ".snakemake"))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
     cmd += ["--profile", str(REPO / "demo/profile"), "--directory", str(workdir)]
     cmd += ["--configfile", str(workdir / "config.yaml")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=3600
-    )  # hang guard
-    assert result.returncode == 0, f"the demo failed:\n{result.stdout}\n{result.stderr}"
-    return workdir
+    for name, layer in (("the demo", []), ("the biases layer", [str(workdir / "biases.yaml")])):
+        result = subprocess.run(
+            cmd + layer, capture_output=True, text=True, env=env, timeout=3600
+        )  # hang guard
+        assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+        if not layer:
+            plain = root / "plain"
+            for kept in PLAIN_DEMO_KEPT:
+                shutil.copytree(workdir / kept, plain / kept)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((workdir / "biases.yaml").read_text()))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return workdir, plain
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_runs: tuple[Path, Path]) -> Path:
+    """The demo with its biases layer (the grid of the README's world figures)."""
+    return demo_runs[0]
+
+
+@pytest.fixture(scope="session")
+def plain_demo(demo_runs: tuple[Path, Path]) -> Path:
+    """What `make demo` alone made (PLAIN_DEMO_KEPT under results/)."""
+    return demo_runs[1]

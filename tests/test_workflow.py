@@ -132,15 +132,17 @@ def test_seeds_methods_layer_on_the_demo():
         for case in ("case1", "sid")
     }
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
-    # sefi_ide x 2 on 3 subjects, textual_inversion x 2 on the 2 subjects main lacks it on
-    assert grid and int(grid.group(1)) == 28 + 2 * 3 + 2 * 2
+    # sefi_ide x 2 on 3 subjects; textual_inversion and dreambooth x 2 on the 2 subjects the
+    # demo (13 arm x subject pairs, all on blue_mug) lacks them on
+    assert grid and int(grid.group(1)) == 13 + 2 * 3 + 2 * 2 * 2
 
 
 def test_strength_sweep_layers_on_the_demo():
     """demo/strength.yaml adds DreamBooth at 100 and 600 steps (Case 1, SID) to the demo."""
     result = layer_dry_run("demo/strength.yaml")
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
-    assert grid and int(grid.group(1)) == 28 + 2 * 2 * 3  # two more strengths x 2 x 3 subjects
+    # two more strengths x 2 x 3 subjects, and the demo's strength on the 2 it lacks it on
+    assert grid and int(grid.group(1)) == 13 + 2 * 2 * 3 + 2 * 2
     strength = re.search(r"^  strength: (.*)$", result.stdout, re.MULTILINE)
     assert strength and strength.group(1).split(", ") == [
         f"dreambooth{steps}/{case}/standard"
@@ -158,8 +160,43 @@ def test_lego_layers_on_the_demo():
     methods += ["lego_concept_init", "textual_inversion_multi_concept_init"]
     assert lego and set(lego.group(1).split(", ")) == {f"{m}/case1/standard" for m in methods}
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
-    assert grid and int(grid.group(1)) == 28 + 5 * 2  # 5 arms x 2 concept subjects
-    assert "subject(s) in no experiment" not in result.stdout + result.stderr
+    assert grid and int(grid.group(1)) == 13 + 5 * 2  # 5 arms x 2 concept subjects
+    idle = re.search(
+        r"subject\(s\) in no experiment \(references and masks only\): ([\w, ]*);",
+        result.stdout + result.stderr,
+    )
+    assert idle and "upside_down" not in idle.group(1)  # only the demo's other subjects idle
+
+
+def test_biases_layer_on_the_demo():
+    """demo/biases.yaml adds DreamBooth x {Case 1, SID} and the base model on the four other
+    biased subjects, and the single-reference experiment: every subject but the concept ones
+    then runs (the grid of the README's world figures)."""
+    plain = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
+        + ["--configfile", str(REPO / "demo/config.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=300,
+    )
+    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", plain.stdout)
+    assert grid and int(grid.group(1)) == 13  # main, cases and alternatives on blue_mug
+    result = layer_dry_run("demo/biases.yaml")
+    biases = re.search(r"^  biases: (.*)$", result.stdout, re.MULTILINE)
+    assert biases and set(biases.group(1).split(", ")) == {
+        "dreambooth/case1/standard",
+        "dreambooth/sid/standard",
+        "base_model/case1/standard",
+    }
+    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
+    # DreamBooth x 2 and the base model on 4 more subjects; dreambooth--first1 x 2, BLIP-Diffusion
+    assert grid and int(grid.group(1)) == 13 + 4 * 3 + 3
+    idle = re.search(
+        r"subject\(s\) in no experiment \(references and masks only\): ([\w, ]*);",
+        result.stdout + result.stderr,
+    )
+    assert idle and idle.group(1) == "upside_down_car, upside_down_dog"
 
 
 @pytest.mark.parametrize("config", ["config.yaml", "demo/config.yaml"])
@@ -186,8 +223,15 @@ def test_demo_outputs(demo_run):
         assert image.size == (32, 32) and image.mode == "RGB"
         assert row["mask_path"]  # the world draws ground-truth masks for every image
     arms = list(csv.DictReader(open(demo_run / "results/experiments/arms.csv")))
-    assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives", "single_reference"}
-    assert sum(r["experiment"] == "main" for r in arms) == 8 + 2 * 4 + 5  # + the base model
+    assert {r["experiment"] for r in arms} == {
+        "main",
+        "cases",
+        "alternatives",
+        "biases",
+        "single_reference",
+    }
+    assert sum(r["experiment"] == "main" for r in arms) == 8 + 1  # + the base model on the mug
+    assert sum(r["experiment"] == "biases" for r in arms) == 2 * 5 + 5  # + the base model
     single = [r for r in arms if r["experiment"] == "single_reference"]
     assert {(r["method"], r["algorithm"], r["references"]) for r in single} == {
         ("dreambooth--first1", "dreambooth", "1"),
@@ -229,7 +273,7 @@ def test_demo_outputs(demo_run):
     negative = demo_run / "results/samples/dreambooth/case1/negative_prompt/blue_mug/manifest.csv"
     assert "tablecloth" in next(csv.DictReader(open(negative)))["negative_prompt"]
     attention = list((demo_run / "results/attention").glob("*/*/*/*/attention.csv"))
-    assert len(attention) == 16  # attention.experiments: [main]
+    assert len(attention) == 16  # attention.experiments: [main, biases]
     # A method's own checkpoint_every reaches its jobs; the others keep training's.
     intervals = {
         path.parts[-4]: json.loads(path.read_text())["checkpoint_every"]
@@ -326,6 +370,32 @@ def test_demo_outputs(demo_run):
     assert sum(int(r["screens"]) for r in design) == 8 * 3 * 4
     assert not (study / "responses.jsonl").exists()  # only participants write it
     assert scheduled_jobs(demo_run) == []  # a finished run is complete
+
+
+def test_plain_demo_outputs(plain_demo):
+    """`make demo` alone: main, cases and alternatives on `blue_mug`, every table and plot
+    written (the single-reference ones empty), a one-subject human study."""
+    arms = list(csv.DictReader(open(plain_demo / "results/experiments/arms.csv")))
+    assert {r["experiment"] for r in arms} == {"main", "cases", "alternatives"}
+    assert {r["subject"] for r in arms} == {"blue_mug"}
+    assert len({(r["arm"], r["subject"]) for r in arms}) == 13
+    metrics = pd.read_csv(plain_demo / "results/metrics/all.csv")
+    assert set(metrics["subject"]) == {"blue_mug"}
+    ta = metrics[metrics["metric"] == "TA"]
+    per_arm = ta.groupby(["method", "descriptions", "inference"]).size()
+    assert {"/".join(arm): n for arm, n in per_arm.items()} == {r["arm"]: 14 * 4 for r in arms}
+    single_table = pd.read_csv(plain_demo / "results/metrics/tables/single_reference.csv")
+    assert single_table.empty
+    for name in ("pareto", "subjects", "improvements", "agreement"):
+        assert (plain_demo / f"results/metrics/plots/{name}.svg").stat().st_size > 1000
+    study = plain_demo / "results/human_study/dreambooth_sid"
+    info = json.loads((study / "site/study.json").read_text())
+    assert len(info["participants"]) == 8 and info["screens_per_participant"] == 1 * 4
+    plan = list(csv.DictReader(open(study / "site/plan.csv")))
+    assert len(plan) == 8 * 4 and {r["subject"] for r in plan} == {"blue_mug"}
+    assert {(r["prompt_id"], r["seed"]) for r in plan} == {
+        (p, s) for p in ("1", "3") for s in ("0", "1")
+    }
 
 
 CHROMIUM_FLAGS = [
