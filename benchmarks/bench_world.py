@@ -2,10 +2,12 @@
 manifest `pretrain_world` writes), the judge's accuracy on held-out real scenes and on VAE
 reconstructions, and the base model's competence (background, colour, class; overall and per
 asked class and colour) on prompt combinations that no pretraining scene or caption held, with
-Wilson 95 % intervals; and what limits it (`conditioning`): how far apart the frozen text encoder
-holds the class and colour words, and the world CLIP's zero-shot reading of real scenes; and
-what survives the VAE (`vae`: PSNR, the judge's reading of the subject's identity on real scenes
-against their reconstructions, and on each demo subject's references), the ceiling of
+Wilson 95 % intervals, and on prompts that name a subject's whole identity (`identity_named`:
+class, colour, pattern, accent and all four, "a blue mug with yellow spots on the beach"); what
+limits it (`conditioning`): how far apart the frozen text encoder holds the class and colour
+words, and the world CLIP's zero-shot reading of real scenes; and what survives the VAE (`vae`:
+PSNR, the judge's reading of the subject's identity on real scenes against their
+reconstructions, and on each demo subject's references), the ceiling of
 `subject_kept`.
 
 `--regenerate` retrains the world from scratch (the shipped settings, about 40 min on 2 cores)
@@ -26,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("background", "colour", "class")
+# Prompts naming the whole identity: 4 colour/accent pairs per class and pattern (x the seeds).
+IDENTITY_PER_PATTERN = 4
 
 
 def competence(world: Path, seeds: int) -> dict:
@@ -33,15 +37,19 @@ def competence(world: Path, seeds: int) -> dict:
 
     manifest = json.loads((world / "manifest.json").read_text())
     result = measure_competence(
-        world / "sd", world / "judge", manifest["held_out_triples"], list(range(seeds))
+        world / "sd",
+        world / "judge",
+        manifest["held_out_triples"],
+        list(range(seeds)),
+        identity_per_pattern=IDENTITY_PER_PATTERN,
     )
     return {k: v for k, v in result.items() if k not in ("images", "rows", "seen")}
 
 
 def conditioning(world: Path, scenes: int = 1000) -> dict:
-    """What limits the competence: how far apart the frozen text encoder holds the class and
-    colour words (cosine at the word's token, every pair), and how well the world's CLIP reads
-    each attribute of fresh real scenes zero-shot."""
+    """What limits the competence: how far apart the frozen text encoder holds the class,
+    colour and pattern words (cosine at the word's token, every pair), and how well the world's
+    CLIP reads each attribute of fresh real scenes zero-shot."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from sidpipe.world.competence import clip_attribute_accuracy, with_article, word_similarity
@@ -57,6 +65,14 @@ def conditioning(world: Path, scenes: int = 1000) -> dict:
         # "an orange dog": each colour after the article the captions give it
         "colour_words": word_similarity(
             encoder, tokenizer, [with_article(c) for c in COLOURS], "{} dog on the grass"
+        ),
+        # the pattern's noun, as the captions write a pattern ("with yellow spots", "with a
+        # yellow top"): the only word that tells the UNet which pattern to draw
+        "pattern_words": word_similarity(
+            encoder,
+            tokenizer,
+            ["spots", "stripes", "top"],
+            "a blue mug with yellow {} on the grass",
         ),
         "clip_zero_shot": clip_attribute_accuracy(
             world / "clip", random_scenes(scenes, seed=4321, resolution=32)

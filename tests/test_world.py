@@ -471,6 +471,54 @@ def test_competence_prompts_write_the_colour_s_article_as_the_captions_do():
     assert not any("a orange" in c for c in captions)
 
 
+def test_identity_prompts_name_every_class_and_pattern_as_the_captions_do():
+    from sidpipe.world.captions import subject_details
+    from sidpipe.world.competence import identity_prompts
+    from sidpipe.world.grammar import PATTERNS, SUBJECT_CLASSES
+    from sidpipe.world.prompts import read_prompt
+
+    rows = identity_prompts(2, [0, 1], seed=3)
+    assert len(rows) == len(SUBJECT_CLASSES) * 3 * 2 * 2
+    assert {(r["class"], r["pattern"]) for r in rows} == {
+        (c, p) for c in SUBJECT_CLASSES for p in PATTERNS[1:]
+    }
+    assert [r["seed"] for r in rows[:4]] == [0, 1, 0, 1]
+    assert rows == identity_prompts(2, [0, 1], seed=3)
+    assert rows != identity_prompts(2, [0, 1], seed=4)
+    for row in rows:
+        assert row["accent"] != row["colour"]
+        before, after = subject_details(
+            Subject(row["class"], row["colour"], row["pattern"], row["accent"])
+        )
+        assert f"{before} {row['class']} {after} " in row["prompt"]
+        asked = read_prompt(row["prompt"], row["class"])
+        assert asked["colour"] == row["colour"] and asked["background"] is not None
+    spotted = next(r for r in rows if r["pattern"] == "spotted")
+    assert f"{spotted['class']} with {spotted['accent']} spots " in spotted["prompt"]
+
+
+def test_identity_accuracy_needs_all_four_heads_right():
+    from sidpipe.world.competence import identity_accuracy
+
+    asked = {"class": "mug", "colour": "blue", "pattern": "spotted", "accent": "yellow"}
+    seen = [
+        dict(asked),
+        asked | {"pattern": "plain"},
+        asked | {"accent": "red", "colour": "red"},
+        asked | {"class": "ball"},
+    ]
+    result = identity_accuracy([asked] * 4, seen)
+    assert result["samples"] == 4
+    assert result["all_four"]["accuracy"] == 0.25
+    assert [result[h]["accuracy"] for h in ("class", "colour", "pattern", "accent")] == [
+        0.75,
+        0.75,
+        0.75,
+        0.75,
+    ]
+    assert result["pattern_by_pattern"]["spotted"]["read_as"] == {"spotted": 3, "plain": 1}
+
+
 def test_competence_by_value_counts_each_asked_value_and_what_it_was_read_as():
     from sidpipe.world.competence import accuracy_by_value
 

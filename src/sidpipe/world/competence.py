@@ -53,24 +53,34 @@ def competence_prompts(held_out: list, seeds: list[int]) -> list[dict[str, Any]]
     return rows
 
 
-@torch.no_grad()
-def measure_competence(
-    sd_model: str | Path,
-    judge_model: str | Path,
-    held_out: list,
-    seeds: list[int],
-    steps: int = 25,
-    guidance_scale: float = 7.5,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Sample the base model on held-out combinations; the judge's read of background,
-    colour and class: accuracy with Wilson 95 % intervals."""
-    from sidpipe.models import load_sd_pipeline
+def identity_prompts(per_pattern: int, seeds: list[int], seed: int = 0) -> list[dict[str, Any]]:
+    """Prompts that name a subject's whole identity, as the captions' most detailed level
+    writes it ("a blue mug with yellow spots on the beach"): per class and pattern (striped,
+    spotted, two-tone), `per_pattern` random colour/accent pairs on random backgrounds
+    (deterministic from `seed`), each with every seed of `seeds`."""
+    from sidpipe.world.captions import subject_details
+    from sidpipe.world.grammar import BACKGROUND_NAMES, COLOURS, PATTERNS, SUBJECT_CLASSES, Subject
 
-    pipe = load_sd_pipeline(str(sd_model), "float32", "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    judge = load_judge(judge_model)
-    rows = competence_prompts(held_out, seeds)
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    rows = []
+    for cls in SUBJECT_CLASSES:
+        for pattern in PATTERNS[1:]:
+            for _ in range(per_pattern):
+                colour, accent = (colours[i] for i in rng.choice(len(colours), 2, replace=False))
+                background = BACKGROUND_NAMES[int(rng.integers(len(BACKGROUND_NAMES)))]
+                before, after = subject_details(Subject(cls, colour, pattern, accent))
+                where = background_phrase(background, "prompt")
+                prompt = f"{with_article(before)} {cls} {after} {where}"
+                identity = {"class": cls, "colour": colour, "pattern": pattern, "accent": accent}
+                rows += [{"prompt": prompt, **identity, "seed": s} for s in seeds]
+    return rows
+
+
+def _generate(
+    pipe: Any, rows: list[dict], steps: int, guidance_scale: float, batch_size: int
+) -> list[Image.Image]:
+    """The base pipeline's image for each row's prompt and seed, in batches."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = []
     for start in range(0, len(rows), batch_size):
@@ -85,16 +95,65 @@ def measure_competence(
             width=size,
         )
         images.extend(out.images)
-    seen = read_images(judge, images)
-    result: dict[str, Any] = {"samples": len(rows), "prompts": len({r["prompt"] for r in rows})}
-    for key in ("background", "colour", "class"):
+    return images
+
+
+def _accuracies(rows: list[dict], seen: list[dict], keys: Sequence[str]) -> dict[str, Any]:
+    """Per key: how often the judge read it as asked, with a Wilson 95 % interval."""
+    result = {}
+    for key in keys:
         hits = int(sum(s[key] == r[key] for s, r in zip(seen, rows, strict=True)))
         result[key] = {"accuracy": round(hits / len(rows), 4), "ci95": wilson(hits, len(rows))}
+    return result
+
+
+@torch.no_grad()
+def measure_competence(
+    sd_model: str | Path,
+    judge_model: str | Path,
+    held_out: list,
+    seeds: list[int],
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    batch_size: int = 64,
+    identity_per_pattern: int = 0,
+) -> dict[str, Any]:
+    """Sample the base model on held-out combinations; the judge's read of background,
+    colour and class: accuracy with Wilson 95 % intervals. With `identity_per_pattern`, also
+    on prompts that name the whole identity (`identity_prompts`, the same seeds): class,
+    colour, pattern, accent and all four at once (`subject_kept`'s identity), per pattern too;
+    whether the base model can draw what a personalized arm must learn, when told."""
+    from sidpipe.models import load_sd_pipeline
+
+    pipe = load_sd_pipeline(str(sd_model), "float32", "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    judge = load_judge(judge_model)
+    rows = competence_prompts(held_out, seeds)
+    images = _generate(pipe, rows, steps, guidance_scale, batch_size)
+    seen = read_images(judge, images)
+    result: dict[str, Any] = {"samples": len(rows), "prompts": len({r["prompt"] for r in rows})}
+    result.update(_accuracies(rows, seen, ("background", "colour", "class")))
     result["class_by_class"] = accuracy_by_value(rows, seen, "class")
     result["colour_by_colour"] = accuracy_by_value(rows, seen, "colour")
     result["images"] = images
     result["rows"] = rows
     result["seen"] = seen
+    if identity_per_pattern:
+        named = identity_prompts(identity_per_pattern, seeds)
+        named_seen = read_images(judge, _generate(pipe, named, steps, guidance_scale, batch_size))
+        result["identity_named"] = identity_accuracy(named, named_seen)
+    return result
+
+
+def identity_accuracy(rows: list[dict], seen: list[dict]) -> dict[str, Any]:
+    """How often the judge read each identity head as the prompt named it, all four at once
+    (`subject_kept`'s identity), and the pattern per named pattern."""
+    result: dict[str, Any] = {"samples": len(rows), **_accuracies(rows, seen, IDENTITY_HEADS)}
+    hits = int(
+        sum(all(s[h] == r[h] for h in IDENTITY_HEADS) for s, r in zip(seen, rows, strict=True))
+    )
+    result["all_four"] = {"accuracy": round(hits / len(rows), 4), "ci95": wilson(hits, len(rows))}
+    result["pattern_by_pattern"] = accuracy_by_value(rows, seen, "pattern")
     return result
 
 
