@@ -107,11 +107,16 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
     }
 
 
-def layer_dry_run(layer: str) -> subprocess.CompletedProcess:
-    """`snakemake --dry-run` of the demo with a layer's config file on top (it must succeed)."""
+def layer_dry_run(*layers: str) -> subprocess.CompletedProcess:
+    """`snakemake --dry-run` of the demo with the layers' config files on top (none: the demo
+    alone); it must succeed."""
     result = subprocess.run(
         [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
-        + ["--configfile", str(REPO / "demo/config.yaml"), str(REPO / layer)],
+        + [
+            "--configfile",
+            str(REPO / "demo/config.yaml"),
+            *(str(REPO / layer) for layer in layers),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, **ENV},
@@ -119,6 +124,15 @@ def layer_dry_run(layer: str) -> subprocess.CompletedProcess:
     )
     assert result.returncode == 0, result.stderr
     return result
+
+
+def idle_subjects(result: subprocess.CompletedProcess) -> list[str]:
+    """The subjects the start-up warns are in no experiment (none: no warning)."""
+    idle = re.search(
+        r"subject\(s\) in no experiment \(references and masks only\): ([\w, ]*);",
+        result.stdout + result.stderr,
+    )
+    return idle.group(1).split(", ") if idle else []
 
 
 def test_seeds_methods_layer_on_the_demo():
@@ -161,25 +175,15 @@ def test_lego_layers_on_the_demo():
     assert lego and set(lego.group(1).split(", ")) == {f"{m}/case1/standard" for m in methods}
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     assert grid and int(grid.group(1)) == 13 + 5 * 2  # 5 arms x 2 concept subjects
-    idle = re.search(
-        r"subject\(s\) in no experiment \(references and masks only\): ([\w, ]*);",
-        result.stdout + result.stderr,
-    )
-    assert idle and "upside_down" not in idle.group(1)  # only the demo's other subjects idle
+    idle = idle_subjects(result)
+    assert idle and not any("upside_down" in s for s in idle)  # only the demo's other subjects
 
 
 def test_biases_layer_on_the_demo():
     """demo/biases.yaml adds DreamBooth x {Case 1, SID} and the base model on the four other
     biased subjects, and the single-reference experiment: every subject but the concept ones
     then runs (the grid of the README's world figures)."""
-    plain = subprocess.run(
-        [*SNAKEMAKE, "--directory", str(REPO / "demo"), "--dry-run", "--quiet", "rules"]
-        + ["--configfile", str(REPO / "demo/config.yaml")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **ENV},
-        timeout=300,
-    )
+    plain = layer_dry_run()
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", plain.stdout)
     assert grid and int(grid.group(1)) == 13  # main, cases and alternatives on blue_mug
     result = layer_dry_run("demo/biases.yaml")
@@ -192,11 +196,7 @@ def test_biases_layer_on_the_demo():
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     # DreamBooth x 2 and the base model on 4 more subjects; dreambooth--first1 x 2, BLIP-Diffusion
     assert grid and int(grid.group(1)) == 13 + 4 * 3 + 3
-    idle = re.search(
-        r"subject\(s\) in no experiment \(references and masks only\): ([\w, ]*);",
-        result.stdout + result.stderr,
-    )
-    assert idle and idle.group(1) == "upside_down_car, upside_down_dog"
+    assert idle_subjects(result) == ["upside_down_car", "upside_down_dog"]
 
 
 @pytest.mark.parametrize("config", ["config.yaml", "demo/config.yaml"])
@@ -509,12 +509,7 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     workdir = copy_demo(tmp_path / "w")
     concept_subjects = ["upside_down_car", "upside_down_dog"]
     # the demo's own grids skip the concept subjects, and the start-up says so
-    out = snakemake(workdir, "--dry-run")
-    idle = re.search(
-        r"subject\(s\) in no experiment \(references and masks only\): ([\w, ]*);",
-        out.stdout + out.stderr,
-    )
-    assert idle and set(concept_subjects) <= set(idle.group(1).split(", "))
+    assert set(concept_subjects) <= set(idle_subjects(snakemake(workdir, "--dry-run")))
     assert not set(concept_subjects) & {
         w.get("subject") for r, w in scheduled_jobs(workdir) if r == "train"
     }
