@@ -11,6 +11,7 @@ from sidpipe.config import (
     concept_context_words,
     unmatched_concept_words,
     attempt_scaled,
+    check_mask_models,
     expand_experiments,
     load_prompts,
     load_subjects,
@@ -464,6 +465,15 @@ def attention_pairs():
             and SUBJECT_KINDS[pair[1]] not in OPT_IN_KINDS
         }
     )
+
+
+# Checked at load: a missing detector or judge would otherwise fail deep inside a job.
+check_mask_models(
+    config,
+    {subject: mask_backend(subject) for subject in SUBJECTS},
+    bool(attention_pairs()),
+    CONFIG_SOURCE,
+)
 
 
 # Arms with attention maps are sampled and mapped by one job (sample_and_attention), which

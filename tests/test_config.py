@@ -13,6 +13,7 @@ from sidpipe.config import (
     all_arm_subjects,
     attempt_scaled,
     check_concept_pairs,
+    check_mask_models,
     concept_context_words,
     expand_experiments,
     load_config,
@@ -240,6 +241,28 @@ def test_broken_configs_are_rejected_with_the_key_path(real, edit, message):
     with pytest.raises(ConfigError, match=message) as info:
         validate_config(_broken(real, edit), "my.yaml")
     assert str(info.value).startswith("my.yaml: invalid configuration")
+
+
+def test_models_that_find_the_subject_must_be_set():
+    world = load_config(REPO / "demo/config.yaml")  # provided masks, the judge's attention masks
+    provided = {"mug": "provided", "dog": "provided"}
+    check_mask_models(world, provided, True, "w.yaml")  # needs neither detector nor SAM
+    without_section = copy.deepcopy(world)
+    del without_section["attention"]  # attention maps default to Grounded-SAM
+    with pytest.raises(ConfigError) as info:
+        check_mask_models(without_section, provided, True, "w.yaml")
+    assert str(info.value).startswith("w.yaml: invalid configuration")
+    assert "models.grounding_dino and models.sam not set" in str(info.value)
+    assert "attention.masks: judge" in str(info.value)
+    check_mask_models(without_section, provided, False, "w.yaml")  # no arm is mapped
+    with pytest.raises(ConfigError, match=r"subject\(s\) dog find their masks with Grounded"):
+        check_mask_models(world, {**provided, "dog": "grounded_sam"}, False, "w.yaml")
+    no_judge = copy.deepcopy(world)
+    del no_judge["models"]["judge"]
+    with pytest.raises(ConfigError, match="models.judge not set, but attention.masks is judge"):
+        check_mask_models(no_judge, provided, True, "w.yaml")
+    real = load_config(REPO / "config.yaml")  # Grounded-SAM everywhere, both models set
+    check_mask_models(real, {"mug": "grounded_sam"}, True, "c.yaml")
 
 
 def test_load_config_names_the_file(tmp_path):

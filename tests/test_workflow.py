@@ -586,6 +586,19 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     assert not (workdir / "results/attention/lego").exists()
 
 
+def test_attention_without_its_mask_models_is_a_load_error(tmp_path):
+    """The demo has no Grounded-SAM: without its `attention.masks: judge`, the attention maps
+    would need it; the start-up says so instead of a job failing at its first map."""
+    workdir = copy_demo(tmp_path / "w")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    del config["attention"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "models.grounding_dino and models.sam not set, but attention maps" in result.stdout
+    assert not (workdir / "results").exists()
+
+
 def test_bad_reference_folder_fails_the_job_without_partial_output(tmp_path):
     workdir = copy_demo(tmp_path / "w")
     for extra in ("02", "03", "04"):

@@ -226,6 +226,39 @@ def _check_references(config: dict, source: str) -> None:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def check_mask_models(
+    config: dict, mask_backends: dict[str, str], attention_mapped: bool, source: str
+) -> None:
+    """The models that find subjects must be set before any job needs them: Grounded-SAM
+    (`models.grounding_dino`, `models.sam`) for subjects masked with `grounded_sam` and for
+    attention maps with `attention.masks: grounded_sam` (the default), `models.judge` for
+    `attention.masks: judge`. mask_backends: subject -> its mask backend."""
+    models = config["models"]
+    unset = [f"models.{key}" for key in ("grounding_dino", "sam") if not models.get(key)]
+    problems = []
+    grounded = sorted(name for name, backend in mask_backends.items() if backend == "grounded_sam")
+    if grounded and unset:
+        problems.append(
+            f"{' and '.join(unset)} not set, but subject(s) {', '.join(grounded)} find their "
+            "masks with Grounded-SAM (segmentation.backend, or the subjects table's "
+            "mask_backend): set the model(s), or give the subjects `provided` masks"
+        )
+    masks = (config.get("attention") or {}).get("masks", "grounded_sam")
+    if attention_mapped and masks == "grounded_sam" and unset:
+        problems.append(
+            f"{' and '.join(unset)} not set, but attention maps find the subject in generated "
+            "images with Grounded-SAM (attention.masks, default grounded_sam): set the "
+            "model(s), or `attention.masks: judge` with models.judge"
+        )
+    if attention_mapped and masks == "judge" and not models.get("judge"):
+        problems.append(
+            "models.judge not set, but attention.masks is judge: set models.judge (a folder "
+            "written by pretrain_world), or `attention.masks: grounded_sam`"
+        )
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
 def validate_config(config: dict, source: str = "config", schema_dir: Path = SCHEMA_DIR) -> dict:
     """Validate a loaded config against the schema and its cross-references; return it."""
     if not isinstance(config, dict):
