@@ -50,7 +50,7 @@ bench: install
 dag: install
 	$(BIN)/snakemake --rulegraph --configfile config.yaml | dot -Tsvg > docs/rulegraph.svg
 
-# Retrain the synthetic world's models (rule pretrain_world, ~40 min on 2 cores) and ship them
+# Retrain the synthetic world's models (rule pretrain_world, ~35 min on 2 cores) and ship them
 # as demo/world/ (the demo's models); the manifest records the settings and code digest.
 world: install
 	$(BIN)/snakemake --profile demo/profile --configfile demo/config.yaml --directory demo \

@@ -152,7 +152,7 @@ def test_seeds_methods_layer_on_the_demo():
 
 
 def test_strength_sweep_layers_on_the_demo():
-    """demo/strength.yaml adds DreamBooth at 100 and 600 steps (Case 1, SID) to the demo."""
+    """demo/strength.yaml adds DreamBooth at 100 and 300 steps (Case 1, SID) to the demo's 600."""
     result = layer_dry_run("demo/strength.yaml")
     grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     # two more strengths x 2 x 3 subjects, and the demo's strength on the 2 it lacks it on
@@ -160,7 +160,7 @@ def test_strength_sweep_layers_on_the_demo():
     strength = re.search(r"^  strength: (.*)$", result.stdout, re.MULTILINE)
     assert strength and strength.group(1).split(", ") == [
         f"dreambooth{steps}/{case}/standard"
-        for steps in ("", "_100steps", "_600steps")
+        for steps in ("", "_100steps", "_300steps")
         for case in ("case1", "sid")
     ]
 

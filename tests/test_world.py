@@ -14,11 +14,12 @@ import yaml
 
 from sidpipe.agreement import agreement, spearman
 from sidpipe.descriptions import check_description
-from sidpipe.world.captions import describe, pretraining_caption
+from sidpipe.world.captions import describe, pretraining_caption, pretraining_caption_naming
 from sidpipe.world.draw import render
 from sidpipe.world.grammar import (
     BACKGROUND_NAMES,
     COLOURS,
+    PATTERNS,
     SUBJECT_CLASSES,
     Element,
     Scene,
@@ -109,6 +110,31 @@ def test_pretraining_captions_mix_levels_and_never_use_the_identifier():
     assert any("tablecloth" not in c for c in captions)
     assert any("on a tablecloth" in c for c in captions)
     assert not any("[V]" in c or "sks" in c for c in captions)
+
+
+def test_pretraining_captions_say_which_attributes_they_name():
+    """The text tower's attribute targets: what the caption's words name, and the same caption
+    (the same draws) as `pretraining_caption`."""
+    from sidpipe.world.dataset import render_scenes
+    from sidpipe.world.pretrain import _text_attribute_targets
+
+    upside_down = Scene(Subject("dog", "red", "striped", "white", upside_down=True), "snow", ())
+    for scene in (MUG, upside_down):
+        for seed in range(300):
+            text, named = pretraining_caption_naming(scene, np.random.default_rng(seed))
+            assert text == pretraining_caption(scene, np.random.default_rng(seed))
+            subject = scene.subject
+            assert ("colour" in named) == (f"{subject.colour} {subject.cls}" in text), text
+            pattern_words = {"spotted": "spots", "striped": "stripes"}[subject.pattern]
+            assert ("pattern" in named) == (f"{subject.accent} {pattern_words}" in text), text
+            assert ("pattern" in named) == ("accent" in named)
+            phrases = ("tablecloth", "table") if scene is MUG else ("snow",)
+            assert ("background" in named) == any(w in text for w in phrases), text
+    labels = render_scenes([MUG, upside_down], resolution=32, seed=0).labels
+    targets = _text_attribute_targets(labels, [frozenset({"class", "pattern"}), frozenset()])
+    assert targets["pattern"].tolist() == [PATTERNS.index("spotted"), -1]
+    assert targets["class"].tolist() == [SUBJECT_CLASSES.index("mug"), -1]
+    assert targets["colour"].tolist() == targets["background"].tolist() == [-1, -1]
 
 
 @pytest.mark.parametrize(
@@ -581,7 +607,8 @@ def test_zero_shot_accuracy_picks_among_each_image_s_own_candidates():
 @pytest.mark.usefixtures("one_thread")
 def test_shipped_clip_reads_each_attribute_and_holds_the_class_words_apart():
     """The metrics' CLIP, zero-shot, one attribute at a time, on scenes it never saw; and its
-    frozen text tower (SD's text encoder) keeps every two class words apart at the word's token.
+    frozen text tower (SD's text encoder) keeps every two class words, and the pattern words,
+    apart at the word's token.
     The earlier world failed both (class 0.78, "mug" and "ball" at cosine 0.95), and its UNet
     drew mugs and balls alike."""
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -597,6 +624,11 @@ def test_shipped_clip_reads_each_attribute_and_holds_the_class_words_apart():
     tokenizer = CLIPTokenizer.from_pretrained(SHIPPED / "sd/tokenizer")
     encoder = CLIPTextModel.from_pretrained(SHIPPED / "sd/text_encoder").eval()
     closest = word_similarity(encoder, tokenizer, SUBJECT_CLASSES, "a red {} on the grass")["max"]
+    assert closest["cosine"] < 0.9, closest
+    # the pattern words too (contrastive training alone left them at 0.98-0.99, and the UNet
+    # drew a named pattern at about its prior rate)
+    template = "a blue mug with yellow {} on the grass"
+    closest = word_similarity(encoder, tokenizer, ["spots", "stripes", "top"], template)["max"]
     assert closest["cosine"] < 0.9, closest
 
 

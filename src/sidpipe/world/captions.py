@@ -122,17 +122,29 @@ def describe(scene: Scene, case: int, placeholder: str = PLACEHOLDER) -> str:
 
 def pretraining_caption(scene: Scene, rng: np.random.Generator) -> str:
     """One caption of a pretraining scene, each component at a random level of detail."""
+    return pretraining_caption_naming(scene, rng)[0]
+
+
+def pretraining_caption_naming(
+    scene: Scene, rng: np.random.Generator
+) -> tuple[str, frozenset[str]]:
+    """`pretraining_caption` (the same draws from `rng`) and which of the subject's class,
+    colour, pattern, accent and the background it names: the text tower's attribute targets."""
     subject = scene.subject
     before, after = subject_details(subject)
     roll = rng.random()
+    named = {"class"}
     if roll < 0.25 and not subject.upside_down:
         words = _article(subject.cls)
     elif roll < 0.55:
         words = _article(f"{before} {subject.cls}")
+        named.add("colour")
     else:
         words = _article(f"{before} {subject.cls} {after}".strip())
+        named.update(("colour", "pattern", "accent") if after else ("colour",))
     if subject.upside_down and "upside down" not in words and rng.random() < 0.9:
         words = _article(f"upside down {subject.cls}")
+        named = {"class"}
     if subject.hat and rng.random() < 0.9:
         words += f" wearing {_article(subject.hat)} hat"
     roll = rng.random()
@@ -141,6 +153,7 @@ def pretraining_caption(scene: Scene, rng: np.random.Generator) -> str:
     else:
         level = ("noun", "spec", "prompt", "alt")[int(rng.choice(4, p=(0.2, 0.3, 0.35, 0.15)))]
         where = background_phrase(scene.background, level)
+        named.add("background")
     elements = []
     for element in scene.elements:
         roll = rng.random()
@@ -150,4 +163,4 @@ def pretraining_caption(scene: Scene, rng: np.random.Generator) -> str:
     text = _join(words, where, elements)
     if rng.random() < 0.15:
         text = "a photo of " + text
-    return text
+    return text, frozenset(named)

@@ -1,9 +1,11 @@
 """Rule `pretrain_world`: the world's CLIP, VAE, UNet, DINO-role ViT and judge, trained from
 scratch on rendered scenes and written with `save_pretrained` in the real models' layouts.
 
-Order: scenes -> tokenizer -> VAE -> CLIP -> judge (on scenes and their VAE reconstructions,
+Order: scenes -> tokenizer -> VAE -> CLIP (contrastive, plus heads that read the attributes a
+caption names from its text states) -> judge (on scenes and their VAE reconstructions,
 so it reads decoded images too) -> DINO-role ViT -> UNet (latent diffusion with SD's noise
-schedule, the frozen CLIP text tower, caption dropout, min-SNR weighting, EMA). Each part is
+schedule, the frozen CLIP text tower, caption dropout, min-SNR weighting, the subject's
+cells weighted up, EMA). Each part is
 seeded from the one seed; `manifest.json` records the settings, the code's digest, each part's
 time and the judge's held-out accuracy.
 """
@@ -31,13 +33,14 @@ from sidpipe.io import SidpipeError, atomic_dir, log
 from sidpipe.world.architectures import (
     JUDGE_FLAGS,
     JUDGE_HEADS,
+    TEXT_WIDTH,
     WorldJudge,
     clip_config,
     unet_kwargs,
     vae_kwargs,
     vit_config,
 )
-from sidpipe.world.captions import describe, pretraining_caption
+from sidpipe.world.captions import describe, pretraining_caption, pretraining_caption_naming
 from sidpipe.world.dataset import SceneSet, random_scenes
 from sidpipe.world.grammar import BACKGROUNDS, COLOURS, ELEMENTS, SUBJECT_CLASSES, held_out_triples
 
@@ -54,7 +57,12 @@ DEFAULTS: dict[str, Any] = {
     "eval_scenes": 2000,
     "vocab_size": 1000,
     "vae": {"steps": 600, "batch_size": 64, "learning_rate": 2.0e-3, "kl_weight": 1.0e-6},
-    "clip": {"steps": 1200, "batch_size": 256, "learning_rate": 1.0e-3},
+    "clip": {
+        "steps": 1200,
+        "batch_size": 256,
+        "learning_rate": 1.0e-3,
+        "text_attribute_weight": 1.0,
+    },
     "judge": {"steps": 1200, "batch_size": 128, "learning_rate": 2.0e-3},
     "dino": {"steps": 600, "batch_size": 128, "learning_rate": 1.0e-3, "temperature": 0.2},
     "unet": {
@@ -64,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "caption_dropout": 0.1,
         "snr_gamma": 5.0,
         "ema_decay": 0.999,
+        "subject_loss_weight": 4.0,
     },
 }
 PARTS = ("vae", "clip", "judge", "dino", "unet")
@@ -261,18 +270,41 @@ def reconstruct(
     return torch.cat(out).clamp(-1, 1)
 
 
+TEXT_ATTRIBUTES = ("background", "class", "colour", "pattern", "accent")
+
+
+def _text_attribute_targets(
+    labels: dict[str, np.ndarray], named: list[frozenset[str]]
+) -> dict[str, torch.Tensor]:
+    """Per attribute, each scene's label (`SceneSet.labels`' rows) where its caption names the
+    attribute, else -1 (ignored by the loss)."""
+    return {
+        k: torch.from_numpy(np.where([k in names for names in named], labels[k], -1))
+        for k in TEXT_ATTRIBUTES
+    }
+
+
 def train_clip(data: SceneSet, tokenizer: Any, cfg: dict, seed: int) -> Any:
+    """Contrastive CLIP training, plus (weight `text_attribute_weight`) linear heads that read
+    each attribute a caption names from its text states: the EOS state and the mean over the
+    tokens. Why: the frozen text tower is SD's text encoder, and contrastive training alone left
+    the pattern words at cosine 0.98-0.99 at their token (README, "What the base model cannot
+    draw"), so the UNet got one condition for every pattern. The heads are dropped after."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(**clip_config(tokenizer)))
     model.train()
+    heads = torch.nn.ModuleDict(
+        {k: torch.nn.Linear(TEXT_WIDTH, len(JUDGE_HEADS[k])) for k in TEXT_ATTRIBUTES}
+    )
     rng = np.random.default_rng(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = rng.choice(len(data), size=cfg["batch_size"], replace=False)
-        captions = [pretraining_caption(data.scenes[i], rng) for i in idx]
-        tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        scenes = [data.scenes[i] for i in idx]
+        captions, named = zip(*(pretraining_caption_naming(s, rng) for s in scenes), strict=True)
+        tokens = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt")
         pixels = _normalise(data.pixels(idx), CLIP_MEAN, CLIP_STD)
         out = model(
             input_ids=tokens.input_ids,
@@ -280,9 +312,21 @@ def train_clip(data: SceneSet, tokenizer: Any, cfg: dict, seed: int) -> Any:
             pixel_values=pixels,
             return_loss=True,
         )
-        return out.loss
+        text = out.text_model_output
+        valid = tokens.attention_mask.unsqueeze(-1).float()
+        mean = (text.last_hidden_state * valid).sum(1) / valid.sum(1)
+        targets = _text_attribute_targets(
+            {k: data.labels[k][idx] for k in TEXT_ATTRIBUTES}, list(named)
+        )
+        attribute = sum(
+            F.cross_entropy(heads[k](states), targets[k], ignore_index=-1)
+            for k in TEXT_ATTRIBUTES
+            if (targets[k] >= 0).any()
+            for states in (text.pooler_output, mean)
+        )
+        return out.loss + cfg["text_attribute_weight"] * attribute / (2 * len(TEXT_ATTRIBUTES))
 
-    _optimise(list(model.parameters()), cfg, "clip", loss_fn)
+    _optimise([*model.parameters(), *heads.parameters()], cfg, "clip", loss_fn)
     return model.eval()
 
 
@@ -412,6 +456,11 @@ def train_unet(
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     ema = [p.detach().clone() for p in unet.parameters()]
+    # The loss weight per latent cell: 1 + subject_loss_weight x the subject's share of it. The
+    # subject is ~10 % of a 32 px scene and its pattern ~2 %; unweighted, the background
+    # decides the loss and the base model drew a named pattern at about its prior rate.
+    subject = F.avg_pool2d(torch.from_numpy(data.masks).unsqueeze(1).float(), 2)
+    cell_weight = 1 + cfg["subject_loss_weight"] * subject
     text_encoder.eval().requires_grad_(False)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -439,7 +488,9 @@ def train_unet(
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, hidden).sample
         snr = snr_all[t]
         weight = torch.clamp(snr, max=cfg["snr_gamma"]) / snr  # min-SNR-gamma, epsilon target
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
+        cells = cell_weight[idx]
+        error = F.mse_loss(pred, noise, reduction="none").mean(1, keepdim=True)
+        per_sample = (cells * error).sum((1, 2, 3)) / cells.sum((1, 2, 3))
         return (weight * per_sample).mean()
 
     def update_ema(step: int) -> None:
