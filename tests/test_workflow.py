@@ -280,8 +280,8 @@ def test_demo_outputs(demo_run):
         for path in (demo_run / "results/train").glob("*/case1/blue_mug/train_info.json")
     }
     assert intervals == {
-        "dreambooth": 150,
-        "dreambooth--first1": 150,
+        "dreambooth": 300,  # demo/config.yaml's DreamBooth (600 steps) checkpoints at 300
+        "dreambooth--first1": 300,
         "dreambooth_masked": 1000,
         "custom_diffusion": 1000,
         "svdiff": 1000,
