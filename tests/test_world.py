@@ -116,7 +116,7 @@ def test_pretraining_captions_say_which_attributes_they_name():
     """The text tower's attribute targets: what the caption's words name, and the same caption
     (the same draws) as `pretraining_caption`."""
     from sidpipe.world.dataset import render_scenes
-    from sidpipe.world.pretrain import _text_attribute_targets
+    from sidpipe.world.trainers import _text_attribute_targets
 
     upside_down = Scene(Subject("dog", "red", "striped", "white", upside_down=True), "snow", ())
     for scene in (MUG, upside_down):

@@ -287,11 +287,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def vae_fidelity(vae: Any, judge: Any, scenes: Any) -> dict[str, Any]:
-    """What of a scene survives the world VAE's encode-decode (`pretrain.reconstruct`): the
+    """What of a scene survives the world VAE's encode-decode (`trainers.reconstruct`): the
     PSNR, and the judge's reading of the real scenes against their reconstructions, per identity
     head and all four at once. Every image the UNet draws comes out of this decoder, so the
     reconstructions' identity rate bounds what `subject_kept` can reach."""
-    from sidpipe.world.pretrain import reconstruct
+    from sidpipe.world.trainers import reconstruct
 
     real = scenes.pixels(slice(None))
     rebuilt = reconstruct(vae, scenes)
