@@ -580,11 +580,16 @@ def test_a_fatal_error_stops_queued_and_retrying_requests(
     retried, and images 03 and 04, queued, are never sent."""
     make_references(tmp_path)
     urls = {image_url(tmp_path, n): n for n in range(1, 5)}
+    second_in_flight = threading.Event()
 
     def responder(body: dict, n: int) -> Action:
         image = urls[url_of(body)]
         if image == 1:
+            # Refused only once 02 has arrived: on a loaded machine 02's worker may not have
+            # sent it yet when an immediate 401 comes back (the wait is a hang guard only).
+            second_in_flight.wait(60)
             return ("status", 401, "invalid key")
+        second_in_flight.set()
         return ("hang_then", 0.5, ("status", 500, "overloaded"))
 
     server = serve(responder)
