@@ -52,28 +52,13 @@ def conditioning(world: Path, scenes: int = 1000) -> dict:
     CLIP reads each attribute of fresh real scenes zero-shot."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sidpipe.world.competence import clip_attribute_accuracy, with_article, word_similarity
+    from sidpipe.world.competence import clip_attribute_accuracy, word_separation
     from sidpipe.world.dataset import random_scenes
-    from sidpipe.world.grammar import COLOURS, SUBJECT_CLASSES
 
     tokenizer = CLIPTokenizer.from_pretrained(world / "sd/tokenizer")
     encoder = CLIPTextModel.from_pretrained(world / "sd/text_encoder").eval()
     return {
-        "class_words": word_similarity(
-            encoder, tokenizer, SUBJECT_CLASSES, "a red {} on the grass"
-        ),
-        # "an orange dog": each colour after the article the captions give it
-        "colour_words": word_similarity(
-            encoder, tokenizer, [with_article(c) for c in COLOURS], "{} dog on the grass"
-        ),
-        # the pattern's noun, as the captions write a pattern ("with yellow spots", "with a
-        # yellow top"): the only word that tells the UNet which pattern to draw
-        "pattern_words": word_similarity(
-            encoder,
-            tokenizer,
-            ["spots", "stripes", "top"],
-            "a blue mug with yellow {} on the grass",
-        ),
+        **word_separation(encoder, tokenizer),
         "clip_zero_shot": clip_attribute_accuracy(
             world / "clip", random_scenes(scenes, seed=4321, resolution=32)
         ),

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sidpipe.world.captions import background_phrase
+from sidpipe.world.captions import _PATTERN_WORDS, background_phrase
+from sidpipe.world.grammar import COLOURS, SUBJECT_CLASSES
 from sidpipe.world.judge import load_judge, read_images
 
 
@@ -209,6 +210,24 @@ def word_similarity(
     ]
     pairs.sort(key=lambda pair: -pair["cosine"])
     return {"template": template, "pairs": pairs, "max": pairs[0] if pairs else None}
+
+
+def word_separation(text_encoder: Any, tokenizer: Any) -> dict[str, dict[str, Any]]:
+    """`word_similarity` for what the UNet must tell apart: the class words, the colour words
+    (each after the article the captions give it) and the pattern's noun as the captions write a
+    pattern ("with yellow spots", "with a yellow top"), the only word that names the pattern."""
+    nouns = [phrase.split()[-1] for phrase in _PATTERN_WORDS.values()]
+    return {
+        "class_words": word_similarity(
+            text_encoder, tokenizer, SUBJECT_CLASSES, "a red {} on the grass"
+        ),
+        "colour_words": word_similarity(
+            text_encoder, tokenizer, [with_article(c) for c in COLOURS], "{} dog on the grass"
+        ),
+        "pattern_words": word_similarity(
+            text_encoder, tokenizer, nouns, "a blue mug with yellow {} on the grass"
+        ),
+    }
 
 
 def zero_shot_accuracy(
