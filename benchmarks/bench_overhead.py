@@ -95,11 +95,11 @@ STAGES: dict[str, dict] = {
         "load": "",
     },
     "describe_references_manual": {
-        "imports": ["sidpipe.io", "sidpipe.descriptions"],
-        "load": "from sidpipe.descriptions import load_base_tokenizer\n"
+        "imports": ["sidpipe.io", "sidpipe.descriptions.stage"],
+        "load": "from sidpipe.descriptions.text import load_base_tokenizer\n"
         "load_base_tokenizer(P['sd'])",
     },
-    "compare_samples": {"imports": ["sidpipe.io", "sidpipe.sampling"], "load": ""},
+    "compare_samples": {"imports": ["sidpipe.io", "sidpipe.sample_grids"], "load": ""},
     "build_tiny_models": {
         "setup": True,
         "imports": {"old": ["sidpipe.io", "sidpipe.models"], "new": ["sidpipe.tiny_models"]},

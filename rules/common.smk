@@ -255,7 +255,7 @@ def vlm_model_input(wildcards):
 
 
 def description_settings(wildcards):
-    """Arguments of sidpipe.descriptions.describe_references (no secrets: only env var names)."""
+    """Arguments of sidpipe.descriptions.stage.describe_references (no secrets: only env var names)."""
     row = SUBJECTS[wildcards.subject]
     entry = config["descriptions"][wildcards.descriptions]
     limits = config.get("description_limits", {})

@@ -13,22 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidpipe.descriptions import (
-    FIELDS,
+from sidpipe.descriptions.cache import cache_key
+from sidpipe.descriptions.instructions import fill_instruction, load_instructions, retry_instruction
+from sidpipe.descriptions.stage import FIELDS, describe_references
+from sidpipe.descriptions.text import (
     PLACEHOLDER,
-    cache_key,
     caption_to_description,
     check_description,
     count_tokens,
-    describe_references,
-    fill_instruction,
     load_base_tokenizer,
-    load_instructions,
-    retry_instruction,
-    sha256_text,
     template_description,
 )
-from sidpipe.io import SidpipeError, read_csv, sha256_file
+from sidpipe.io import SidpipeError, read_csv, sha256_file, sha256_text
 from sidpipe.models import train_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -394,7 +390,7 @@ import sys
 from pathlib import Path
 from sidpipe.io import job_log
 with job_log({str(tmp_path / "job.log")!r}):
-    from sidpipe.descriptions import describe_references
+    from sidpipe.descriptions.stage import describe_references
     for case, vlm in ((1, None), (3, {{"name": "m", "backend": "manual", "model": "d.yaml"}})):
         describe_references(
             references_dir=Path({str(refs)!r}), out_csv=Path({str(tmp_path)!r}) / f"{{case}}.csv",

@@ -202,12 +202,15 @@ def test_a_new_attention_setting_reruns_the_mapped_job_without_resampling(run: d
     assert [(r["prompt_id"], r["seed"]) for r in rows] == [("0", "0"), ("0", "1")]
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["sidpipe.models", "sidpipe.sampling", "sidpipe.masks", "sidpipe.encoders", "sidpipe.subsets"],
-)
+LIGHT_MODULES = ["sidpipe.models", "sidpipe.sampling", "sidpipe.sample_grids", "sidpipe.masks"]
+LIGHT_MODULES += ["sidpipe.grounded_sam", "sidpipe.references", "sidpipe.encoders"]
+LIGHT_MODULES += ["sidpipe.subsets", "sidpipe.descriptions.stage", "sidpipe.vlm.local"]
+
+
+@pytest.mark.parametrize("module", LIGHT_MODULES)
 def test_light_modules_import_no_torch(module: str) -> None:
-    """Imported by jobs that may need no model (compare_samples, provided masks, describe)."""
+    """Imported by jobs that may need no model (compare_samples, provided masks, describe with
+    the template, a hand-written file or a server; a local VLM loads torch when it is made)."""
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in "
     code += "('torch', 'transformers', 'diffusers')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

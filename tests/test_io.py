@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sidpipe.descriptions import write_cache
+from sidpipe.descriptions.cache import write_cache
 from sidpipe.io import (
     SidpipeError,
     atomic_dir,

@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sidpipe.grounded_sam import _label, grounding_prompt, postprocess_mask
 from sidpipe.io import SidpipeError, read_csv
 from sidpipe.masks import (
     BOX_COLOR,
     MANIFEST_FIELDS,
     OVERLAY_COLOR,
-    _label,
-    grounding_prompt,
     mask_bbox,
     non_subject_segment,
     overlay,
-    postprocess_mask,
     segment_references,
     subject_segment,
 )

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from sidpipe.image_decode import center_crop_resize, load_rgb
 from sidpipe.io import SidpipeError, read_csv
 from sidpipe.references import (
     IMAGE_SUFFIXES,
     MANIFEST_FIELDS,
-    center_crop_resize,
     image_id_for,
     list_reference_images,
-    load_rgb,
     prepare_references,
     reference_inputs,
 )

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from sidpipe.io import SidpipeError, read_csv, write_csv
+from sidpipe.sample_grids import write_grids, write_side_by_side
 from sidpipe.sampling import (
     MANIFEST_FIELDS,
     arm_prompts,
@@ -20,8 +21,6 @@ from sidpipe.sampling import (
     load_arm_pipeline,
     negative_prompt_from_descriptions,
     sample_arm,
-    write_grids,
-    write_side_by_side,
 )
 from sidpipe.tiny_models import build_tiny_models
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from sidpipe.descriptions import describe_references, fill_instruction, sha256_text
-from sidpipe.io import SidpipeError, read_csv, sha256_file
+from sidpipe.descriptions.instructions import fill_instruction
+from sidpipe.descriptions.stage import describe_references
+from sidpipe.io import SidpipeError, read_csv, sha256_file, sha256_text
 from sidpipe.models import train_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

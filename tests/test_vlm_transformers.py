@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from sidpipe.descriptions import (
-    caption_to_description,
-    describe_references,
-    fill_instruction,
-    sha256_text,
-)
-from sidpipe.io import SidpipeError, sha256_file
+from sidpipe.descriptions.instructions import fill_instruction
+from sidpipe.descriptions.stage import describe_references
+from sidpipe.descriptions.text import caption_to_description
+from sidpipe.io import SidpipeError, sha256_file, sha256_text
 from sidpipe.models import train_clip_tokenizer
 from sidpipe.tiny_vlms import build_tiny_blip2, build_tiny_llava
-from sidpipe.vlm import TransformersBackend, VLMRequest
+from sidpipe.vlm import VLMRequest
+from sidpipe.vlm.local import TransformersBackend
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tests/data/tiny_demo/subjects"

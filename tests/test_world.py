@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from sidpipe.agreement import agreement, spearman
-from sidpipe.descriptions import check_description
+from sidpipe.descriptions.text import check_description
 from sidpipe.world.captions import describe, pretraining_caption, pretraining_caption_naming
 from sidpipe.world.draw import render
 from sidpipe.world.grammar import (

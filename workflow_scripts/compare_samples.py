@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from sidpipe.io import job_log
-from sidpipe.sampling import write_side_by_side
+from sidpipe.sample_grids import write_side_by_side
 
 smk = snakemake  # noqa: F821
 with job_log(smk.log[0]):

@@ -6,7 +6,7 @@ from sidpipe.io import job_log
 
 smk = snakemake  # noqa: F821
 with job_log(smk.log[0]):
-    from sidpipe.descriptions import describe_references
+    from sidpipe.descriptions.stage import describe_references
 
     describe_references(
         references_dir=Path(smk.input.references).parent,

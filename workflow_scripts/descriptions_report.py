@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from sidpipe.descriptions import write_descriptions_table
+from sidpipe.descriptions.report import write_descriptions_table
 from sidpipe.io import job_log
 
 smk = snakemake  # noqa: F821

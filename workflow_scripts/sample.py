@@ -8,7 +8,8 @@ from sidpipe.models import setup_job
 smk = snakemake  # noqa: F821
 setup_job(smk.threads)  # torch on the job's threads, bitsandbytes hidden: before imports
 with job_log(smk.log[0]):
-    from sidpipe.sampling import LazyPipeline, arm_prompts, sample_arm, write_grids
+    from sidpipe.sample_grids import write_grids
+    from sidpipe.sampling import LazyPipeline, arm_prompts, sample_arm
 
     settings = dict(smk.params.settings)
     negative_csv = smk.input.negative if "negative" in smk.input.keys() else None

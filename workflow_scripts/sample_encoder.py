@@ -9,7 +9,7 @@ smk = snakemake  # noqa: F821
 setup_job(smk.threads)  # torch on the job's threads, bitsandbytes hidden: before imports
 with job_log(smk.log[0]):
     from sidpipe.encoders.sampling import sample_encoder_arm
-    from sidpipe.sampling import write_grids
+    from sidpipe.sample_grids import write_grids
 
     out_dir = Path(smk.output.manifest).parent
     rows = sample_encoder_arm(

@@ -351,11 +351,11 @@ def generated_subject_mask(
     """The subject's mask in each generated image (GroundingDINO box -> SAM -> the same
     post-processing as the references); None where no box scores above `box_threshold`
     (unlike references, a generated image may well lack the subject: no error)."""
-    from sidpipe.masks import _detect, _segment_boxes, grounding_prompt, postprocess_mask
+    from sidpipe.grounded_sam import detect, grounding_prompt, postprocess_mask, segment_boxes
 
     prompt = grounding_prompt(text_prompt or class_name)
     rgb = [image.convert("RGB") for image in images]
-    detections = _detect(
+    detections = detect(
         rgb,
         prompt,
         detector,
@@ -370,7 +370,7 @@ def generated_subject_mask(
     masks: list[np.ndarray | None] = [None] * len(images)
     if found:
         boxes = [detections[i].box for i in found]
-        segmented = _segment_boxes(
+        segmented = segment_boxes(
             [rgb[i] for i in found], boxes, segmenter, device, batch_size, "generated"
         )
         for i, (mask, _iou) in zip(found, segmented, strict=True):

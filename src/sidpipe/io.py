@@ -31,6 +31,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def looks_local(model: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else path-like is meant as a local folder."""
+    return (
+        Path(model).is_absolute()
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or Path(model).exists()
+    )
+
+
 _UMASK_LOCK = threading.Lock()
 
 

@@ -9,14 +9,21 @@ Everything is written through `atomic_dir`, so a failure leaves no partial outpu
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+from sidpipe.grounded_sam import (
+    DEFAULT_DETECTOR,
+    DEFAULT_SEGMENTER,
+    Box,
+    detect,
+    grounding_prompt,
+    postprocess_mask,
+    segment_boxes,
+)
 from sidpipe.io import SidpipeError, atomic_dir, log, read_csv, write_csv
 
 MANIFEST_FIELDS = [
@@ -41,15 +48,11 @@ MANIFEST_FIELDS = [
 ]
 BACKENDS = ("grounded_sam", "provided")
 BOX_MODES = ("best", "union")
-DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-base"
-DEFAULT_SEGMENTER = "facebook/sam-vit-huge"
 MASK_SUFFIX = ".mask.png"  # as in sidpipe.references
 
 OVERLAY_COLOR = (255, 0, 255)  # magenta: rare in photos, visible on any background
 OVERLAY_ALPHA = 0.5
 BOX_COLOR = (255, 255, 0)
-
-Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
 
 # --- mask geometry -------------------------------------------------------------------------
@@ -117,67 +120,7 @@ def overlay(image: Image.Image, mask: np.ndarray, box: Box | None = None) -> Ima
     return out
 
 
-def _label(binary: np.ndarray) -> np.ndarray:
-    """4-connected component labels of `binary` (label = smallest flat index in the component;
-    -1 off the mask).
-
-    Vectorised union-find: hook every edge's larger root onto the smaller one, then compress
-    paths by pointer jumping; repeats until no edge joins two roots, which takes a few rounds.
-    """
-    height, width = binary.shape
-    index = np.arange(height * width).reshape(height, width)
-    right = binary[:, :-1] & binary[:, 1:]
-    down = binary[:-1, :] & binary[1:, :]
-    a = np.concatenate([index[:, :-1][right], index[:-1, :][down]])
-    b = np.concatenate([index[:, 1:][right], index[1:, :][down]])
-    parent = np.arange(height * width)
-    while a.size:
-        root_a, root_b = parent[a], parent[b]
-        split = root_a != root_b
-        if not split.any():
-            break
-        low = np.minimum(root_a[split], root_b[split])
-        high = np.maximum(root_a[split], root_b[split])
-        # Roots only ever point to smaller indices, so no cycles can form.
-        np.minimum.at(parent, high, low)
-        while True:
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                break
-            parent = jumped
-    return np.where(binary, parent.reshape(height, width), -1)
-
-
-def postprocess_mask(mask: np.ndarray, fill_holes: bool, largest_component: bool) -> np.ndarray:
-    """Fill holes (background not 4-connected to the border), then keep only the largest
-    4-connected component (ties: the first in raster order). Returns a bool array."""
-    keep = np.asarray(mask) != 0
-    if fill_holes and keep.any():
-        background = _label(~keep)
-        border = np.concatenate(
-            [background[0], background[-1], background[:, 0], background[:, -1]]
-        )
-        outside = np.isin(background, border[border >= 0])
-        keep = keep | ((background >= 0) & ~outside)
-    if largest_component and keep.any():
-        labels = _label(keep)
-        values, counts = np.unique(labels[keep], return_counts=True)
-        keep = labels == values[np.argmax(counts)]  # unique is sorted: ties -> raster order
-    return keep
-
-
-# --- Grounded-SAM --------------------------------------------------------------------------
-
-
-def grounding_prompt(text: str) -> str:
-    """GroundingDINO's prompt format: lower case, single spaces, ending with '.'."""
-    words = " ".join(text.lower().split()).rstrip(". ")
-    if not words:
-        raise SidpipeError(
-            "the detector text prompt is empty; set the subject's `text_prompt` column in the "
-            "subjects table, or leave it empty to use the class"
-        )
-    return words + "."
+# --- Grounded-SAM on the references (the models run in sidpipe.grounded_sam) ---------------
 
 
 @dataclass
@@ -186,14 +129,6 @@ class _Segmentation:
     box: Box | None = None
     score: float | None = None
     iou: float | None = None
-
-
-@dataclass
-class _Detection:
-    box: Box | None
-    score: float
-    candidates: list[float]  # the best raw query scores, for the error message
-    label: str
 
 
 def _ways_out(box_threshold: float) -> str:
@@ -205,106 +140,6 @@ def _ways_out(box_threshold: float) -> str:
         f"`<stem>{MASK_SUFFIX}` (subject white) next to each source image and use the "
         "`provided` backend (the subject's `mask_backend` column)."
     )
-
-
-def _batches(n: int, batch_size: int) -> list[range]:
-    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-
-
-def _detect(
-    images: list[Image.Image],
-    prompt: str,
-    detector_name: str,
-    device: str,
-    box_threshold: float,
-    text_threshold: float,
-    box_mode: str,
-    batch_size: int,
-    subject: str,
-) -> list[_Detection]:
-    """One GroundingDINO box per image (the best, or the union of all above the threshold).
-
-    `box_threshold` decides which boxes count; `text_threshold` only picks the prompt tokens
-    that name a box (its label), as in Grounded-SAM.
-    """
-    import torch  # heavy imports, only for this backend (provided masks need neither)
-
-    from sidpipe.models import load_grounding_dino
-
-    detector, processor = load_grounding_dino(detector_name, device)
-    detections: list[_Detection] = []
-    batches = _batches(len(images), batch_size)
-    for batch in tqdm(batches, desc=f"detect {subject}", unit="batch", file=sys.stderr):
-        chunk = [images[i] for i in batch]
-        inputs = processor(images=chunk, text=[prompt] * len(chunk), return_tensors="pt")
-        inputs = inputs.to(detector.device)
-        with torch.inference_mode():
-            outputs = detector(**inputs)
-        results = processor.post_process_grounded_object_detection(
-            outputs,
-            inputs["input_ids"],
-            threshold=box_threshold,
-            text_threshold=text_threshold,
-            target_sizes=[(img.height, img.width) for img in chunk],
-        )
-        # The score post-processing thresholds: each query's best token probability.
-        raw = outputs.logits.sigmoid().amax(dim=-1).float().cpu()
-        for img, result, scores in zip(chunk, results, raw, strict=True):
-            top = sorted(scores.tolist(), reverse=True)[:3]
-            if len(result["scores"]) == 0:
-                detections.append(_Detection(None, top[0] if top else 0.0, top, ""))
-                continue
-            boxes = result["boxes"].float().cpu()
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, img.width)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, img.height)
-            best = int(result["scores"].argmax())
-            if box_mode == "union":
-                box = (*boxes[:, :2].amin(dim=0).tolist(), *boxes[:, 2:].amax(dim=0).tolist())
-            else:
-                box = tuple(boxes[best].tolist())
-            score = float(result["scores"][best])
-            detections.append(_Detection(box, score, top, result["text_labels"][best]))
-    return detections
-
-
-def _segment_boxes(
-    images: list[Image.Image],
-    boxes: list[Box],
-    segmenter_name: str,
-    device: str,
-    batch_size: int,
-    subject: str,
-) -> list[tuple[np.ndarray, float]]:
-    """SAM mask (the best of its three by predicted IoU) and that IoU per image and box."""
-    import torch  # heavy imports, only for this backend
-
-    from sidpipe.models import load_sam
-
-    sam, processor = load_sam(segmenter_name, device)
-    out: list[tuple[np.ndarray, float]] = []
-    batches = _batches(len(images), batch_size)
-    for batch in tqdm(batches, desc=f"segment {subject}", unit="batch", file=sys.stderr):
-        chunk = [images[i] for i in batch]
-        inputs = processor(
-            images=chunk, input_boxes=[[list(boxes[i])] for i in batch], return_tensors="pt"
-        )
-        with torch.inference_mode():
-            outputs = sam(
-                pixel_values=inputs["pixel_values"].to(sam.device, sam.dtype),
-                # The processor returns float64 boxes; the prompt encoder wants the model dtype.
-                input_boxes=inputs["input_boxes"].to(sam.device, sam.dtype),
-                multimask_output=True,
-            )
-        iou = outputs.iou_scores[:, 0].float().cpu()  # (batch, 3): one box per image
-        best = iou.argmax(dim=-1)
-        masks = processor.post_process_masks(
-            outputs.pred_masks.float().cpu(),
-            inputs["original_sizes"],
-            inputs["reshaped_input_sizes"],
-        )
-        for k in range(len(chunk)):
-            out.append((masks[k][0, best[k]].numpy().astype(bool), float(iou[k, best[k]])))
-    return out
 
 
 def _grounded_sam(
@@ -323,7 +158,7 @@ def _grounded_sam(
     batch_size: int,
     device: str,
 ) -> list[_Segmentation]:
-    detections = _detect(
+    detections = detect(
         images,
         prompt,
         detector,
@@ -348,7 +183,7 @@ def _grounded_sam(
             f"{len(ids)} reference images:\n" + "\n".join(missed) + "\n" + _ways_out(box_threshold)
         )
     boxes = [det.box for det in detections]
-    segmented = _segment_boxes(images, boxes, segmenter, device, batch_size, subject)
+    segmented = segment_boxes(images, boxes, segmenter, device, batch_size, subject)
     results = []
     for image_id, path, det, (mask, iou) in zip(ids, paths, detections, segmented, strict=True):
         mask = postprocess_mask(mask, fill_holes, largest_component)
@@ -600,14 +435,10 @@ __all__ = [
     "write_overlay_grid",
     "BACKENDS",
     "BOX_MODES",
-    "DEFAULT_DETECTOR",
-    "DEFAULT_SEGMENTER",
     "MANIFEST_FIELDS",
-    "grounding_prompt",
     "mask_bbox",
     "non_subject_segment",
     "overlay",
-    "postprocess_mask",
     "segment_references",
     "subject_segment",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .io import SidpipeError, log
+from .io import SidpipeError, log, looks_local
 
 if TYPE_CHECKING:
     import torch
@@ -145,20 +145,10 @@ def pick_device(prefer: str = "auto") -> torch.device:
     return device
 
 
-def _looks_local(model: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else path-like is meant as a local folder."""
-    return (
-        Path(model).is_absolute()
-        or model.startswith((".", "~"))
-        or model.count("/") > 1
-        or Path(model).exists()
-    )
-
-
 @contextlib.contextmanager
 def _loading(what: str, model: str, key: str) -> Iterator[None]:
     """Turn any from_pretrained failure into an error naming the model string and config key."""
-    if _looks_local(model) and not Path(model).expanduser().is_dir():
+    if looks_local(model) and not Path(model).expanduser().is_dir():
         # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
         raise SidpipeError(
             f"{what}: model folder {model!r} (config key models.{key}) does not exist; "
