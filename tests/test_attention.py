@@ -21,12 +21,12 @@ from sidpipe.attention import (
     attention_maps,
     attention_mass_in_mask,
     finish_map,
-    generated_subject_mask,
     identifier_positions,
     overlay_attention,
     record_cross_attention,
     token_attention,
 )
+from sidpipe.grounded_sam import generated_subject_mask
 from sidpipe.io import SidpipeError, read_csv
 from sidpipe.sampling import LazyPipeline, expand_prompts, load_arm_pipeline, sample_arm
 from sidpipe.tiny_models import build_tiny_models

@@ -13,11 +13,11 @@ from PIL import Image
 
 from sidpipe.encoders.blip_diffusion import (
     PatchedBlip2QFormerModel,
-    build_tiny_blip_diffusion,
     fit_negative_prompt,
     generate,
     load_blip_diffusion,
 )
+from sidpipe.encoders.tiny import build_tiny_blip_diffusion
 from sidpipe.io import SidpipeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sidpipe.encoders import elite as E
+from sidpipe.encoders.tiny import build_tiny_elite
 from sidpipe.io import SidpipeError
 
 # The official parameter names (csyxwei/ELITE train_global.Mapper / train_local.MapperLocal:
@@ -54,7 +55,7 @@ def shapes_of(state: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return E.build_tiny_elite(tmp_path_factory.mktemp("elite"), seed=0)
+    return build_tiny_elite(tmp_path_factory.mktemp("elite"), seed=0)
 
 
 @pytest.fixture(scope="module")

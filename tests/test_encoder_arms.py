@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sidpipe.encoders.blip_diffusion import build_tiny_blip_diffusion
-from sidpipe.encoders.elite import build_tiny_elite
 from sidpipe.encoders.sampling import sample_encoder_arm
+from sidpipe.encoders.tiny import build_tiny_blip_diffusion, build_tiny_elite
 from sidpipe.io import SidpipeError, read_csv
 from sidpipe.masks import segment_references
 from sidpipe.references import prepare_references

@@ -8,8 +8,7 @@ from sidpipe.models import setup_job
 smk = snakemake  # noqa: F821
 setup_job(smk.threads)  # torch on the job's threads, bitsandbytes hidden: before imports
 with job_log(smk.log[0]):
-    from sidpipe.encoders.blip_diffusion import build_tiny_blip_diffusion
-    from sidpipe.encoders.elite import build_tiny_elite
+    from sidpipe.encoders.tiny import build_tiny_blip_diffusion, build_tiny_elite
 
     with atomic_dir(Path(smk.output[0])) as tmp:
         build_tiny_blip_diffusion(tmp / "blip_diffusion", seed=smk.params.seed)

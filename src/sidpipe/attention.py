@@ -8,7 +8,8 @@ timesteps, layers and heads (each layer's map resized to a common size first), s
 identifier's sub-tokens, upsampled to the image and normalised to sum 1.
 
 Beyond the paper: `attention_mass_in_mask` is the share of that mass inside the subject's mask,
-found by Grounded-SAM on the generated image (`generated_subject_mask`).
+found by Grounded-SAM on the generated image (`sidpipe.grounded_sam.generated_subject_mask`)
+or, in the synthetic world, read by its judge (`judged_subject_mask`).
 """
 
 from __future__ import annotations
@@ -331,51 +332,7 @@ def attention_mass_in_mask(attention: np.ndarray, mask: np.ndarray) -> float:
     return float(values[keep].sum() / total)
 
 
-# --- Grounded-SAM on generated images ------------------------------------------------------
-
-
-def generated_subject_mask(
-    images: list[Image.Image],
-    class_name: str,
-    detector: str,
-    segmenter: str,
-    box_threshold: float = 0.3,
-    text_threshold: float = 0.25,
-    box_mode: str = "best",
-    fill_holes: bool = True,
-    largest_component: bool = True,
-    batch_size: int = 8,
-    device: str = "auto",
-    text_prompt: str | None = None,
-) -> list[np.ndarray | None]:
-    """The subject's mask in each generated image (GroundingDINO box -> SAM -> the same
-    post-processing as the references); None where no box scores above `box_threshold`
-    (unlike references, a generated image may well lack the subject: no error)."""
-    from sidpipe.grounded_sam import detect, grounding_prompt, postprocess_mask, segment_boxes
-
-    prompt = grounding_prompt(text_prompt or class_name)
-    rgb = [image.convert("RGB") for image in images]
-    detections = detect(
-        rgb,
-        prompt,
-        detector,
-        device,
-        box_threshold,
-        text_threshold,
-        box_mode,
-        batch_size,
-        "generated",
-    )
-    found = [i for i, det in enumerate(detections) if det.box is not None]
-    masks: list[np.ndarray | None] = [None] * len(images)
-    if found:
-        boxes = [detections[i].box for i in found]
-        segmented = segment_boxes(
-            [rgb[i] for i in found], boxes, segmenter, device, batch_size, "generated"
-        )
-        for i, (mask, _iou) in zip(found, segmented, strict=True):
-            masks[i] = postprocess_mask(mask, fill_holes, largest_component)
-    return masks
+# --- the subject's mask in generated images -----------------------------------------------
 
 
 def judged_subject_mask(images: list[Image.Image], judge: str) -> list[np.ndarray | None]:
@@ -414,7 +371,8 @@ def attention_for_arm(
     identifier's map (maps/*.png, maps.npz), its overlay, the subject's mask and
     `attention.csv` (prompt_id, seed, attention_mass_in_mask, mask_fraction, ...).
 
-    `segmentation`: keyword arguments for `generated_subject_mask` (thresholds, box_mode, ...).
+    `segmentation`: keyword arguments for `sidpipe.grounded_sam.generated_subject_mask`
+    (thresholds, box_mode, ...).
     `judge`: the synthetic world's judge folder; when given, its mask head (trained on the
     scenes' true masks) gives the generated images' subject masks instead of Grounded-SAM.
     `pipe` (tests) is used as given; otherwise the pipeline comes from `loader` (the one the
@@ -443,6 +401,8 @@ def attention_for_arm(
     if judge:
         masks = judged_subject_mask(images, judge)
     else:
+        from sidpipe.grounded_sam import generated_subject_mask
+
         masks = generated_subject_mask(
             images, class_name, detector, segmenter, device=device, **(segmentation or {})
         )
@@ -493,7 +453,6 @@ __all__ = [
     "attention_mass_in_mask",
     "attention_maps",
     "finish_map",
-    "generated_subject_mask",
     "identifier_positions",
     "map_image",
     "overlay_attention",

@@ -185,3 +185,45 @@ def postprocess_mask(mask: np.ndarray, fill_holes: bool, largest_component: bool
         values, counts = np.unique(labels[keep], return_counts=True)
         keep = labels == values[np.argmax(counts)]  # unique is sorted: ties -> raster order
     return keep
+
+
+def generated_subject_mask(
+    images: list[Image.Image],
+    class_name: str,
+    detector: str,
+    segmenter: str,
+    box_threshold: float = 0.3,
+    text_threshold: float = 0.25,
+    box_mode: str = "best",
+    fill_holes: bool = True,
+    largest_component: bool = True,
+    batch_size: int = 8,
+    device: str = "auto",
+    text_prompt: str | None = None,
+) -> list[np.ndarray | None]:
+    """The subject's mask in each generated image (GroundingDINO box -> SAM -> the same
+    post-processing as the references); None where no box scores above `box_threshold`
+    (unlike references, a generated image may well lack the subject: no error)."""
+    prompt = grounding_prompt(text_prompt or class_name)
+    rgb = [image.convert("RGB") for image in images]
+    detections = detect(
+        rgb,
+        prompt,
+        detector,
+        device,
+        box_threshold,
+        text_threshold,
+        box_mode,
+        batch_size,
+        "generated",
+    )
+    found = [i for i, det in enumerate(detections) if det.box is not None]
+    masks: list[np.ndarray | None] = [None] * len(images)
+    if found:
+        boxes = [detections[i].box for i in found]
+        segmented = segment_boxes(
+            [rgb[i] for i in found], boxes, segmenter, device, batch_size, "generated"
+        )
+        for i, (mask, _iou) in zip(found, segmented, strict=True):
+            masks[i] = postprocess_mask(mask, fill_holes, largest_component)
+    return masks

@@ -12,9 +12,9 @@ UNTRAINED_ALGORITHMS = (*ENCODER_ALGORITHMS, BASE_MODEL_ALGORITHM)
 # Exported lazily (PEP 562): the modules import torch, transformers and diffusers, which a job
 # that imports this package for something else should not pay for. name -> defining submodule.
 _LAZY_EXPORTS = {
-    "build_tiny_blip_diffusion": "blip_diffusion",
+    "build_tiny_blip_diffusion": "tiny",
     "load_blip_diffusion": "blip_diffusion",
-    "build_tiny_elite": "elite",
+    "build_tiny_elite": "tiny",
     "load_elite": "elite",
 }
 

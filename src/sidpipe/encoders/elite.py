@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..io import SidpipeError, atomic_dir, atomic_file, log
+from ..io import SidpipeError, log
 
 PLACEHOLDER = "S"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -71,7 +71,6 @@ OFFICIAL_HIDDEN = 1024  # the mappers' hard-coded width
 SEG_SIZE = 128  # CustomDatasetWithBG's mask size before the patch grid
 LMS_KWARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 OFFICIAL_STEPS, OFFICIAL_GUIDANCE, OFFICIAL_LAMBDA = 100, 5.0, 0.8
-TINY_CORPUS = ["a photo of a S", "a S on the beach", "a S in the jungle", "a photo of a dog"]
 
 
 # --- the official modules ---------------------------------------------------------------------
@@ -477,40 +476,3 @@ def load_elite(
     if local_mapper is not None:
         mapper_local = load_mapper(MapperLocal, local_mapper, parts.unet, *dims).to(dev, dt)
     return Elite(parts, vision, mapper, mapper_local, dev, dt)
-
-
-def build_tiny_elite(out_dir: Path, base_model: str | None = None, seed: int = 0) -> dict[str, str]:
-    """Tiny random ELITE in the official layout: SD (`build_tiny_models`' unless `base_model`),
-    a 24-layer CLIPVisionModel (32 px, 2 px patches: the official 16x16 grid) and
-    `global_mapper.pt` / `local_mapper.pt` (torch.save of the state dicts, official names, their
-    to_k/to_v copied from the UNet as training initialises them). Byte-identical per seed."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
-
-    out_dir = Path(out_dir)
-    if base_model is None:
-        from ..tiny_models import build_tiny_models
-
-        base_model = build_tiny_models(out_dir / "tiny", TINY_CORPUS, seed=seed)["sd"]
-    text_dim = CLIPTextConfig.from_pretrained(base_model, subfolder="text_encoder").hidden_size
-    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
-    config = CLIPVisionConfig(
-        image_size=32,
-        patch_size=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=24,
-        num_attention_heads=4,
-    )
-    torch.manual_seed(seed)
-    with atomic_dir(out_dir / "image_encoder") as tmp:
-        CLIPVisionModel(config).save_pretrained(tmp)
-    paths = {"sd": str(base_model), "image_encoder": str(out_dir / "image_encoder")}
-    for cls, name in ((Mapper, "global_mapper"), (MapperLocal, "local_mapper")):
-        torch.manual_seed(seed)
-        mapper = cls(config.hidden_size, text_dim, hidden_dim=32)
-        add_projections(mapper, unet, copy_from_unet=True)
-        with atomic_file(out_dir / f"{name}.pt", "wb") as handle:
-            torch.save(mapper.state_dict(), handle)
-        paths[name] = str(out_dir / f"{name}.pt")
-    return paths
