@@ -21,6 +21,7 @@ from sidpipe.descriptions.text import (
     caption_to_description,
     check_description,
     count_tokens,
+    judge_answer,
     load_base_tokenizer,
     template_description,
 )
@@ -304,6 +305,45 @@ def test_count_tokens_uses_the_identifier(base: str) -> None:
     # BOS + "sks" + "mug"... with [V] replaced: the identifier, not the 3 symbols "[", "v", "]".
     assert count_tokens(tokenizer, "[V]", "sks") == len(tokenizer("sks")["input_ids"])
     assert count_tokens(tokenizer, "a [V] mug") < count_tokens(tokenizer, "a [V] mug " * 3)
+
+
+def _judge(base: str, answer: str, finish: str = "stop", follows: bool = True, limit: int = 77):
+    return judge_answer(
+        answer,
+        finish,
+        follows_instructions=follows,
+        class_name="mug",
+        noun="mug",
+        style=False,
+        tokenizer=load_base_tokenizer(base),
+        identifier="sks",
+        max_text_tokens=limit,
+    )
+
+
+def test_judge_answer_accepts_or_says_why_not(base: str) -> None:
+    assert _judge(base, "a [V] mug on a checkered tablecloth") == (
+        "a [V] mug on a checkered tablecloth",
+        None,
+    )
+    text, problem = _judge(base, "a [V] mug on a", finish="length")
+    assert text == "a [V] mug on a" and "cut off" in problem
+    assert "content filter" in _judge(base, "a [V] mug", finish="content_filter")[1]
+    assert 'finish_reason "error"' in _judge(base, "a [V] mug", finish="error")[1]
+    # the model is told how many words fit, and the limit it broke
+    long = "a [V] mug " + "with a green plant beside it " * 4
+    _, problem = _judge(base, long, limit=12)
+    assert "reads only 12" in problem and "at most 8 words" in problem
+
+
+def test_judge_answer_makes_a_caption_a_description_and_trims_it(base: str) -> None:
+    # a captioning model cannot be asked again: "[V]" is placed and the text trimmed to fit
+    text, problem = _judge(base, "a mug on a checkered tablecloth next to a plant", follows=False)
+    assert (text, problem) == ("a [V] mug on a checkered tablecloth next to a plant", None)
+    tokenizer = load_base_tokenizer(base)
+    text, problem = _judge(base, "a mug on a checkered tablecloth next to a plant", "", False, 8)
+    assert problem is None and count_tokens(tokenizer, text) <= 8
+    assert text.startswith("a [V] mug") and len(text) < len("a [V] mug on a checkered tablecloth")
 
 
 # --- instructions and cache keys ----------------------------------------------------------------
