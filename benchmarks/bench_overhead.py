@@ -43,7 +43,8 @@ ARM = "dreambooth/case1"  # weights timed by the sample stages (9 of the demo's 
 # What each job does before its first real computation, in a fresh interpreter: `imports`
 # (the adapter's modules, as it imports them), then `load` (its model loads, code run with the
 # demo's model folders in `P`). `setup`: the new adapter first calls setup_job (torch threads,
-# bitsandbytes hidden). A stage may give per-code imports as {"old": [...], "new": [...]}.
+# bitsandbytes hidden). A stage may give per-code imports and loads as {"old": ..., "new": ...}
+# (a module the baseline had under another name).
 PREAMBLE = ["snakemake.logging", "snakemake.iocontainers"]  # Snakemake's script preamble
 _PIPELINE = "load_arm_pipeline(P['sd'], 'dreambooth', P['weights'], 'float32', 'cpu')"
 _MASKERS = "load_grounding_dino(P['grounding_dino'], 'cpu'); load_sam(P['sam'], 'cpu')"
@@ -95,11 +96,24 @@ STAGES: dict[str, dict] = {
         "load": "",
     },
     "describe_references_manual": {
-        "imports": ["sidpipe.io", "sidpipe.descriptions.stage"],
-        "load": "from sidpipe.descriptions.text import load_base_tokenizer\n"
-        "load_base_tokenizer(P['sd'])",
+        "imports": {
+            "old": ["sidpipe.io", "sidpipe.descriptions"],
+            "new": ["sidpipe.io", "sidpipe.descriptions.stage"],
+        },
+        "load": {
+            "old": "from sidpipe.descriptions import load_base_tokenizer\n"
+            "load_base_tokenizer(P['sd'])",
+            "new": "from sidpipe.descriptions.text import load_base_tokenizer\n"
+            "load_base_tokenizer(P['sd'])",
+        },
     },
-    "compare_samples": {"imports": ["sidpipe.io", "sidpipe.sample_grids"], "load": ""},
+    "compare_samples": {
+        "imports": {
+            "old": ["sidpipe.io", "sidpipe.sampling"],
+            "new": ["sidpipe.io", "sidpipe.sample_grids"],
+        },
+        "load": "",
+    },
     "build_tiny_models": {
         "setup": True,
         "imports": {"old": ["sidpipe.io", "sidpipe.models"], "new": ["sidpipe.tiny_models"]},
@@ -230,11 +244,14 @@ def time_stage(src: Path, stage: str, version: str, paths: dict[str, str]) -> di
     imports = spec["imports"]
     if isinstance(imports, dict):
         imports = imports[version]
+    load = spec["load"]
+    if isinstance(load, dict):
+        load = load[version]
     child = {
         "preamble": PREAMBLE,
         "setup": bool(spec.get("setup")) and version == "new",
         "imports": imports,
-        "load": spec["load"],
+        "load": load,
         "paths": paths,
     }
     spawned = time.time()
