@@ -16,6 +16,7 @@ from sidpipe.io import (
     atomic_dir,
     atomic_file,
     current_umask,
+    looks_local,
     read_yaml,
     write_csv,
 )
@@ -107,3 +108,13 @@ def test_read_yaml_accepts_a_byte_order_mark_and_names_errors(tmp_path: Path) ->
         read_yaml(path)
     with pytest.raises(SidpipeError, match="does not exist"):
         read_yaml(tmp_path / "nope.yaml")
+
+
+def test_looks_local_tells_hub_ids_from_folders(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for hub_id in ("openai/clip-vit-base-patch32", "bert-base-uncased"):
+        assert not looks_local(hub_id)
+    for folder in ("/models/sd", "./sd", "~/sd", "results/world/models/clip"):
+        assert looks_local(folder)
+    (tmp_path / "org" / "name").mkdir(parents=True)  # a folder shaped like a hub id
+    assert looks_local("org/name")
