@@ -187,6 +187,29 @@ def postprocess_mask(mask: np.ndarray, fill_holes: bool, largest_component: bool
     return keep
 
 
+def segment_detections(
+    images: list[Image.Image],
+    detections: list[Detection],
+    segmenter_name: str,
+    device: str,
+    batch_size: int,
+    subject: str,
+    fill_holes: bool,
+    largest_component: bool,
+) -> list[tuple[np.ndarray, float] | None]:
+    """SAM on every image with a box, then `postprocess_mask`: (mask, SAM's IoU) per image,
+    None where the detector found no box (SAM is not loaded when none has one)."""
+    found = [i for i, det in enumerate(detections) if det.box is not None]
+    out: list[tuple[np.ndarray, float] | None] = [None] * len(images)
+    if found:
+        boxes = [detections[i].box for i in found]
+        chunk = [images[i] for i in found]
+        segmented = segment_boxes(chunk, boxes, segmenter_name, device, batch_size, subject)
+        for i, (mask, iou) in zip(found, segmented, strict=True):
+            out[i] = (postprocess_mask(mask, fill_holes, largest_component), iou)
+    return out
+
+
 def generated_subject_mask(
     images: list[Image.Image],
     class_name: str,
@@ -217,13 +240,7 @@ def generated_subject_mask(
         batch_size,
         "generated",
     )
-    found = [i for i, det in enumerate(detections) if det.box is not None]
-    masks: list[np.ndarray | None] = [None] * len(images)
-    if found:
-        boxes = [detections[i].box for i in found]
-        segmented = segment_boxes(
-            [rgb[i] for i in found], boxes, segmenter, device, batch_size, "generated"
-        )
-        for i, (mask, _iou) in zip(found, segmented, strict=True):
-            masks[i] = postprocess_mask(mask, fill_holes, largest_component)
-    return masks
+    segmented = segment_detections(
+        rgb, detections, segmenter, device, batch_size, "generated", fill_holes, largest_component
+    )
+    return [None if found is None else found[0] for found in segmented]

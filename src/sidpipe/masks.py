@@ -21,8 +21,7 @@ from sidpipe.grounded_sam import (
     Box,
     detect,
     grounding_prompt,
-    postprocess_mask,
-    segment_boxes,
+    segment_detections,
 )
 from sidpipe.io import SidpipeError, atomic_dir, log, read_csv, write_csv
 
@@ -182,11 +181,12 @@ def _grounded_sam(
             f"box_threshold={box_threshold:g} for the prompt {prompt!r} in {len(missed)} of "
             f"{len(ids)} reference images:\n" + "\n".join(missed) + "\n" + _ways_out(box_threshold)
         )
-    boxes = [det.box for det in detections]
-    segmented = segment_boxes(images, boxes, segmenter, device, batch_size, subject)
+    segmented = segment_detections(
+        images, detections, segmenter, device, batch_size, subject, fill_holes, largest_component
+    )
     results = []
-    for image_id, path, det, (mask, iou) in zip(ids, paths, detections, segmented, strict=True):
-        mask = postprocess_mask(mask, fill_holes, largest_component)
+    for image_id, path, det, found in zip(ids, paths, detections, segmented, strict=True):
+        mask, iou = found
         if not mask.any():
             raise SidpipeError(
                 f"subject {subject!r}, image {image_id} ({path}): SAM ({segmenter}) returned an "

@@ -306,13 +306,12 @@ def judge_answer(
             log.warning("caption trimmed to fit %d tokens: %s", max_text_tokens, quote(trimmed))
             text = trimmed
         return text, problem
-    finish = finish_reason
-    if finish == "length":
+    if finish_reason == "length":
         return answer, ("it was cut off at the answer length limit; write a shorter description")
-    if finish and finish not in FINISHED:
-        what = "a content filter" if finish == "content_filter" else "the server"
+    if finish_reason and finish_reason not in FINISHED:
+        what = "a content filter" if finish_reason == "content_filter" else "the server"
         return answer, (
-            f'it was stopped by {what} before it was finished (finish_reason "{finish}"); '
+            f'it was stopped by {what} before it was finished (finish_reason "{finish_reason}"); '
             "write a complete, plain description of what is visible"
         )
     text, problem = check_description(answer, noun)
