@@ -279,8 +279,8 @@ def test_8bit_adam_trains_and_resumes_exactly(
     import bitsandbytes as bnb
 
     made = []
-    make = loop._make_optimizer
-    monkeypatch.setattr(loop, "_make_optimizer", lambda *a: made.append(make(*a)) or made[-1])
+    make = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", lambda *a: made.append(make(*a)) or made[-1])
     settings = {"steps": 8, "learning_rate": 1e-4, "train_text_encoder": True}
     full = run(subject, tmp_path / "full", "dreambooth", settings, use_8bit_adam=True)
     assert isinstance(made[0], bnb.optim.AdamW8bit)

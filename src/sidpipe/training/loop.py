@@ -1,18 +1,16 @@
 """Stage `train`: fine-tune one method on one subject's references and their own descriptions.
 
-The loop owns everything method-independent: data, cached latents/text, noise, timesteps,
-optimizer, mixed precision, checkpoints (`checkpoints.py`: a killed job resumes bit-exactly) and
-the outputs.
+The loop owns everything method-independent: data (`data.py`: cached latents/text), noise,
+timesteps, the optimizer and mixed precision (`build.py`), checkpoints (`checkpoints.py`: a
+killed job resumes bit-exactly) and the outputs (`outputs.py`).
 A `Trainer` (see `base.py`) decides what trains and how it is saved.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
-import resource
 import signal
 import sys
 import time
@@ -23,10 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sidpipe.io import SidpipeError, atomic_dir, log, write_csv
-from sidpipe.models import import_bitsandbytes, load_sd_components, pick_device
-from sidpipe.training import trainer_class
-from sidpipe.training.base import PLACEHOLDER, Batch, Trainer
+from sidpipe.io import SidpipeError, log
+from sidpipe.models import load_sd_components, pick_device
+from sidpipe.training.base import PLACEHOLDER, Batch
+from sidpipe.training.build import (
+    MIXED_PRECISION,
+    build_trainer,
+    check_settings,
+    enable_gradient_checkpointing,
+    make_optimizer,
+)
 from sidpipe.training.checkpoints import (
     CHECKPOINT_VERSION,
     TrainingInterrupted,
@@ -46,12 +50,7 @@ from sidpipe.training.data import (
     tokenize,
     warn_truncated,
 )
-
-LOG_FIELDS = ["step", "loss", "lr", "instance_loss", "prior_loss"]
-MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-# AdamW as in diffusers' DreamBooth / LoRA / TI scripts; a method's settings may override.
-ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
-
+from sidpipe.training.outputs import peak_memory, write_training_outputs
 
 # --- randomness -----------------------------------------------------------------------------
 
@@ -80,114 +79,84 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --- outputs --------------------------------------------------------------------------------
+# --- one step -------------------------------------------------------------------------------
 
 
-def plot_loss(rows: list[dict], path: Path, title: str) -> None:
-    """Loss per step (thin), its running mean (thick) and the prior loss, if any."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+def _draw_batch(
+    index: int,
+    data: TrainingSet,
+    latents: LatentSource,
+    all_ids: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    seed: int,
+    batch_size: int,
+    prior: bool,
+    flip: bool,
+    masked: bool,
+    num_train_timesteps: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, Batch, torch.Tensor, torch.Tensor]:
+    """Step `index`'s images (instance images, then as many class images with prior
+    preservation), their flips, noise and timesteps, drawn from `generator` in a fixed order
+    so that a resumed run draws what the uninterrupted one did. Returns the images' indices
+    (the text cache's rows), the batch, the noise and the timesteps."""
+    n_inst = len(data.image_ids)
+    chosen = stream_indices(n_inst, seed, index, batch_size, salt=0)
+    is_prior = [False] * batch_size
+    if prior:
+        n_class = len(data.class_pixels)
+        chosen += [n_inst + i for i in stream_indices(n_class, seed, index, batch_size, 1)]
+        is_prior += [True] * batch_size
+    idx = torch.tensor(chosen)
+    if flip:
+        flipped = torch.rand(len(chosen), generator=generator) < 0.5
+    else:
+        flipped = torch.zeros(len(chosen), dtype=torch.bool)
+    sampled = latents.sample(idx, flipped, generator).to(device)
+    noise = torch.randn(sampled.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, num_train_timesteps, (len(chosen),), generator=generator)
+    masks = None
+    if masked:
+        inst = data.masks[idx[:batch_size]]
+        inst = torch.where(flipped[:batch_size, None, None, None], inst.flip(-1), inst)
+        # Class images keep the plain loss; their mask rows are never read.
+        masks = torch.cat([inst, torch.ones_like(inst)]) if prior else inst
+        masks = masks.to(device)
+    batch = Batch(
+        latents=sampled,
+        input_ids=all_ids[idx].to(device),
+        is_prior=torch.tensor(is_prior, device=device),
+        masks=masks,
+    )
+    return idx, batch, noise, timesteps.to(device)
 
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    ax = fig.add_subplot()
-    steps = [row["step"] for row in rows]
-    loss = np.array([row["loss"] for row in rows], dtype=float)
-    if len(loss):
-        window = max(1, len(loss) // 20)
-        ax.plot(steps, loss, lw=0.6, alpha=0.5 if window > 1 else 1.0, color="C0", label="loss")
-        if window > 1:
-            smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1 :], smooth, lw=1.5, color="C0", label=f"mean of {window}")
-        prior = [(row["step"], row["prior_loss"]) for row in rows if row["prior_loss"] != ""]
-        if prior:
-            ax.plot(*zip(*prior, strict=True), lw=0.6, alpha=0.6, color="C1", label="prior loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
 
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    # ru_maxrss is in KiB on Linux (the process' peak resident set, not just this job).
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+def _update(
+    loss: torch.Tensor,
+    optimizer: Any,
+    scaler: torch.amp.GradScaler | None,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> None:
+    """Backward, clip the gradients' norm (if > 0), step and clear: with fp16 through the
+    gradient scaler, unscaled before clipping."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 # --- the loop -------------------------------------------------------------------------------
-
-
-def _check_args(
-    settings: dict,
-    class_images_dir: Path | None,
-    masks_dir: Path | None,
-    mixed_precision: str,
-    checkpoint_every: int,
-) -> None:
-    steps = settings.get("steps")
-    if not isinstance(steps, int) or steps < 1:
-        raise SidpipeError(f"method setting steps must be a positive integer, got {steps!r}")
-    if int(settings.get("batch_size", 1)) < 1:
-        raise SidpipeError(f"batch_size must be at least 1, got {settings['batch_size']}")
-    if settings.get("prior_preservation") and class_images_dir is None:
-        raise SidpipeError(
-            "prior_preservation is on but no class images were given (class_images_dir); "
-            "generate them with the class_images stage or set prior_preservation: false"
-        )
-    if settings.get("masked") and masks_dir is None:
-        raise SidpipeError(
-            "masked is on but no masks were given (masks_dir); run segment_references for "
-            "this subject or set masked: false"
-        )
-    if mixed_precision not in MIXED_PRECISION:
-        raise SidpipeError(
-            f"mixed_precision {mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}"
-        )
-    if checkpoint_every < 1:
-        raise SidpipeError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
-
-
-def _make_optimizer(param_groups: list[dict], settings: dict, use_8bit_adam: bool) -> Any:
-    kwargs = {
-        "betas": tuple(settings.get("adam_betas", ADAM["betas"])),
-        "eps": float(settings.get("adam_epsilon", ADAM["eps"])),
-        "weight_decay": float(settings.get("adam_weight_decay", ADAM["weight_decay"])),
-    }
-    if not use_8bit_adam:
-        # Fused: one kernel over all tensors instead of a Python loop per tensor (the CPU
-        # default; 5x faster on the tiny models, where the optimizer was a fifth of a step).
-        devices = {p.device.type for group in param_groups for p in group["params"]}
-        fused = devices <= {"cpu", "cuda"}
-        return torch.optim.AdamW(param_groups, fused=fused, foreach=not fused, **kwargs)
-    try:
-        bnb = import_bitsandbytes()  # the only user of bitsandbytes: jobs hide it otherwise
-    except ImportError as err:
-        raise SidpipeError(
-            "training.use_8bit_adam is true but bitsandbytes is not installed; install it "
-            "(pinned in requirements.txt and envs/) or set use_8bit_adam: false"
-        ) from err
-    return bnb.optim.AdamW8bit(param_groups, **kwargs)
-
-
-def enable_gradient_checkpointing(components: Any, text_encoder: bool) -> None:
-    """Recompute activations in the backward pass instead of keeping them (UNet, and the text
-    encoder when it trains): less memory for about a third more compute."""
-    components.unet.enable_gradient_checkpointing()
-    if text_encoder:
-        # transformers 5 renamed it; the old name still works but warns.
-        enable = getattr(components.text_encoder, "activation_checkpointing_enable", None)
-        (enable or components.text_encoder.gradient_checkpointing_enable)()
-
-
-def _build_trainer(
-    algorithm: str, components: Any, settings: dict, identifier: str, class_name: str
-) -> Trainer:
-    try:
-        cls = trainer_class(algorithm)
-    except KeyError as err:
-        raise SidpipeError(str(err.args[0])) from None
-    return cls(components, settings, identifier, class_name)
 
 
 def train_subject(
@@ -223,7 +192,7 @@ def train_subject(
     """
     t_start = time.perf_counter()
     settings = dict(settings)
-    _check_args(settings, class_images_dir, masks_dir, mixed_precision, checkpoint_every)
+    check_settings(settings, class_images_dir, masks_dir, mixed_precision, checkpoint_every)
     steps = int(settings["steps"])
     batch_size = int(settings.get("batch_size", 1))
     prior = bool(settings.get("prior_preservation", False))
@@ -244,7 +213,7 @@ def train_subject(
 
     _seed_everything(seed)
     c = load_sd_components(base_model, device=str(dev))
-    trainer = _build_trainer(algorithm, c, settings, identifier, class_name)
+    trainer = build_trainer(algorithm, c, settings, identifier, class_name)
     if trainer.needs_masks and not masked:
         raise SidpipeError(
             f"{algorithm} with these settings needs the subject masks; set masked: true in the "
@@ -297,7 +266,7 @@ def train_subject(
             c.text_encoder.to("cpu")
     cache_seconds = time.perf_counter() - t_cache
 
-    optimizer = _make_optimizer(param_groups, settings, use_8bit_adam)
+    optimizer = make_optimizer(param_groups, settings, use_8bit_adam)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     generator = torch.Generator("cpu").manual_seed(seed)
 
@@ -340,7 +309,15 @@ def train_subject(
         n_trainable,
         trainer.caption(PLACEHOLDER),
     )
-    num_train_timesteps = int(c.noise_scheduler.config.num_train_timesteps)
+    draw = {
+        "seed": seed,
+        "batch_size": batch_size,
+        "prior": prior,
+        "flip": flip,
+        "masked": masked,
+        "num_train_timesteps": int(c.noise_scheduler.config.num_train_timesteps),
+        "device": dev,
+    }
     log_every = max(1, min(100, steps // 10))
     autocast = (
         torch.autocast("cuda", dtype=amp_dtype)
@@ -377,32 +354,8 @@ def train_subject(
     with sigterm_flag() as interrupt:
         for index in progress:
             step = index + 1
-            chosen = stream_indices(n_inst, seed, index, batch_size, salt=0)
-            is_prior = [False] * batch_size
-            if prior:
-                chosen += [n_inst + i for i in stream_indices(n_class, seed, index, batch_size, 1)]
-                is_prior += [True] * batch_size
-            idx = torch.tensor(chosen)
-            if flip:
-                flipped = torch.rand(len(chosen), generator=generator) < 0.5
-            else:
-                flipped = torch.zeros(len(chosen), dtype=torch.bool)
-            latents = latents_source.sample(idx, flipped, generator).to(dev)
-            noise = torch.randn(latents.shape, generator=generator).to(dev)
-            timesteps = torch.randint(0, num_train_timesteps, (len(chosen),), generator=generator)
-            timesteps = timesteps.to(dev)
-            masks = None
-            if masked:
-                inst = data.masks[idx[:batch_size]]
-                inst = torch.where(flipped[:batch_size, None, None, None], inst.flip(-1), inst)
-                # Class images keep the plain loss; their mask rows are never read.
-                masks = torch.cat([inst, torch.ones_like(inst)]) if prior else inst
-                masks = masks.to(dev)
-            batch = Batch(
-                latents=latents,
-                input_ids=all_ids[idx].to(dev),
-                is_prior=torch.tensor(is_prior, device=dev),
-                masks=masks,
+            idx, batch, noise, timesteps = _draw_batch(
+                index, data, latents_source, all_ids, generator, **draw
             )
             with autocast:
                 hidden = text_cache(idx) if text_cache is not None else encode_text(batch.input_ids)
@@ -416,19 +369,7 @@ def train_subject(
                     "diverged (lower the learning rate, or use bf16 instead of fp16 mixed "
                     "precision)"
                 )
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _update(loss, optimizer, scaler, params, max_grad_norm)
             trainer.after_step()
 
             rows.append(
@@ -477,7 +418,7 @@ def train_subject(
         else None,
         "setup_seconds": round(t_loop - t_start, 3),
         "cache_seconds": round(cache_seconds, 3),
-        "peak_memory_bytes": _peak_memory(dev),
+        "peak_memory_bytes": peak_memory(dev),
     }
     info = {
         "algorithm": algorithm,
@@ -504,18 +445,7 @@ def train_subject(
         "class_prompts": sorted(set(data.class_prompts)),
         **summary,
     }
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "weights").mkdir()
-        trainer.save(tmp / "weights")
-        lacking = [name for name in trainer.weight_files if not (tmp / "weights" / name).is_file()]
-        if lacking:
-            raise SidpipeError(f"{algorithm}: save() wrote no {', '.join(lacking)}")
-        write_csv(tmp / "training_log.csv", rows, [*LOG_FIELDS, *trainer.log_fields])
-        out_dir = Path(out_dir)
-        plot_loss(
-            rows, tmp / "loss_curve.png", f"{algorithm}: {out_dir.parent.name}/{out_dir.name}"
-        )
-        (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_training_outputs(out_dir, trainer, algorithm, rows, info)
     # Finished: the (possibly GB-sized) checkpoints are no longer needed.
     remove_checkpoints(checkpoint_dir)
     with contextlib.suppress(OSError):

@@ -27,13 +27,13 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sidpipe.training.base import prediction_target
-from sidpipe.training.data import LatentSource
-from sidpipe.training.loop import (
+from sidpipe.training.build import (
     MIXED_PRECISION,
-    _build_trainer,
-    _make_optimizer,
+    build_trainer,
     enable_gradient_checkpointing,
+    make_optimizer,
 )
+from sidpipe.training.data import LatentSource
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -122,7 +122,7 @@ def estimate_training_memory(
     amp_dtype = MIXED_PRECISION[mixed_precision]
     with enter:
         c = build_components()
-        trainer = _build_trainer(algorithm, c, settings, identifier, class_name)
+        trainer = build_trainer(algorithm, c, settings, identifier, class_name)
         groups = trainer.prepare()
         params = [p for group in groups for p in group["params"]]
         max_grad_norm = float(settings.get("max_grad_norm", trainer.max_grad_norm))
@@ -132,7 +132,7 @@ def estimate_training_memory(
         pixels = torch.zeros(n_images, 3, resolution, resolution)
         ids = torch.zeros(2 * batch_size if prior else batch_size, 77, dtype=torch.long)
     # Outside the fake mode: bitsandbytes builds its quantization maps from real values.
-    optimizer = _make_optimizer(groups, settings, use_8bit_adam)
+    optimizer = make_optimizer(groups, settings, use_8bit_adam)
     tracker = LiveTensorBytes()
     with enter:
         for name in ("unet", "text_encoder", "vae"):
