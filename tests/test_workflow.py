@@ -641,6 +641,10 @@ def test_api_key_never_reaches_any_output_or_the_report(tmp_path, monkeypatch):
         config["experiments"] = {"main": [{"methods": ["dreambooth"], "descriptions": ["sid"]}]}
         del config["human_study"]  # its Case-1 arm is not in this grid
         config["inference"] = {"standard": {}}
+        # what the key could reach is every stage's output, not how well the arm trains
+        config["methods"]["dreambooth"]["steps"] = 20
+        config["sampling"].update(prompts_per_subject=2, seeds=1)
+        config["attention"].update(prompt_ids=[0], seeds=[0])
         (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         monkeypatch.setenv(KEY_ENV, SECRET)
         snakemake(workdir, "--cores", "2")
