@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# No model hub here: every model comes from a local folder (tiny models built by the workflow).
+# No model hub here: every model comes from a local folder the workflow built (the world's
+# pretrained models, tiny random ones).
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
