@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-biases world-strength world-seeds world-lego
+.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-biases world-strength world-training-seeds world-seeds world-lego
 
 # torch first (the CPU build), then everything else constrained to keep exactly that torch.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
@@ -75,6 +75,11 @@ world-biases: install
 # The demo plus DreamBooth at 100 and 600 steps (Case 1 and SID): leak and NSD vs strength.
 world-strength: install
 	$(call demo_layer,demo/strength.yaml)
+
+# The demo plus DreamBooth trained from seeds 1 and 2 (Case 1 and SID): leak and NSD vs the
+# training run (demo/training_seeds.yaml).
+world-training-seeds: install
+	$(call demo_layer,demo/training_seeds.yaml)
 
 # The demo plus SeFi-IDE beside Textual Inversion and DreamBooth (demo/seeds.yaml).
 world-seeds: install

@@ -343,12 +343,13 @@ def training_settings(wildcards):
         "settings": {
             k: v
             for k, v in settings.items()
-            if k not in ("algorithm", "checkpoint_every")
+            if k not in ("algorithm", "checkpoint_every", "seed")
         },
         "base_model": config["models"]["base"],
         "identifier": config["identifier"],
         "class_name": SUBJECTS[wildcards.subject]["class"],
-        "seed": training.get("seed", 0),
+        # a method's own seed: the same method trained from another seed is another arm
+        "seed": settings.get("seed", training.get("seed", 0)),
         "mixed_precision": training.get("mixed_precision", "no"),
         "checkpoint_every": settings.get(
             "checkpoint_every", training.get("checkpoint_every", 100)

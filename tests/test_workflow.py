@@ -165,6 +165,21 @@ def test_strength_sweep_layers_on_the_demo():
     ]
 
 
+def test_training_seeds_layer_on_the_demo():
+    """demo/training_seeds.yaml adds DreamBooth from training seeds 1 and 2 (Case 1, SID) to the
+    demo's seed 0, each seed an arm of its own."""
+    result = layer_dry_run("demo/training_seeds.yaml")
+    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
+    # two more seeds x 2 x 3 subjects, and the demo's seed on the 2 it lacks it on
+    assert grid and int(grid.group(1)) == 13 + 2 * 2 * 3 + 2 * 2
+    seeds = re.search(r"^  training_seeds: (.*)$", result.stdout, re.MULTILINE)
+    assert seeds and seeds.group(1).split(", ") == [
+        f"dreambooth{seed}/{case}/standard"
+        for seed in ("", "_seed1", "_seed2")
+        for case in ("case1", "sid")
+    ]
+
+
 def test_lego_layers_on_the_demo():
     """demo/lego.yaml adds Lego, multi-vector Textual Inversion and the base model on the
     demo's two concept subjects, and nothing else."""
@@ -468,6 +483,34 @@ def test_changing_one_method_setting_reruns_only_that_method_and_the_gathers(fin
     assert ("plan_experiments", {}) in jobs
     for rule, wildcards in jobs:
         assert rule in GATHERS or wildcards.get("method") == "svdiff", (rule, wildcards)
+
+
+def test_a_methods_own_training_seed_is_another_arm(tmp_path):
+    """`seed` in a method's settings overrides training.seed: the same settings trained from
+    another seed are another arm (the spread over training runs); naming training.seed's own
+    value there changes nothing, so nothing reruns."""
+    workdir = copy_demo(tmp_path / "w")
+    config_path = workdir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    short = config["methods"]["dreambooth"] | {"steps": 4, "prior_preservation": False}
+    config["methods"] = {"db": short, "db_seed1": short | {"seed": 1}}
+    grid = {"methods": ["db", "db_seed1"], "descriptions": ["case1"], "subjects": ["blue_mug"]}
+    config["experiments"] = {"training_seeds": [grid]}
+    config["attention"]["experiments"] = ["training_seeds"]
+    del config["human_study"]  # its arms are not in this grid
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    targets = [f"results/train/{m}/case1/blue_mug/train_info.json" for m in ("db", "db_seed1")]
+    runs = [(workdir / target).parent for target in targets]
+    snakemake(workdir, "--cores", "2", *targets, timeout=1200)  # hang guard
+    infos = [json.loads((run / "train_info.json").read_text()) for run in runs]
+    assert [info["seed"] for info in infos] == [0, 1]
+    assert infos[0]["settings"] == infos[1]["settings"]  # the seed is not a method setting
+    unet = "weights/unet/diffusion_pytorch_model.safetensors"
+    assert (runs[0] / unet).read_bytes() != (runs[1] / unet).read_bytes()
+
+    config["methods"]["db"]["seed"] = config["training"]["seed"]
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert "Nothing to be done" in snakemake(workdir, "--dry-run", *targets).stdout
 
 
 def test_downloaded_subject_through_the_workflow(tmp_path):
