@@ -428,6 +428,20 @@ def test_method_settings_for_the_optimizer_and_checkpoints_validate(real):
         validate_config(config)
 
 
+def test_a_methods_training_seed_validates_where_there_is_a_training_run(real):
+    config = copy.deepcopy(real)
+    config["methods"]["dreambooth"]["seed"] = 3
+    validate_config(config)
+    for encoder in ("elite", "blip_diffusion"):
+        bad = copy.deepcopy(real)
+        bad["methods"][encoder]["seed"] = 3
+        with pytest.raises(ConfigError, match=rf"methods\.{encoder}: .*no `seed` for an encoder"):
+            validate_config(bad)
+    config["training"]["seed"] = -1  # numpy's seed sequences take no negative seed
+    with pytest.raises(ConfigError, match="training.seed: -1 is invalid"):
+        validate_config(config)
+
+
 def test_subjects_table_with_a_byte_order_mark(tmp_path, real):
     # Excel and Windows editors save "UTF-8 with BOM"; the first column is still `subject`.
     (tmp_path / "imgs").mkdir()

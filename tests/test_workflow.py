@@ -488,7 +488,7 @@ def test_changing_one_method_setting_reruns_only_that_method_and_the_gathers(fin
 def test_a_methods_own_training_seed_is_another_arm(tmp_path):
     """`seed` in a method's settings overrides training.seed: the same settings trained from
     another seed are another arm (the spread over training runs); naming training.seed's own
-    value there changes nothing, so nothing reruns."""
+    value there changes no training, so none reruns."""
     workdir = copy_demo(tmp_path / "w")
     config_path = workdir / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
