@@ -135,6 +135,12 @@ def idle_subjects(result: subprocess.CompletedProcess) -> list[str]:
     return idle.group(1).split(", ") if idle else []
 
 
+def grid_size(result: subprocess.CompletedProcess) -> int | None:
+    """The arm x subject pairs a dry run's start-up reports (None: it reported none)."""
+    found = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
+    return int(found.group(1)) if found else None
+
+
 def test_seeds_methods_layer_on_the_demo():
     """demo/seeds.yaml adds SeFi-IDE x {Case 1, SID} beside Textual Inversion and DreamBooth on
     the three background subjects."""
@@ -145,18 +151,17 @@ def test_seeds_methods_layer_on_the_demo():
         for method in ("sefi_ide", "textual_inversion", "dreambooth")
         for case in ("case1", "sid")
     }
-    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
+    grid = grid_size(result)
     # sefi_ide x 2 on 3 subjects; textual_inversion and dreambooth x 2 on the 2 subjects the
     # demo (13 arm x subject pairs, all on blue_mug) lacks them on
-    assert grid and int(grid.group(1)) == 13 + 2 * 3 + 2 * 2 * 2
+    assert grid == 13 + 2 * 3 + 2 * 2 * 2
 
 
 def test_strength_sweep_layers_on_the_demo():
     """demo/strength.yaml adds DreamBooth at 100 and 300 steps (Case 1, SID) to the demo's 600."""
     result = layer_dry_run("demo/strength.yaml")
-    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     # two more strengths x 2 x 3 subjects, and the demo's strength on the 2 it lacks it on
-    assert grid and int(grid.group(1)) == 13 + 2 * 2 * 3 + 2 * 2
+    assert grid_size(result) == 13 + 2 * 2 * 3 + 2 * 2
     strength = re.search(r"^  strength: (.*)$", result.stdout, re.MULTILINE)
     assert strength and strength.group(1).split(", ") == [
         f"dreambooth{steps}/{case}/standard"
@@ -169,9 +174,8 @@ def test_training_seeds_layer_on_the_demo():
     """demo/training_seeds.yaml adds DreamBooth from training seeds 1 and 2 (Case 1, SID) to the
     demo's seed 0, each seed an arm of its own."""
     result = layer_dry_run("demo/training_seeds.yaml")
-    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     # two more seeds x 2 x 3 subjects, and the demo's seed on the 2 it lacks it on
-    assert grid and int(grid.group(1)) == 13 + 2 * 2 * 3 + 2 * 2
+    assert grid_size(result) == 13 + 2 * 2 * 3 + 2 * 2
     seeds = re.search(r"^  training_seeds: (.*)$", result.stdout, re.MULTILINE)
     assert seeds and seeds.group(1).split(", ") == [
         f"dreambooth{seed}/{case}/standard"
@@ -188,8 +192,7 @@ def test_lego_layers_on_the_demo():
     methods = ["lego", "textual_inversion_multi", "base_model"]
     methods += ["lego_concept_init", "textual_inversion_multi_concept_init"]
     assert lego and set(lego.group(1).split(", ")) == {f"{m}/case1/standard" for m in methods}
-    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
-    assert grid and int(grid.group(1)) == 13 + 5 * 2  # 5 arms x 2 concept subjects
+    assert grid_size(result) == 13 + 5 * 2  # 5 arms x 2 concept subjects
     idle = idle_subjects(result)
     assert idle and not any("upside_down" in s for s in idle)  # only the demo's other subjects
 
@@ -199,8 +202,7 @@ def test_biases_layer_on_the_demo():
     biased subjects, and the single-reference experiment: every subject but the concept ones
     then runs (the grid of the README's world figures)."""
     plain = layer_dry_run()
-    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", plain.stdout)
-    assert grid and int(grid.group(1)) == 13  # main, cases and alternatives on blue_mug
+    assert grid_size(plain) == 13  # main, cases and alternatives on blue_mug
     result = layer_dry_run("demo/biases.yaml")
     biases = re.search(r"^  biases: (.*)$", result.stdout, re.MULTILINE)
     assert biases and set(biases.group(1).split(", ")) == {
@@ -208,9 +210,8 @@ def test_biases_layer_on_the_demo():
         "dreambooth/sid/standard",
         "base_model/case1/standard",
     }
-    grid = re.search(r"Experiment grid: (\d+) arm x subject pairs", result.stdout)
     # DreamBooth x 2 and the base model on 4 more subjects; dreambooth--first1 x 2, BLIP-Diffusion
-    assert grid and int(grid.group(1)) == 13 + 4 * 3 + 3
+    assert grid_size(result) == 13 + 4 * 3 + 3
     assert idle_subjects(result) == ["upside_down_car", "upside_down_dog"]
 
 
