@@ -13,11 +13,11 @@ from sidpipe.config import (
     attempt_scaled,
     check_mask_models,
     expand_experiments,
-    load_prompts,
     load_subjects,
     tiny_model_keys,
     validate_config,
 )
+from sidpipe.prompts import load_prompts, repeated_prompts, subject_templates
 from sidpipe.references import reference_inputs
 from sidpipe.human_study.design import (
     check_recorded_responses,
@@ -42,7 +42,10 @@ SUBJECTS = {
     for row in load_subjects(config["subjects"], config, schema_dir=SCHEMA_DIR)
 }
 PROMPTS = load_prompts(
-    config["prompts"], config, {row["kind"] for row in SUBJECTS.values()}
+    config["prompts"],
+    config,
+    {row["kind"] for row in SUBJECTS.values()},
+    {row["concept"] for row in SUBJECTS.values() if row.get("concept")},
 )
 SUBJECT_KINDS = {name: row["kind"] for name, row in SUBJECTS.items()}
 EXPERIMENTS = expand_experiments(config, list(SUBJECTS), SUBJECT_KINDS)
@@ -56,6 +59,16 @@ if _unmatched:
         f"concept_words for no subject's concept: {', '.join(_unmatched)} (the subjects "
         "table's `concept` column must spell the concept the same way)"
     )
+for _subject in sorted({subject for _, subject in ARM_SUBJECTS}):
+    _row = SUBJECTS[_subject]
+    _repeated = repeated_prompts(subject_templates(PROMPTS, _row), _row["class"])
+    if _repeated:
+        logger.warning(
+            f"subject {_subject}: prompt templates "
+            + ", ".join(f"{a} and {b}" for a, b in _repeated)
+            + f" of {config['prompts']} give it the same prompt, so their images (same "
+            "seeds) count twice in every mean; change one of each pair"
+        )
 _idle = sorted(set(SUBJECTS) - {subject for _, subject in ARM_SUBJECTS})
 if _idle:
     logger.warning(
@@ -395,7 +408,7 @@ def sample_settings(wildcards):
     return {
         "base_model": config["models"]["base"],
         "algorithm": method_settings(wildcards.method)["algorithm"],
-        "templates": PROMPTS[row["kind"]],
+        "templates": subject_templates(PROMPTS, row),
         "class_name": row["class"],
         # only for concept subjects: other jobs' params (and so their results) stay as they were
         **({"concept": row["concept"]} if row.get("concept") else {}),

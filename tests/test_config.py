@@ -17,12 +17,12 @@ from sidpipe.config import (
     concept_context_words,
     expand_experiments,
     load_config,
-    load_prompts,
     load_subjects,
     tokenizer_corpus,
     unmatched_concept_words,
     validate_config,
 )
+from sidpipe.prompts import load_prompts, repeated_prompts, subject_templates
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {
@@ -43,8 +43,15 @@ def test_every_shipped_config_validates_with_its_tables(name):
     config = load_config(REPO / name)
     base = SHIPPED[name]
     subjects = load_subjects(base / config["subjects"], config, base_dir=base)
-    prompts = load_prompts(base / config["prompts"], config, {r["kind"] for r in subjects})
-    assert all(len(p) == config["sampling"]["prompts_per_subject"] for p in prompts.values())
+    concepts = {r["concept"] for r in subjects if r.get("concept")}
+    kinds = {r["kind"] for r in subjects}
+    prompts = load_prompts(base / config["prompts"], config, kinds, concepts)
+    need = config["sampling"]["prompts_per_subject"]
+    assert all(len(subject_templates(prompts, row)) == need for row in subjects)
+    # no shipped subject gets a prompt twice (its images would count twice)
+    assert not any(
+        repeated_prompts(subject_templates(prompts, row), row["class"]) for row in subjects
+    )
     assert expand_experiments(config, [r["subject"] for r in subjects])
 
 
@@ -326,27 +333,6 @@ def test_subject_table_missing_column_and_downloaded_subjects(tmp_path, real):
     ]
 
 
-def test_prompts_need_enough_templates_with_placeholders(tmp_path, real):
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({"object": ["a {token} {class}"] * 25, "live": ["a dog"] * 25}))
-    assert len(load_prompts(path, real, {"object"})["object"]) == 25
-    with pytest.raises(ConfigError, match=r"live\[0\]: 'a dog' lacks"):
-        load_prompts(path, real, {"live"})
-    with pytest.raises(
-        ConfigError, match=r"kind 'style': 0 prompts, but sampling.prompts_per_subject is 25"
-    ):
-        load_prompts(path, real, {"style"})
-    # a concept's prompts may name other classes instead of {class}; {token} stays required
-    concept = ["a {token} dog", "a {token} {class} in the snow"] * 12 + ["a frozen cat"]
-    path.write_text(yaml.safe_dump({"concept": concept}))
-    with pytest.raises(ConfigError, match=r"concept\[24\]: 'a frozen cat' lacks \{token\}"):
-        load_prompts(path, real, {"concept"})
-    path.write_text(yaml.safe_dump({"concept": concept[:24] + ["a {token} teapot"]}))
-    assert load_prompts(path, real, {"concept"})["concept"][0] == "a {token} dog"
-    shipped = load_prompts(REPO / "prompts/dreambooth.yaml", real, {"concept"})["concept"]
-    assert len(shipped) == 25 and sum("{class}" not in t for t in shipped) == 20
-
-
 def test_tokenizer_corpus_fills_templates_and_descriptions(tmp_path):
     prompts = tmp_path / "p.yaml"
     prompts.write_text(yaml.safe_dump({"object": ["a {token} {class} in snow"]}))
@@ -462,13 +448,6 @@ def test_config_syntax_error_names_file_line_and_column(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}, line {line + 1}, column ")
     assert "not valid YAML" in message and "fix the syntax there" in message
-
-
-def test_prompts_syntax_error_names_the_file(tmp_path, real):
-    path = tmp_path / "p.yaml"
-    path.write_text("object:\n  - a {token} {class}\n\t- tab\n")
-    with pytest.raises(ConfigError, match=r"p\.yaml, line 3, column 1: the prompts file"):
-        load_prompts(path, real, {"object"})
 
 
 def test_config_checker_command(tmp_path, capsys):

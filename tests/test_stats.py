@@ -385,3 +385,54 @@ def test_concept_methods_are_paired_within_each_prompt_group():
     assert list(out["diff"]) == pytest.approx([0.0, -0.3])
     assert list(out["n_pairs"]) == [4, 4] and set(out["subjects"]) == {"pose"}
     assert carrier_transfer_pairs(pd.DataFrame(rows), subjects[1:]).empty
+
+
+def test_concept_tables_keep_each_concept_apart():
+    """Subjects of one concept are pooled, those of different concepts never: a pose learned
+    on a robot and a dog, a hat on a dog, each get their own carrier and transfer rows."""
+    from sidpipe.concepts import carrier_transfer_pairs, carrier_transfer_summary
+
+    subjects = [
+        {"subject": "pose_robot", "class": "robot", "kind": "concept", "concept": "upside down"},
+        {"subject": "pose_dog", "class": "dog", "kind": "concept", "concept": "upside down"},
+        {"subject": "hat_dog", "class": "dog", "kind": "concept", "concept": "wearing a hat"},
+    ]
+    prompts = {0: "a <t> robot", 1: "a <t> dog"}
+    offset = {"pose_robot": 0.0, "pose_dog": 0.2, "hat_dog": 0.6}
+    rows = [
+        {
+            "subject": s["subject"],
+            "method": method,
+            "descriptions": "case1",
+            "inference": "standard",
+            "prompt_id": pid,
+            "prompt": prompts[pid],
+            "seed": seed,
+            "metric": "SA",
+            "value": offset[s["subject"]] + 0.1 * pid + (0.05 if method == "lego" else 0.0),
+        }
+        for s in subjects
+        for method in ("lego", "textual_inversion_multi")
+        for pid in prompts
+        for seed in (0, 1)
+    ]
+    out = carrier_transfer_summary(pd.DataFrame(rows), subjects, n_boot=50)
+    lego = out[out["method"] == "lego"].set_index(["concept", "prompts"])
+    assert lego["mean"].to_dict() == pytest.approx(
+        {
+            ("upside down", "carrier"): 0.05 + (0.0 + 0.3) / 2,  # robot on 0, dog on 1
+            ("upside down", "transfer"): 0.05 + (0.1 + 0.2) / 2,
+            ("wearing a hat", "carrier"): 0.05 + 0.7,
+            ("wearing a hat", "transfer"): 0.05 + 0.6,
+        }
+    )
+    assert lego.loc[("wearing a hat", "carrier"), "n_images"] == 2
+    pairs = carrier_transfer_pairs(pd.DataFrame(rows), subjects, n_boot=50)
+    assert list(zip(pairs["concept"], pairs["prompts"], strict=True)) == [
+        ("upside down", "carrier"),
+        ("upside down", "transfer"),
+        ("wearing a hat", "carrier"),
+        ("wearing a hat", "transfer"),
+    ]
+    assert list(pairs["diff"]) == pytest.approx([0.05] * 4)
+    assert list(pairs["n_pairs"]) == [4, 4, 2, 2]

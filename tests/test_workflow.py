@@ -186,15 +186,32 @@ def test_training_seeds_layer_on_the_demo():
 
 def test_lego_layers_on_the_demo():
     """demo/lego.yaml adds Lego, multi-vector Textual Inversion and the base model on the
-    demo's two concept subjects, and nothing else."""
+    demo's four concept subjects, each Lego arm again with its tokens initialised from its
+    concept's words, and nothing else."""
     result = layer_dry_run("demo/lego.yaml")
     lego = re.search(r"^  lego: (.*)$", result.stdout, re.MULTILINE)
     methods = ["lego", "textual_inversion_multi", "base_model"]
     methods += ["lego_concept_init", "textual_inversion_multi_concept_init"]
+    methods += ["lego_hat_init", "textual_inversion_multi_hat_init"]
     assert lego and set(lego.group(1).split(", ")) == {f"{m}/case1/standard" for m in methods}
-    assert grid_size(result) == 13 + 5 * 2  # 5 arms x 2 concept subjects
+    # 3 arms x 4 concept subjects; 2 concept-word arms x 2 subjects of each concept
+    assert grid_size(result) == 13 + 3 * 4 + 2 * 2 + 2 * 2
     idle = idle_subjects(result)
-    assert idle and not any("upside_down" in s for s in idle)  # only the demo's other subjects
+    assert idle and not any(s.startswith(("upside_down", "red_hat")) for s in idle)
+
+
+def test_a_prompt_a_subject_gets_twice_is_named_at_start_up(tmp_path):
+    """Two templates that give a subject the same prompt draw the same images (same seeds),
+    which would count twice; the start-up names the subject and the two templates. The shipped
+    demo and its layers get no such warning."""
+    assert "give it the same prompt" not in layer_dry_run("demo/lego.yaml").stdout
+    workdir = copy_demo(tmp_path / "w")
+    prompts = yaml.safe_load((workdir / "prompts.yaml").read_text())
+    prompts["object"][3] = "a {token} {class}"  # template 0 again
+    (workdir / "prompts.yaml").write_text(yaml.safe_dump(prompts, sort_keys=False))
+    result = snakemake(workdir, "--dry-run", "--quiet", "rules")
+    warning = "subject blue_mug: prompt templates 0 and 3 of prompts.yaml give it the same prompt"
+    assert warning in result.stdout + result.stderr
 
 
 def test_biases_layer_on_the_demo():
@@ -212,7 +229,12 @@ def test_biases_layer_on_the_demo():
     }
     # DreamBooth x 2 and the base model on 4 more subjects; dreambooth--first1 x 2, BLIP-Diffusion
     assert grid_size(result) == 13 + 4 * 3 + 3
-    assert idle_subjects(result) == ["upside_down_car", "upside_down_dog"]
+    assert idle_subjects(result) == [
+        "red_hat_dog",
+        "red_hat_robot",
+        "upside_down_car",
+        "upside_down_dog",
+    ]
 
 
 @pytest.mark.parametrize("config", ["config.yaml", "demo/config.yaml"])
@@ -231,7 +253,8 @@ def test_lint_is_clean(config):
 
 def test_demo_outputs(demo_run):
     subjects = ("blue_mug", "toy_robot", "spotted_dog", "balloon_car", "upside_robot")
-    concept_subjects = ("upside_down_dog", "upside_down_car")  # references only (make world-lego)
+    # references only (make world-lego)
+    concept_subjects = ("upside_down_dog", "upside_down_car", "red_hat_dog", "red_hat_robot")
     summary = list(csv.DictReader(open(demo_run / "results/references/summary.csv")))
     assert Counter(r["subject"] for r in summary) == dict.fromkeys(subjects + concept_subjects, 4)
     for row in summary:
@@ -546,12 +569,13 @@ def test_downloaded_subject_through_the_workflow(tmp_path):
 
 
 def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
-    """The demo's concept subjects (kind concept: "upside down" on a dog and on a car, drawn by
-    the world): a `kinds: [concept]` grid runs on them alone, their prompts carry the concept to
-    other classes, and text alignment and the judge read each prompt with the concept's words
-    for the tokens; the carrier/transfer tables split and pair the arms."""
+    """The demo's concept subjects (kind concept: "upside down" on a dog and on a car, "wearing
+    a red hat" on a dog and on a robot, drawn by the world): a `kinds: [concept]` grid runs on
+    them alone, their prompts (the hat's own list) carry the concept to other classes, and text
+    alignment and the judge read each prompt with the concept's words for the tokens; the
+    carrier/transfer tables split and pair the arms per concept."""
     workdir = copy_demo(tmp_path / "w")
-    concept_subjects = ["upside_down_car", "upside_down_dog"]
+    concept_subjects = ["red_hat_dog", "red_hat_robot", "upside_down_car", "upside_down_dog"]
     # the demo's own grids skip the concept subjects, and the start-up says so
     assert set(concept_subjects) <= set(idle_subjects(snakemake(workdir, "--dry-run")))
     assert not set(concept_subjects) & {
@@ -581,9 +605,17 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     snakemake(workdir, "--cores", "2", "results/metrics/concepts.csv", timeout=1800)  # hang guard
     manifest = workdir / "results/samples/lego/case1/standard/upside_down_car/manifest.csv"
     rows = list(csv.DictReader(open(manifest)))
-    assert rows[4]["prompt"] == "a <sks_1> <sks_2> dog"  # the tokens on another class
-    assert rows[4]["prompt_plain"] == "an upside down dog"
+    assert rows[5]["prompt"] == "a <sks_1> <sks_2> mug"  # the tokens on another class
+    assert rows[5]["prompt_plain"] == "an upside down mug"
     assert rows[2]["prompt_plain"] == "an upside down car on the beach"
+    manifest = workdir / "results/samples/lego/case1/standard/red_hat_robot/manifest.csv"
+    hat_rows = list(csv.DictReader(open(manifest)))
+    # the hat's own list: the two classes with a head, the other one the transfer class
+    assert [r["prompt_plain"] for r in hat_rows[:3]] == [
+        "a wearing a red hat dog",
+        "a wearing a red hat robot",
+        "a wearing a red hat dog in the jungle",
+    ]
     weights = workdir / "results/train/lego/case1/upside_down_car/weights"
     assert {p.name for p in weights.glob("sks_*.safetensors")} == {
         "sks_1.safetensors",
@@ -591,30 +623,40 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     }
     base = workdir / "results/samples/base_model/case1/standard/upside_down_car/manifest.csv"
     base_rows = list(csv.DictReader(open(base)))
-    assert base_rows[4]["prompt"] == base_rows[4]["prompt_plain"] == "an upside down dog"
+    assert base_rows[5]["prompt"] == base_rows[5]["prompt_plain"] == "an upside down mug"
     scores = pd.read_csv(workdir / "results/metrics/all.csv")
     assert set(scores["subject"]) == set(concept_subjects)
     assert set(scores["method"]) == {*methods, "base_model"}
     ta = scores[(scores["metric"] == "TA") & (scores["method"] == "lego")]
-    assert len(ta) == 28 and ta["value"].notna().all()
-    # The judge reads what each prompt asks: "upside down" everywhere (prompt_followed on all
-    # 28, never a pose leak); the carrier where the prompt names its class (subject_kept on 6
-    # prompts per subject), the carrier leaking into the other classes' (leak_subject on 8).
-    counts = scores[scores["method"] == "lego"]["metric"].value_counts()
-    assert counts["prompt_followed"] == 28 and counts["subject_kept"] == 12
-    assert counts["leak_subject"] == 16 and "leak_pose" not in counts
+    assert len(ta) == 56 and ta["value"].notna().all()
+    # The judge reads what each prompt asks: the concept everywhere (prompt_followed on all 56,
+    # never a pose leak of a hat subject); the carrier where the prompt names its class
+    # (subject_kept on 6 prompts per upside-down subject, 7 per hat subject), the carrier
+    # leaking into the other classes' (leak_subject on 8 and 7).
+    lego_rows = scores[scores["method"] == "lego"]
+    counts = lego_rows["metric"].value_counts()
+    assert counts["prompt_followed"] == 56 and counts["subject_kept"] == 2 * 6 + 2 * 7
+    assert counts["leak_subject"] == 2 * 8 + 2 * 7 and "leak_pose" not in counts
     logs = workdir / "results/logs/train"
     assert "no context loss" not in (logs / "lego/case1/upside_down_car.log").read_text()
     assert (
         "no context loss"
         in (logs / "textual_inversion_multi/case1/upside_down_car.log").read_text()
     )
-    # SA split: 12 carrier prompts (keeping the carrier), 16 transfer prompts (it leaking)
+    # SA split per concept: upside down on 12 carrier prompts (keeping the carrier) and 16
+    # transfer prompts (it leaking); the hat on 14 and 14
     split = pd.read_csv(workdir / "results/metrics/concepts.csv")
     sa = split[(split["metric"] == "SA") & (split["method"] == "lego")]
-    assert dict(zip(sa["prompts"], sa["n_images"], strict=True)) == {"carrier": 12, "transfer": 16}
+    assert sa.set_index(["concept", "prompts"])["n_images"].to_dict() == {
+        ("upside down", "carrier"): 12,
+        ("upside down", "transfer"): 16,
+        ("wearing a red hat", "carrier"): 14,
+        ("wearing a red hat", "transfer"): 14,
+    }
+    split = split[split["concept"] == "upside down"]
     # and paired: Lego minus multi-vector Textual Inversion on the same images' conditions
     pairs = pd.read_csv(workdir / "results/metrics/concept_pairs.csv")
+    pairs = pairs[pairs["concept"] == "upside down"]
     leak = pairs[(pairs["metric"] == "leak_subject") & (pairs["method_a"] == "lego")]
     assert list(leak["method_b"]) == ["textual_inversion_multi"]
     assert list(leak["prompts"]) == ["transfer"] and list(leak["n_pairs"]) == [16]

@@ -4,6 +4,7 @@ reading and the ground-truth measures (sidpipe.world), and the proxy/truth agree
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from sidpipe.world.draw import render
 from sidpipe.world.grammar import (
     BACKGROUND_NAMES,
     COLOURS,
+    HAT_CLASSES,
     PATTERNS,
     SUBJECT_CLASSES,
     Element,
@@ -159,15 +161,27 @@ def test_read_prompt(prompt, expected):
 
 def test_world_prompt_file_is_read_by_the_world(tmp_path):
     prompts = yaml.safe_load(open("demo/prompts.yaml"))
-    assert set(prompts) == {"object", "live", "concept"}
-    for kind, templates in prompts.items():
-        assert templates[0] == "a {token} {class}"  # the bare prompt: everything unasked leaks
+    assert set(prompts) == {"object", "live", "concept", "concepts"}
+    assert set(prompts["concepts"]) == {"wearing a red hat"}  # a concept's own list
+    lists = [(kind, prompts[kind]) for kind in ("object", "live", "concept")]
+    lists.append(("wearing a red hat", prompts["concepts"]["wearing a red hat"]))
+    for kind, templates in lists:
+        # the bare prompt first: everything unasked leaks (the hat's names a class with a head)
+        assert templates[0] == (
+            "a {token} dog" if kind == "wearing a red hat" else "a {token} {class}"
+        )
         # a concept's prompts are read with its words for the token: the concept is asked
-        token = "upside down" if kind == "concept" else "sks"
+        token = {"concept": "upside down", "wearing a red hat": kind}.get(kind, "sks")
         for template in templates[1:]:
             read = read_prompt(template.format(token=token, **{"class": "dog"}), "dog")
             asked = read["background"] or read["colour"] or read["hat"] or read["upside_down"]
             assert asked and read["upside_down"] == (kind == "concept"), template
+            assert (read["hat"] == "red") == (kind == "wearing a red hat") or kind == "live"
+    # the world draws a hat only on the classes with a head: the hat is carried to those
+    hat_classes = {
+        prompt_class(t.format(token="wearing a red hat", **{"class": "dog"})) for t in lists[-1][1]
+    }
+    assert hat_classes == set(HAT_CLASSES)
 
 
 def test_subject_folder_holds_images_masks_descriptions_and_truth(tmp_path):
@@ -190,15 +204,37 @@ def test_subject_folder_holds_images_masks_descriptions_and_truth(tmp_path):
 
 
 def test_concept_subjects_carry_their_concept_in_every_view(tmp_path):
-    """Lego's subjects: kind concept, the concept in the table, upside down in all 4 views on 4
-    backgrounds (what the views share is the carrier and the concept), no other elements."""
+    """Lego's subjects: kind concept, the concept in the table and in all 4 views on 4
+    backgrounds (what the views share is the carrier and the concept), no other elements; the
+    hat is drawn mostly outside the subject's mask (where Lego's subject separation sends a
+    concept; its brim covers the top of the head)."""
     for spec in CONCEPT_SUBJECTS:
-        truth = read_truth(write_subject(spec, tmp_path / spec.name) / "truth.json")
-        assert truth["upside_down"] and len(truth["backgrounds"]) == 4
+        folder = write_subject(spec, tmp_path / spec.name)
+        truth = read_truth(folder / "truth.json")
+        views = json.loads((folder / "truth.json").read_text())["views"].values()
+        if spec.concept == "upside down":
+            assert truth["upside_down"]
+        else:
+            assert spec.concept == "wearing a red hat" and not truth["upside_down"]
+            assert {v["subject"]["hat"] for v in views} == {"red"}
+            # the hat's pixels: where the drawing with the hat differs from the one without
+            scene = Scene.from_truth(next(iter(views)))
+            with_hat = np.asarray(render(scene, 32, seed=1)[0], dtype=int)
+            bare = scene.with_(subject=replace(scene.subject, hat=None))
+            hat = np.abs(with_hat - np.asarray(render(bare, 32, seed=1)[0], dtype=int)).sum(-1)
+            mask = np.asarray(render(scene, 32, seed=1)[1]) > 127
+            drawn = hat > 30
+            assert drawn.sum() >= 10 and (drawn & ~mask).sum() >= 2 / 3 * drawn.sum()
+        assert len(truth["backgrounds"]) == 4
         assert truth["elements"] == [] and truth["identity"]["pattern"] != "plain"
     rows = [r.split("\t") for r in subjects_table(CONCEPT_SUBJECTS, "s").splitlines()[1:]]
-    assert {(r[2], r[-1]) for r in rows} == {("concept", "upside down")}
-    assert len({r[1] for r in rows}) == len(rows)  # carriers of different classes
+    assert {(r[2], r[-1]) for r in rows} == {
+        ("concept", "upside down"),
+        ("concept", "wearing a red hat"),
+    }
+    for concept in ("upside down", "wearing a red hat"):  # carriers of different classes
+        carriers = [r[1] for r in rows if r[-1] == concept]
+        assert len(carriers) == 2 and len(set(carriers)) == 2
 
 
 def _seen(**overrides):

@@ -6,7 +6,8 @@ those carrying the concept to other classes ("a <cpt> dog"). SA means opposite t
 keeping the carrier on the first, the carrier leaking into the concept on the second (Lego's
 subject leak). An arm's overall mean mixes both, so this table gives each group its own mean,
 and `carrier_transfer_pairs` each group's paired method differences (Lego minus multi-vector
-Textual Inversion on the same prompts and seeds).
+Textual Inversion on the same prompts and seeds), each per concept (the subjects table's
+`concept` column: subjects of one concept are pooled, different concepts never are).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import pandas as pd
 from sidpipe import method_pairs, stats
 from sidpipe.sampling import names_class
 
-COLUMNS = ["prompts", *stats.SUMMARY_COLUMNS]
-PAIR_COLUMNS = ["prompts", *method_pairs.COLUMNS]
+COLUMNS = ["concept", "prompts", *stats.SUMMARY_COLUMNS]
+PAIR_COLUMNS = ["concept", "prompts", *method_pairs.COLUMNS]
+GROUPS = ["concept", "prompts"]
 
 
 def prompt_group(prompt: str, carrier_class: str) -> str:
@@ -28,27 +30,30 @@ def prompt_group(prompt: str, carrier_class: str) -> str:
 
 
 def _grouped(all_df: pd.DataFrame, subjects: list[dict]) -> pd.DataFrame:
-    """The concept subjects' rows with their prompt group (`prompts`: carrier or transfer)."""
-    carriers = {s["subject"]: s["class"] for s in subjects if s.get("kind") == "concept"}
-    rows = all_df[all_df["subject"].isin(carriers)]
+    """The concept subjects' rows with their concept and prompt group (`prompts`: carrier or
+    transfer)."""
+    concept_rows = {s["subject"]: s for s in subjects if s.get("kind") == "concept"}
+    rows = all_df[all_df["subject"].isin(concept_rows)]
     groups = [
-        prompt_group(prompt, carriers[subject])
+        prompt_group(prompt, concept_rows[subject]["class"])
         for prompt, subject in zip(rows["prompt"], rows["subject"], strict=True)
     ]
-    return rows.assign(prompts=groups)
+    concepts = [concept_rows[subject].get("concept") or "" for subject in rows["subject"]]
+    return rows.assign(concept=concepts, prompts=groups)
 
 
 def carrier_transfer_summary(
     all_df: pd.DataFrame, subjects: list[dict], n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
-    """Per prompt group (carrier, transfer), arm and metric over the concept subjects: mean
-    with its bootstrap CI (`stats.arm_summary`); no rows without concept subjects."""
+    """Per concept, prompt group (carrier, transfer), arm and metric over the concept's
+    subjects: mean with its bootstrap CI (`stats.arm_summary`); no rows without concept
+    subjects."""
     rows = _grouped(all_df, subjects)
     if rows.empty:
         return pd.DataFrame(columns=COLUMNS)
     parts = [
-        stats.arm_summary(part, n_boot=n_boot, seed=seed).assign(prompts=name)
-        for name, part in rows.groupby("prompts", sort=True)
+        stats.arm_summary(part, n_boot=n_boot, seed=seed).assign(concept=concept, prompts=group)
+        for (concept, group), part in rows.groupby(GROUPS, sort=True)
     ]
     return pd.concat(parts, ignore_index=True)[COLUMNS]
 
@@ -56,13 +61,15 @@ def carrier_transfer_summary(
 def carrier_transfer_pairs(
     all_df: pd.DataFrame, subjects: list[dict], n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
-    """Per prompt group, every two methods on the concept subjects' same prompts and seeds:
-    mean(A - B) with a two-stage bootstrap CI (`method_pairs.paired_methods`); no rows without
-    concept subjects or with one method."""
+    """Per concept and prompt group, every two methods on the concept's subjects' same prompts
+    and seeds: mean(A - B) with a two-stage bootstrap CI (`method_pairs.paired_methods`); no
+    rows without concept subjects or with one method."""
     rows = _grouped(all_df, subjects)
     parts = [
-        method_pairs.paired_methods(part, n_boot=n_boot, seed=seed).assign(prompts=name)
-        for name, part in rows.groupby("prompts", sort=True)
+        method_pairs.paired_methods(part, n_boot=n_boot, seed=seed).assign(
+            concept=concept, prompts=group
+        )
+        for (concept, group), part in rows.groupby(GROUPS, sort=True)
     ]
     parts = [p for p in parts if not p.empty]
     if not parts:

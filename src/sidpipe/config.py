@@ -82,10 +82,9 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
 # Subjects of these kinds run only in grids that ask for them (`kinds`, or by name): the other
 # kinds' prompts and methods make no sense on a concept's carrier subject.
 OPT_IN_KINDS = frozenset({"concept"})
+
+
 # Kinds whose prompt templates may name other classes instead of {class} (a concept's transfer).
-CLASS_OPTIONAL_KINDS = frozenset({"concept"})
-
-
 def expand_experiments(
     config: dict, subjects: list[str], kinds: dict[str, str] | None = None
 ) -> dict[str, list[tuple[Arm, str]]]:
@@ -344,39 +343,6 @@ def load_subjects(
     return rows
 
 
-def load_prompts(path: str | Path, config: dict, kinds: set[str]) -> dict[str, list[str]]:
-    """The evaluation prompt templates per subject kind, checked for count and placeholders."""
-    try:
-        prompts = read_yaml(path, "prompts file")
-    except SidpipeError as err:
-        raise ConfigError(f"{err} (config key `prompts`)") from None
-    need = config["sampling"]["prompts_per_subject"]
-    problems = []
-    for kind in sorted(kinds):
-        templates = (prompts or {}).get(kind)
-        if not isinstance(templates, list) or len(templates) < need:
-            count = len(templates) if isinstance(templates, list) else 0
-            problems.append(
-                f"kind {kind!r}: {count} prompts, but sampling.prompts_per_subject is {need} "
-                f"(add a `{kind}:` list of at least {need} templates, or lower it)"
-            )
-            continue
-        for index, template in enumerate(templates[:need]):
-            if "{token}" not in template:
-                problems.append(
-                    f"{kind}[{index}]: {template!r} lacks {{token}} (where the subject's "
-                    "identifier goes; add it)"
-                )
-            elif "{class}" not in template and kind not in CLASS_OPTIONAL_KINDS:
-                problems.append(
-                    f"{kind}[{index}]: {template!r} lacks {{class}} (the subject's class noun; "
-                    "add it)"
-                )
-    if problems:
-        raise ConfigError(f"{path}: invalid prompts:\n  " + "\n  ".join(problems))
-    return {kind: prompts[kind][:need] for kind in kinds}
-
-
 def tiny_model_keys(config: dict) -> dict[str, str]:
     """Model settings that point at the tiny models this workflow builds itself."""
     return {
@@ -434,9 +400,16 @@ def check_files(config_path: str | Path, base_dir: str | Path = ".") -> dict:
     """Check a config file and the subjects table and prompts it names, as the workflow does
     at start-up, with the file, line and column of a YAML syntax error (Snakemake itself only
     says that a config file "is not valid JSON or YAML")."""
+    from sidpipe.prompts import load_prompts
+
     config = load_config(config_path)
     subjects = load_subjects(Path(base_dir) / config["subjects"], config, base_dir=base_dir)
-    load_prompts(Path(base_dir) / config["prompts"], config, {row["kind"] for row in subjects})
+    load_prompts(
+        Path(base_dir) / config["prompts"],
+        config,
+        {row["kind"] for row in subjects},
+        {row["concept"] for row in subjects if row.get("concept")},
+    )
     return config
 
 

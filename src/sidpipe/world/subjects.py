@@ -4,9 +4,10 @@ Each subject has an identity its class word alone does not give (a colour and pa
 the base model draws about 1 time in 200 for "a {class}"), 4 views, and the biases of the SID
 paper: the same background and nearby object in every view (background and nearby-object
 bias), an object tied to the subject (tied-object bias) or one pose in every view (pose bias).
-The concept subjects (kind `concept`, for Lego) show one concept beyond appearance, "upside
-down", on a carrier with its own look, in 4 views on 4 backgrounds: what the views share is the
-carrier and the concept, so the carrier is what can leak into the concept's tokens.
+The concept subjects (kind `concept`, for Lego) show a concept beyond appearance on a carrier
+with its own look, in 4 views on 4 backgrounds: "upside down" (the subject's own pose) and
+"wearing a red hat" (mostly outside the subject's mask). What the views share is the carrier and the
+concept, so the carrier is what can leak into the concept's tokens.
 A subject folder holds `01.png`.. with `<stem>.mask.png` ground-truth masks, a
 `descriptions.yaml` with Case 1-4 from the caption writer (the `manual` backend) and
 `truth.json` (the identity and each view's scene), which the leak measures read.
@@ -91,7 +92,7 @@ DEMO_SUBJECTS: tuple[SubjectSpec, ...] = (
 )
 
 
-# Concept subjects (Lego): the concept is the pose. Each carrier's colour and pattern are its
+# Concept subjects (Lego): the concept is a pose or a hat. Each carrier's colour and pattern are its
 # own, so the judge can tell the carrier leaking (its class or colour) from the concept.
 CONCEPT_SUBJECTS: tuple[SubjectSpec, ...] = (
     SubjectSpec(
@@ -109,6 +110,26 @@ CONCEPT_SUBJECTS: tuple[SubjectSpec, ...] = (
         ("beach", "brick wall", "night sky", "tablecloth"),
         ((), (), (), ()),
         concept="upside down",
+    ),
+    # A concept outside the subject: about 3/4 of the hat's pixels lie outside the subject's
+    # mask (the brim covers the top of the head), where Lego's subject separation sends the
+    # concept (the pose above has no such region). The world puts hats on the classes with a
+    # head only, so each carrier's transfer class is the other one.
+    SubjectSpec(
+        "red_hat_dog",
+        Subject("dog", "purple", "spotted", "white", hat="red"),
+        "",
+        ("jungle", "wooden floor", "beach", "city"),
+        ((), (), (), ()),
+        concept="wearing a red hat",
+    ),
+    SubjectSpec(
+        "red_hat_robot",
+        Subject("robot", "orange", "striped", "green", hat="red"),
+        "",
+        ("grass", "night sky", "snow", "pink fabric"),
+        ((), (), (), ()),
+        concept="wearing a red hat",
     ),
 )
 WORLD_SUBJECTS = DEMO_SUBJECTS + CONCEPT_SUBJECTS

@@ -1,0 +1,95 @@
+"""The evaluation prompts file: templates per subject kind (and per concept), checked at
+start-up, and which templates a subject is prompted with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sidpipe.config import ConfigError
+from sidpipe.io import SidpipeError, read_yaml
+
+# Kinds whose templates may name other classes instead of {class} (a concept is carried to them).
+CLASS_OPTIONAL_KINDS = frozenset({"concept"})
+# Key of a concept's own template list in `load_prompts`' result (no kind starts with it).
+CONCEPT_PROMPTS = "concept: "
+
+
+def load_prompts(
+    path: str | Path, config: dict, kinds: set[str], concepts: set[str] = frozenset()
+) -> dict[str, list[str]]:
+    """The evaluation prompt templates per subject kind, checked for count and placeholders.
+
+    A concept may have its own list under the file's `concepts:` (concept words -> templates,
+    e.g. for a concept the world draws on some classes only); the concept subjects whose
+    `concept` column spells it are prompted with that list (`subject_templates`), the others
+    with their kind's."""
+    try:
+        prompts = read_yaml(path, "prompts file") or {}
+    except SidpipeError as err:
+        raise ConfigError(f"{err} (config key `prompts`)") from None
+    need = config["sampling"]["prompts_per_subject"]
+    own = prompts.get("concepts") or {}
+    if not isinstance(own, dict):
+        raise ConfigError(
+            f"{path}: `concepts:` must map concept words to a list of templates, not "
+            f"{type(own).__name__}"
+        )
+    lists = {kind: (kind, prompts.get(kind)) for kind in kinds if kind != "concept"}
+    # the kind's list serves every concept without its own (and callers that name none)
+    if "concept" in kinds and (not concepts or not concepts <= set(own)):
+        lists["concept"] = ("concept", prompts.get("concept"))
+    for concept in sorted(concepts & set(own)):
+        lists[CONCEPT_PROMPTS + concept] = (f"concepts.{concept}", own[concept])
+    problems = []
+    for label, templates in sorted(lists.values(), key=lambda item: item[0]):
+        problems += _template_problems(label, templates, need)
+    if problems:
+        raise ConfigError(f"{path}: invalid prompts:\n  " + "\n  ".join(problems))
+    return {key: templates[:need] for key, (_, templates) in lists.items()}
+
+
+def _template_problems(label: str, templates: Any, need: int) -> list[str]:
+    """What is wrong with one template list (`label`: its place in the prompts file)."""
+    if not isinstance(templates, list) or len(templates) < need:
+        count = len(templates) if isinstance(templates, list) else 0
+        where = label if "." in label else f"kind {label!r}"
+        return [
+            f"{where}: {count} prompts, but sampling.prompts_per_subject is {need} "
+            f"(add a `{label}:` list of at least {need} templates, or lower it)"
+        ]
+    problems = []
+    class_optional = label.split(".")[0] in CLASS_OPTIONAL_KINDS | {"concepts"}
+    for index, template in enumerate(templates[:need]):
+        if "{token}" not in template:
+            problems.append(
+                f"{label}[{index}]: {template!r} lacks {{token}} (where the subject's "
+                "identifier goes; add it)"
+            )
+        elif "{class}" not in template and not class_optional:
+            problems.append(
+                f"{label}[{index}]: {template!r} lacks {{class}} (the subject's class noun; add it)"
+            )
+    return problems
+
+
+def subject_templates(prompts: dict[str, list[str]], row: dict) -> list[str]:
+    """A subject's prompt templates from `load_prompts`' result: its concept's own list if the
+    file has one, else its kind's."""
+    own = prompts.get(CONCEPT_PROMPTS + row["concept"]) if row.get("concept") else None
+    return own if own is not None else prompts[row["kind"]]
+
+
+def repeated_prompts(templates: list[str], class_name: str) -> list[tuple[int, int]]:
+    """Pairs of template indices that give a subject of `class_name` the same prompt ("a {token}
+    {class}" beside "a {token} dog" for a dog): the same prompt and seeds draw the same images,
+    which would then count twice in every mean and interval."""
+    seen: dict[str, int] = {}
+    pairs = []
+    for index, template in enumerate(templates):
+        prompt = " ".join(template.replace("{class}", class_name).split())
+        if prompt in seen:
+            pairs.append((seen[prompt], index))
+        else:
+            seen[prompt] = index
+    return pairs
