@@ -17,7 +17,7 @@ from sidpipe.config import (
     tiny_model_keys,
     validate_config,
 )
-from sidpipe.prompts import load_prompts, repeated_prompts, subject_templates
+from sidpipe.prompts import load_prompts, repeated_prompt_warnings, subject_templates
 from sidpipe.references import reference_inputs
 from sidpipe.human_study.design import (
     check_recorded_responses,
@@ -59,16 +59,10 @@ if _unmatched:
         f"concept_words for no subject's concept: {', '.join(_unmatched)} (the subjects "
         "table's `concept` column must spell the concept the same way)"
     )
-for _subject in sorted({subject for _, subject in ARM_SUBJECTS}):
-    _row = SUBJECTS[_subject]
-    _repeated = repeated_prompts(subject_templates(PROMPTS, _row), _row["class"])
-    if _repeated:
-        logger.warning(
-            f"subject {_subject}: prompt templates "
-            + ", ".join(f"{a} and {b}" for a, b in _repeated)
-            + f" of {config['prompts']} give it the same prompt, so their images (same "
-            "seeds) count twice in every mean; change one of each pair"
-        )
+for _warning in repeated_prompt_warnings(
+    PROMPTS, SUBJECTS, {subject for _, subject in ARM_SUBJECTS}, config["prompts"]
+):
+    logger.warning(_warning)
 _idle = sorted(set(SUBJECTS) - {subject for _, subject in ARM_SUBJECTS})
 if _idle:
     logger.warning(

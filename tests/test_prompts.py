@@ -6,7 +6,12 @@ import pytest
 import yaml
 
 from sidpipe.config import ConfigError, load_config
-from sidpipe.prompts import load_prompts, repeated_prompts, subject_templates
+from sidpipe.prompts import (
+    load_prompts,
+    repeated_prompt_warnings,
+    repeated_prompts,
+    subject_templates,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +84,29 @@ def test_a_prompt_repeated_for_a_subject_is_found():
     assert repeated_prompts(templates, "dog") == [(0, 2), (0, 3)]
     assert repeated_prompts(templates, "cat") == [(0, 1), (0, 3)]
     assert repeated_prompts(templates[:3], "mug") == []
+
+
+def test_repeat_warnings_name_each_running_subject_and_its_templates():
+    prompts = {"live": ["a {token} {class}", "a {token} dog", "a {token} cat"]}
+    subjects = {
+        "rex": {"subject": "rex", "kind": "live", "class": "dog"},
+        "tom": {"subject": "tom", "kind": "live", "class": "cat"},
+        "owl": {"subject": "owl", "kind": "live", "class": "owl"},
+    }
+    warnings = repeated_prompt_warnings(prompts, subjects, {"rex", "owl"}, "p.yaml")
+    assert warnings == [
+        "subject rex: prompt templates 0 and 1 of p.yaml give it the same prompt, so their "
+        "images (same seeds) count twice in every mean; change one of each pair"
+    ]  # tom repeats too, but runs in no experiment
+
+
+def test_a_prompts_file_that_is_no_mapping_is_named(tmp_path, real):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(["a {token} {class}"] * 25))
+    with pytest.raises(ConfigError, match=r"p\.yaml: the prompts file must map each subject kind"):
+        load_prompts(path, real, {"object"})
+    path.write_text(yaml.safe_dump({"concepts": {"wearing a hat": ["a {token} dog"]}}))
+    with pytest.raises(
+        ConfigError, match=r"concepts\.wearing a hat: 1 prompts, .*give it at least 25"
+    ):
+        load_prompts(path, real, {"concept"}, {"wearing a hat"})

@@ -28,6 +28,11 @@ def load_prompts(
         prompts = read_yaml(path, "prompts file") or {}
     except SidpipeError as err:
         raise ConfigError(f"{err} (config key `prompts`)") from None
+    if not isinstance(prompts, dict):
+        raise ConfigError(
+            f"{path}: the prompts file must map each subject kind to a list of templates "
+            f"(object:, live:, ...), not a {type(prompts).__name__}"
+        )
     need = config["sampling"]["prompts_per_subject"]
     own = prompts.get("concepts") or {}
     if not isinstance(own, dict):
@@ -53,10 +58,13 @@ def _template_problems(label: str, templates: Any, need: int) -> list[str]:
     """What is wrong with one template list (`label`: its place in the prompts file)."""
     if not isinstance(templates, list) or len(templates) < need:
         count = len(templates) if isinstance(templates, list) else 0
-        where = label if "." in label else f"kind {label!r}"
+        if label.startswith("concepts."):  # a concept's own list
+            where, fix = label, f"give it at least {need} templates"
+        else:
+            where, fix = f"kind {label!r}", f"add a `{label}:` list of at least {need} templates"
         return [
             f"{where}: {count} prompts, but sampling.prompts_per_subject is {need} "
-            f"(add a `{label}:` list of at least {need} templates, or lower it)"
+            f"({fix}, or lower it)"
         ]
     problems = []
     class_optional = label.split(".")[0] in CLASS_OPTIONAL_KINDS | {"concepts"}
@@ -93,3 +101,22 @@ def repeated_prompts(templates: list[str], class_name: str) -> list[tuple[int, i
         else:
             seen[prompt] = index
     return pairs
+
+
+def repeated_prompt_warnings(
+    prompts: dict[str, list[str]], subjects: dict[str, dict], names: set[str], source: str
+) -> list[str]:
+    """A start-up warning for each of the `names` subjects that two templates give one prompt
+    (`repeated_prompts`), naming the templates."""
+    warnings = []
+    for name in sorted(names):
+        row = subjects[name]
+        pairs = repeated_prompts(subject_templates(prompts, row), row["class"])
+        if pairs:
+            warnings.append(
+                f"subject {name}: prompt templates "
+                + ", ".join(f"{a} and {b}" for a, b in pairs)
+                + f" of {source} give it the same prompt, so their images (same seeds) count "
+                "twice in every mean; change one of each pair"
+            )
+    return warnings
