@@ -84,7 +84,6 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
 OPT_IN_KINDS = frozenset({"concept"})
 
 
-# Kinds whose prompt templates may name other classes instead of {class} (a concept's transfer).
 def expand_experiments(
     config: dict, subjects: list[str], kinds: dict[str, str] | None = None
 ) -> dict[str, list[tuple[Arm, str]]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from sidpipe.config import ConfigError
 from sidpipe.io import SidpipeError, read_yaml
+from sidpipe.sampling import expand_prompts
 
 # Kinds whose templates may name other classes instead of {class} (a concept is carried to them).
 CLASS_OPTIONAL_KINDS = frozenset({"concept"})
@@ -94,12 +95,11 @@ def repeated_prompts(templates: list[str], class_name: str) -> list[tuple[int, i
     which would then count twice in every mean and interval."""
     seen: dict[str, int] = {}
     pairs = []
-    for index, template in enumerate(templates):
-        prompt = " ".join(template.replace("{class}", class_name).split())
-        if prompt in seen:
-            pairs.append((seen[prompt], index))
+    for row in expand_prompts(templates, class_name, token="[V]"):  # the prompts as sampled
+        if row["prompt"] in seen:
+            pairs.append((seen[row["prompt"]], row["prompt_id"]))
         else:
-            seen[prompt] = index
+            seen[row["prompt"]] = row["prompt_id"]
     return pairs
 
 

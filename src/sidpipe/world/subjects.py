@@ -6,8 +6,8 @@ paper: the same background and nearby object in every view (background and nearb
 bias), an object tied to the subject (tied-object bias) or one pose in every view (pose bias).
 The concept subjects (kind `concept`, for Lego) show a concept beyond appearance on a carrier
 with its own look, in 4 views on 4 backgrounds: "upside down" (the subject's own pose) and
-"wearing a red hat" (mostly outside the subject's mask). What the views share is the carrier and the
-concept, so the carrier is what can leak into the concept's tokens.
+"wearing a red hat" (mostly outside the subject's mask). What the views share is the carrier
+and the concept, so the carrier is what can leak into the concept's tokens.
 A subject folder holds `01.png`.. with `<stem>.mask.png` ground-truth masks, a
 `descriptions.yaml` with Case 1-4 from the caption writer (the `manual` backend) and
 `truth.json` (the identity and each view's scene), which the leak measures read.
@@ -92,8 +92,8 @@ DEMO_SUBJECTS: tuple[SubjectSpec, ...] = (
 )
 
 
-# Concept subjects (Lego): the concept is a pose or a hat. Each carrier's colour and pattern are its
-# own, so the judge can tell the carrier leaking (its class or colour) from the concept.
+# Concept subjects (Lego): the concept is a pose or a hat. Each carrier's colour and pattern
+# are its own, so the judge can tell the carrier leaking (its class or colour) from the concept.
 CONCEPT_SUBJECTS: tuple[SubjectSpec, ...] = (
     SubjectSpec(
         "upside_down_dog",
