@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-biases world-strength world-training-seeds world-seeds world-lego
+.PHONY: install demo test lint format bench dag clean-demo lock world world-subjects world-biases world-strength world-training-seeds world-cases world-seeds world-lego
 
 # torch first (the CPU build), then everything else constrained to keep exactly that torch.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
@@ -80,6 +80,11 @@ world-strength: install
 # training run (demo/training_seeds.yaml).
 world-training-seeds: install
 	$(call demo_layer,demo/training_seeds.yaml)
+
+# The demo plus Case 1-4 and the alternatives (negative prompt, masked DreamBooth) on all five
+# biased subjects (demo/cases.yaml): metrics/comparisons.csv pairs SID with each.
+world-cases: install
+	$(call demo_layer,demo/cases.yaml)
 
 # The demo plus SeFi-IDE beside Textual Inversion and DreamBooth (demo/seeds.yaml).
 world-seeds: install

@@ -7,6 +7,7 @@ from sidpipe.config import (
     OPT_IN_KINDS,
     ConfigError,
     all_arm_subjects,
+    check_comparisons,
     check_concept_pairs,
     concept_context_words,
     unmatched_concept_words,
@@ -69,6 +70,9 @@ if _idle:
         f"subject(s) in no experiment (references and masks only): {', '.join(_idle)}; "
         "a concept subject runs only in grids with `kinds: [concept]` or that name it"
     )
+COMPARISONS = check_comparisons(
+    config["metrics"].get("comparisons", []), ARM_SUBJECTS, CONFIG_SOURCE
+)
 DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
 

@@ -79,6 +79,12 @@ rule analyze:
             category="Metrics",
             labels={"table": "concept subjects: carrier vs transfer prompts"},
         ),
+        comparisons=report(
+            "results/metrics/comparisons.csv",
+            caption="report/comparisons.rst",
+            category="Metrics",
+            labels={"table": "chosen arms: A minus B (paired)"},
+        ),
         concept_pairs=report(
             "results/metrics/concept_pairs.csv",
             caption="report/concept_pairs.rst",
@@ -123,6 +129,7 @@ rule analyze:
                 "pareto_single_reference",
                 "subjects",
                 "improvements",
+                "comparisons",
                 "agreement",
             ],
         ),
@@ -150,6 +157,12 @@ rule analyze:
             category="Pareto",
             labels={"figure": "SID improvements"},
         ),
+        comparisons_plot=report(
+            "results/metrics/plots/comparisons.png",
+            caption="report/comparisons.rst",
+            category="Pareto",
+            labels={"figure": "chosen arms: A minus B"},
+        ),
         agreement_plot=report(
             "results/metrics/plots/agreement.png",
             caption="report/agreement.rst",
@@ -168,5 +181,6 @@ rule analyze:
         subjects=[dict(row) for row in SUBJECTS.values()],
         n_boot=config["metrics"].get("bootstrap", 1000),
         untrained=UNTRAINED,
+        comparisons=COMPARISONS,
     script:
         "../workflow_scripts/analyze.py"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from sidpipe.analysis import analyze
 
@@ -60,3 +61,33 @@ def test_untrained_arms_are_the_tables_reference_not_a_baseline(tmp_path):
     assert set(pd.read_csv(paths["improvements"])["method"]) == {"dreambooth"}
     for name in ("pareto", "subjects", "improvements"):
         assert paths[f"plot_{name}"].stat().st_size > 1000
+
+
+def test_chosen_arm_pairs_are_written_and_drawn(tmp_path):
+    """metrics.comparisons reaches comparisons.csv (A - B per pair, per bias type) and its
+    figure; a pair with an arm that drew nothing has no rows."""
+    subjects = [
+        {"subject": "mug", "class": "mug", "kind": "object", "bias": "background"},
+        {"subject": "dog", "class": "dog", "kind": "live", "bias": "pose"},
+    ]
+    all_csv = _all_csv(tmp_path / "all.csv")
+    pairs = [["dreambooth/sid/standard", "base_model/case1/standard"]]
+    pairs += [["dreambooth/sid/standard", "dreambooth/case2/standard"]]
+    paths = analyze(all_csv, tmp_path / "m", subjects, n_boot=20, arm_pairs=pairs)
+    chosen = pd.read_csv(paths["comparisons"])
+    assert set(chosen["arm_b"]) == {"base_model/case1/standard"}
+    assert set(chosen["bias"]) == {"all", "background", "pose"}
+    assert set(chosen["metric"]) == {"SA", "NSD", "TA"}
+    df = pd.read_csv(all_csv)
+    for metric in ("SA", "NSD", "TA"):
+        rows = df[df["metric"] == metric]
+        sid = rows[rows["descriptions"] == "sid"]["value"].mean()
+        base = rows[rows["method"] == "base_model"]["value"].mean()
+        row = chosen[(chosen["metric"] == metric) & (chosen["bias"] == "all")].iloc[0]
+        # both subjects have every prompt and seed, so the two-stage mean is the plain mean
+        assert row["diff"] == pytest.approx(sid - base) and row["n_pairs"] == 12
+    assert paths["plot_comparisons"].stat().st_size > 1000
+    # without pairs: the table's header, and a figure saying there is nothing to draw
+    empty = analyze(all_csv, tmp_path / "e", subjects, n_boot=20)
+    assert pd.read_csv(empty["comparisons"]).empty
+    assert empty["plot_comparisons"].exists()

@@ -12,6 +12,7 @@ from sidpipe.config import (
     ConfigError,
     all_arm_subjects,
     attempt_scaled,
+    check_comparisons,
     check_concept_pairs,
     check_mask_models,
     concept_context_words,
@@ -53,6 +54,11 @@ def test_every_shipped_config_validates_with_its_tables(name):
         repeated_prompts(subject_templates(prompts, row), row["class"]) for row in subjects
     )
     assert expand_experiments(config, [r["subject"] for r in subjects])
+    # every arm pair the config compares runs, on a subject both share
+    kinds = {r["subject"]: r["kind"] for r in subjects}
+    check_comparisons(
+        config["metrics"].get("comparisons", []), all_arm_subjects(config, list(kinds), kinds)
+    )
 
 
 def test_real_config_is_the_papers_setup(real):
@@ -518,3 +524,36 @@ def test_concept_words_no_subject_spells_are_named():
     words["upside-down"] = words["frozen"]
     assert unmatched_concept_words({"concept_words": words}, subjects) == ["upside-down"]
     assert unmatched_concept_words({}, subjects) == []
+
+
+def test_compared_arms_must_run_on_a_subject_in_common():
+    sid, case2 = Arm("dreambooth", "sid"), Arm("dreambooth", "case2")
+    grid = [(sid, "mug"), (sid, "dog"), (case2, "dog"), (Arm("svdiff", "sid"), "cat")]
+    kept = check_comparisons([("dreambooth/sid/standard", "dreambooth/case2/standard")], grid)
+    assert kept == [["dreambooth/sid/standard", "dreambooth/case2/standard"]]
+    with pytest.raises(
+        ConfigError,
+        match=r"c\.yaml: metrics\.comparisons\[1\]: arm 'dreambooth/case4/standard' is in no "
+        r"experiment; name one of dreambooth/case2/standard, dreambooth/sid/standard, "
+        r"svdiff/sid/standard",
+    ):
+        check_comparisons(
+            [["dreambooth/sid/standard", "dreambooth/case2/standard"]]
+            + [["dreambooth/sid/standard", "dreambooth/case4/standard"]],
+            grid,
+            "c.yaml",
+        )
+    with pytest.raises(ConfigError, match=r"svdiff/sid/standard on cat: no subject in common"):
+        check_comparisons([["dreambooth/case2/standard", "svdiff/sid/standard"]], grid)
+
+
+def test_a_comparison_is_two_different_arms(real):
+    for bad in (
+        [["dreambooth/sid/standard"]],
+        [["dreambooth/sid/standard", "dreambooth/sid/standard"]],
+        [["dreambooth/sid", "dreambooth/case2/standard"]],
+    ):
+        config = copy.deepcopy(real)
+        config["metrics"]["comparisons"] = bad
+        with pytest.raises(ConfigError, match=r"metrics\.comparisons\[0\]"):
+            validate_config(config)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from sidpipe.io import SidpipeError
-from sidpipe.plots import plot_improvements, plot_pareto, plot_subjects
+from sidpipe.plots import interval_colours, plot_improvements, plot_pareto, plot_subjects
 from sidpipe.stats import arm_summary, paired_improvement, subject_summary
 
 ARMS = [
@@ -115,3 +115,27 @@ def test_an_untrained_arm_is_a_reference_point_off_the_front(tmp_path: Path) -> 
     plain = plot_pareto(summary, tmp_path / "plain")[0].read_text()
     marked = plot_pareto(summary, tmp_path / "marked", untrained=["base_model"])[0].read_text()
     assert "untrained (reference)" in marked and "untrained (reference)" not in plain
+
+
+def test_a_bar_is_coloured_by_which_side_of_0_its_interval_lies_on() -> None:
+    """Green / red only when the interval excludes 0 on the better / worse side; for a
+    lower-is-better measure (a leak) the better side is below 0."""
+    rows = pd.DataFrame(
+        [
+            (True, 0.01, 0.2),  # higher is better, above 0: green
+            (True, -0.2, -0.01),  # below 0: red
+            (True, -0.1, 0.1),  # holds 0: grey
+            (False, -0.3, -0.1),  # a leak that fell: green
+            (False, 0.1, 0.3),  # a leak that rose: red
+            (False, -0.107, 0.0),  # a leak's interval touching 0: grey
+            (False, 0.0, 0.089),  # the same on the other side: grey
+            (False, -0.2, 0.05),  # holds 0: grey
+        ],
+        columns=["higher_is_better", "ci_low", "ci_high"],
+    )
+    assert interval_colours(rows) == ["tab:green", "tab:red", "0.6", "tab:green"] + [
+        "tab:red",
+        "0.6",
+        "0.6",
+        "0.6",
+    ]

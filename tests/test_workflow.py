@@ -214,6 +214,32 @@ def test_a_prompt_a_subject_gets_twice_is_named_at_start_up(tmp_path):
     assert warning in result.stdout + result.stderr
 
 
+def test_cases_layer_on_the_demo():
+    """demo/cases.yaml runs Case 1-4 and both alternatives on all five biased subjects (the
+    demo: on `blue_mug`), so metrics.comparisons pairs SID with each over the five."""
+    result = layer_dry_run("demo/cases.yaml")
+    found = {
+        name: set(re.search(rf"^  {name}: (.*)$", result.stdout, re.MULTILINE).group(1).split(", "))
+        for name in ("cases", "alternatives")
+    }
+    assert found["cases"] == {
+        f"dreambooth/{c}/standard" for c in ("case1", "case2", "sid", "case4")
+    }
+    assert found["alternatives"] == {
+        "dreambooth/case1/standard",
+        "dreambooth/case1/negative_prompt",
+        "dreambooth_masked/case1/standard",
+    }
+    # 6 arms of cases and alternatives (Case 1 in both) on 4 more subjects
+    assert grid_size(result) == 13 + 6 * 4
+    assert idle_subjects(result) == [
+        "red_hat_dog",
+        "red_hat_robot",
+        "upside_down_car",
+        "upside_down_dog",
+    ]
+
+
 def test_biases_layer_on_the_demo():
     """demo/biases.yaml adds DreamBooth x {Case 1, SID} and the base model on the four other
     biased subjects, and the single-reference experiment: every subject but the concept ones
@@ -425,8 +451,27 @@ def test_plain_demo_outputs(plain_demo):
     assert {"/".join(arm): n for arm, n in per_arm.items()} == {r["arm"]: 14 * 4 for r in arms}
     single_table = pd.read_csv(plain_demo / "results/metrics/tables/single_reference.csv")
     assert single_table.empty
-    for name in ("pareto", "subjects", "improvements", "agreement"):
+    for name in ("pareto", "subjects", "improvements", "comparisons", "agreement"):
         assert (plain_demo / f"results/metrics/plots/{name}.svg").stat().st_size > 1000
+    # metrics.comparisons: SID against Case 2, Case 4 and the two alternatives, image by image
+    chosen = pd.read_csv(plain_demo / "results/metrics/comparisons.csv")
+    assert set(chosen["arm_a"]) == {"dreambooth/sid/standard"}
+    assert set(chosen["arm_b"]) == {
+        "dreambooth/case2/standard",
+        "dreambooth/case4/standard",
+        "dreambooth/case1/negative_prompt",
+        "dreambooth_masked/case1/standard",
+    }
+    assert (chosen["n_pairs"] <= 14 * 4).all() and set(chosen["subjects"]) == {"blue_mug"}
+    everywhere = chosen[chosen["metric"].isin(["SA", "NSD", "TA"])]
+    # 4 pairs x 3 metrics x (all, and the mug's two bias types: background, nearby-object)
+    assert len(everywhere) == 4 * 3 * 3 and (everywhere["n_pairs"] == 14 * 4).all()
+    # each side's mean is that arm's mean in summary.csv (the same images, the same estimate)
+    summary = pd.read_csv(plain_demo / "results/metrics/summary.csv").set_index(["arm", "metric"])
+    for row in everywhere[everywhere["bias"] == "all"].itertuples():
+        assert row.mean_a == pytest.approx(summary.loc[(row.arm_a, row.metric), "mean"])
+        assert row.mean_b == pytest.approx(summary.loc[(row.arm_b, row.metric), "mean"])
+        assert row.diff == pytest.approx(row.mean_a - row.mean_b)
     study = plain_demo / "results/human_study/dreambooth_sid"
     info = json.loads((study / "site/study.json").read_text())
     assert len(info["participants"]) == 8 and info["screens_per_participant"] == 1 * 4

@@ -13,4 +13,5 @@ with job_log(smk.log[0]):
         smk.params.subjects,
         n_boot=smk.params.n_boot,
         untrained=smk.params.untrained,
+        arm_pairs=smk.params.comparisons,
     )

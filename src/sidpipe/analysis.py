@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from sidpipe import agreement, concepts, method_pairs, plots, stats
+from sidpipe import agreement, comparisons, concepts, method_pairs, plots, stats
 from sidpipe.io import atomic_file, log
 from sidpipe.subsets import SEPARATOR as SUBSET_SEPARATOR
 
@@ -31,13 +31,15 @@ def analyze(
     n_boot: int = 1000,
     seed: int = 0,
     untrained: Collection[str] = (),
+    arm_pairs: Sequence[Sequence[str]] = (),
 ) -> dict[str, Path]:
     """Write summary.csv (arm means with bootstrap CIs), subjects.csv, improvements.csv (SID minus
-    baseline, paired), method_pairs.csv (method A minus method B, paired), agreement.csv
+    baseline, paired), method_pairs.csv (method A minus method B, paired), comparisons.csv
+    (arm A minus arm B of each `arm_pairs` entry, paired), agreement.csv
     (proxies vs ground truth), concepts.csv and concept_pairs.csv (concept subjects: carrier vs
     transfer prompts, per arm and as paired method differences),
-    tables/{main,cases,vlms,single_reference}.{csv,md,html} and
-    plots/{pareto,pareto_single_reference,subjects,improvements,agreement}.{svg,png} under
+    tables/{main,cases,vlms,single_reference}.{csv,md,html} and plots/{pareto,
+    pareto_single_reference,subjects,improvements,comparisons,agreement}.{svg,png} under
     `out_dir`; return the written paths by name. `untrained`: the methods without a training
     job (the base model, encoders), whose rows the tables label `untrained`, not `baseline`."""
     out_dir = Path(out_dir)
@@ -52,6 +54,9 @@ def analyze(
     )
     agree = agreement.agreement(all_df, n_boot=min(n_boot, 200), seed=seed)
     between = method_pairs.paired_methods(all_df, n_boot=n_boot, seed=seed)
+    chosen = comparisons.paired_arms(
+        all_df, arm_pairs, subjects_df=subjects_df, n_boot=n_boot, seed=seed
+    )
     concept = concepts.carrier_transfer_summary(all_df, subjects, n_boot=n_boot, seed=seed)
     concept_pairs = concepts.carrier_transfer_pairs(all_df, subjects, n_boot=n_boot, seed=seed)
     paths = {
@@ -60,6 +65,7 @@ def analyze(
         "improvements": out_dir / "improvements.csv",
         "agreement": out_dir / "agreement.csv",
         "method_pairs": out_dir / "method_pairs.csv",
+        "comparisons": out_dir / "comparisons.csv",
         "concepts": out_dir / "concepts.csv",
         "concept_pairs": out_dir / "concept_pairs.csv",
     }
@@ -68,6 +74,7 @@ def analyze(
     _csv(improvements, paths["improvements"])
     _csv(agree, paths["agreement"])
     _csv(between, paths["method_pairs"])
+    _csv(chosen, paths["comparisons"])
     _csv(concept, paths["concepts"])
     _csv(concept_pairs, paths["concept_pairs"])
     # The paper's columns, then the world's ground-truth measures where they were scored.
@@ -102,8 +109,28 @@ def analyze(
     plots.plot_pareto(subsets, plot_dir / "pareto_single_reference", untrained=untrained)
     plots.plot_subjects(per_subject, plot_dir / "subjects", untrained=untrained)
     plots.plot_improvements(improvements, plot_dir / "improvements")
+    plots.plot_improvements(
+        chosen.assign(
+            method=[
+                comparisons.comparison_label(a, b)
+                for a, b in zip(chosen["arm_a"], chosen["arm_b"], strict=True)
+            ],
+            subjects_improved=chosen["subjects_a_better"],
+        ),
+        plot_dir / "comparisons",
+        difference="A \u2212 B",
+        counted="subjects favouring A",
+        empty="no pair of metrics.comparisons has images in common",
+    )
     plots.plot_agreement(agree, plot_dir / "agreement")
-    for name in ("pareto", "pareto_single_reference", "subjects", "improvements", "agreement"):
+    for name in (
+        "pareto",
+        "pareto_single_reference",
+        "subjects",
+        "improvements",
+        "comparisons",
+        "agreement",
+    ):
         paths[f"plot_{name}"] = plot_dir / f"{name}.png"
     log.info("%d metric rows -> %d arm summaries", len(all_df), len(summary))
     return paths

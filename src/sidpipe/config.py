@@ -145,6 +145,32 @@ def check_concept_pairs(
                 )
 
 
+def check_comparisons(
+    comparisons: list[list[str]], arm_subjects: list[tuple[Arm, str]], source: str = "config"
+) -> list[list[str]]:
+    """`metrics.comparisons` checked against the grid: each pair's two arms must run, and on
+    at least one subject in common (the pairs are made on its images). A ConfigError names the
+    entry and the arms that run."""
+    ran: dict[str, set[str]] = {}
+    for arm, subject in arm_subjects:
+        ran.setdefault(arm.name, set()).add(subject)
+    for i, (arm_a, arm_b) in enumerate(comparisons):
+        where = f"{source}: metrics.comparisons[{i}]"
+        for arm in (arm_a, arm_b):
+            if arm not in ran:
+                raise ConfigError(
+                    f"{where}: arm {arm!r} is in no experiment; name one of "
+                    f"{', '.join(sorted(ran))} (method/descriptions/inference), or add it to "
+                    "`experiments`"
+                )
+        if not ran[arm_a] & ran[arm_b]:
+            raise ConfigError(
+                f"{where}: {arm_a} runs on {', '.join(sorted(ran[arm_a]))} and {arm_b} on "
+                f"{', '.join(sorted(ran[arm_b]))}: no subject in common to pair their images on"
+            )
+    return [list(pair) for pair in comparisons]
+
+
 def concept_context_words(
     settings: dict, concept: str | None, concept_words: dict[str, dict] | None
 ) -> dict:

@@ -263,12 +263,31 @@ def plot_subjects(
     return _save(fig, out)
 
 
+def interval_colours(rows: pd.DataFrame) -> list[str]:
+    """Per row of a difference table: green when its CI (`ci_low`, `ci_high`) excludes 0 on
+    the metric's better side (`higher_is_better`; below 0 for a leak), red on the worse side,
+    grey when it holds 0."""
+    up = rows["higher_is_better"].astype(bool).to_numpy()
+    low, high = rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float)
+    # the interval in the better direction: a leak's [lo, hi] is [-hi, -lo] there
+    low_better, high_better = np.where(up, low, -high), np.where(up, high, -low)
+    return list(np.where(low_better > 0, "tab:green", np.where(high_better < 0, "tab:red", "0.6")))
+
+
 def plot_improvements(
-    improvements: pd.DataFrame, out: Path, bias: str = "all", metrics: Sequence[str] | None = None
+    improvements: pd.DataFrame,
+    out: Path,
+    bias: str = "all",
+    metrics: Sequence[str] | None = None,
+    difference: str = "SID \u2212 baseline",
+    counted: str = "subjects improved",
+    empty: str = "no method has both a baseline and a SID arm",
 ) -> list[Path]:
     """One panel per metric: per method, the paired SID - baseline difference with its CI; a
     bar is green / red when its CI excludes 0 in the better / worse direction, grey otherwise.
-    The label over each bar is the share of subjects that improved."""
+    The label over each bar is the share of subjects that improved. `difference`, `counted` and
+    `empty` say what the bars, the k/n labels and an empty figure mean when `method` holds other
+    differences (A - B of `comparisons.paired_arms`, one bar per pair)."""
     need = ["method", "metric", "bias", "diff", "ci_low", "ci_high", "subjects_improved"]
     need += ["n_subjects", "higher_is_better"]
     missing = [c for c in need if c not in improvements.columns]
@@ -280,15 +299,19 @@ def plot_improvements(
         metrics = [m for m in _METRIC_ORDER if m in present] + sorted(present - set(_METRIC_ORDER))
     metrics = [m for m in metrics if m in present]
     if not metrics:
-        return _empty(out, "no method has both a baseline and a SID arm")
-    fig = Figure(figsize=(max(3.0, 1.0 + 0.6 * rows["method"].nunique()) * len(metrics), 3.8))
+        return _empty(out, empty)
+    # At most 5 panels a row: a figure of a dozen metrics stays readable in the report.
+    ncols = min(len(metrics), 5)
+    nrows = -(-len(metrics) // ncols)
+    width = max(3.0, 1.0 + 0.6 * rows["method"].nunique())
+    fig = Figure(figsize=(width * ncols, 3.8 * nrows))
     fig.set_layout_engine("constrained")
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, metric in zip(axes, metrics, strict=True):
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(metrics) :]:
+        ax.set_axis_off()
+    for ax, metric in zip(axes, metrics, strict=False):
         sub = rows[rows["metric"] == metric].sort_values("method")
-        sign = np.where(sub["higher_is_better"], 1.0, -1.0)
-        better, worse = sub["ci_low"] * sign > 0, sub["ci_high"] * sign < 0
-        colors = np.where(better, "tab:green", np.where(worse, "tab:red", "0.6"))
+        colors = interval_colours(sub)
         xs = np.arange(len(sub))
         err = np.vstack([sub["diff"] - sub["ci_low"], sub["ci_high"] - sub["diff"]])
         ax.bar(xs, sub["diff"], color=list(colors), yerr=err, capsize=3, width=0.6)
@@ -305,10 +328,10 @@ def plot_improvements(
             )
         ax.set_xticks(xs, sub["method"], rotation=30, ha="right", fontsize="small")
         arrow = "\u2191" if bool(sub["higher_is_better"].all()) else "\u2193"
-        ax.set_title(f"\u0394{metric} (SID \u2212 baseline) {arrow}", fontsize="medium")
+        ax.set_title(f"\u0394{metric} ({difference}) {arrow}", fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.12)  # room for the k/n labels
-    title = "paired difference with bootstrap CI; k/n = subjects improved"
+    title = f"paired difference with bootstrap CI; k/n = {counted}"
     fig.suptitle(title if bias == "all" else f"{title}; subjects with bias: {bias}", size="small")
     return _save(fig, out)
 

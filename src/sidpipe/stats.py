@@ -165,7 +165,7 @@ def subject_summary(all_df: pd.DataFrame) -> pd.DataFrame:
 # --- paired comparison ---------------------------------------------------------------------
 
 
-def _bias_groups(subjects_df: pd.DataFrame | None) -> dict[str, set[str]]:
+def bias_groups(subjects_df: pd.DataFrame | None) -> dict[str, set[str]]:
     """Bias type -> subjects; a `bias` cell may list several types separated by commas."""
     if subjects_df is None:
         return {}
@@ -211,7 +211,7 @@ def paired_improvement(
     pairs = pairs[~unpaired].drop(columns="_merge")
     pairs["diff"] = pairs["treatment"] - pairs["baseline"]
 
-    biases = _bias_groups(subjects_df)
+    biases = bias_groups(subjects_df)
     out = []
     for (method, metric), rows in pairs.groupby(["method", "metric"], sort=True):
         better = HIGHER_IS_BETTER.get(str(metric), True)

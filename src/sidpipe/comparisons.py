@@ -1,0 +1,110 @@
+"""Chosen arms compared on the same images' conditions (`metrics.comparisons`): arm A minus arm
+B, paired by (subject, prompt, seed), with two-stage bootstrap CIs, over all subjects and per
+bias type.
+
+`stats.paired_improvement` compares SID with Case 1 within every method, `method_pairs` every two
+methods within a description set; this compares the arms a researcher names, of any method,
+description set or inference setting: SID against Case 2 and Case 4 (paper Table E.3), against
+the negative prompt and masked DreamBooth (Sec. 7.1), or against another VLM's SID (Table E.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from sidpipe.io import SidpipeError, log
+from sidpipe.method_pairs import subject_mean
+from sidpipe.stats import ARM_KEYS, HIGHER_IS_BETTER, arm_name, bias_groups, bootstrap_ci
+
+COLUMNS = [
+    "arm_a",
+    "arm_b",
+    "metric",
+    "bias",
+    "mean_a",
+    "mean_b",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "n_pairs",
+    "n_subjects",
+    "subjects",
+    "subjects_a_better",
+    "higher_is_better",
+]
+
+
+def comparison_label(arm_a: str, arm_b: str) -> str:
+    """A short name of a pair for a figure: the parts the two arms share dropped, an inference
+    setting left out where it is `standard` ("sid - case2" for two DreamBooth arms)."""
+    a, b = arm_a.split("/"), arm_b.split("/")
+    keep = [i for i in range(3) if a[i] != b[i]]
+
+    def short(parts: list[str]) -> str:
+        shown = [parts[i] for i in keep if not (i == 2 and parts[i] == "standard")]
+        return "/".join(shown) or "/".join(parts)
+
+    return f"{short(a)} \u2212 {short(b)}"
+
+
+def paired_arms(
+    all_df: pd.DataFrame,
+    comparisons: Sequence[Sequence[str]],
+    subjects_df: pd.DataFrame | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """For each [A, B] of `comparisons` (arms as method/descriptions/inference), per metric and
+    bias ("all", or a bias type of `subjects_df`): mean(A - B) over the images both arms drew
+    with the same subject, prompt and seed, with a two-stage bootstrap CI (`COLUMNS`). A pair
+    without such images (an arm not run yet) gives no rows."""
+    lacking = sorted({"subject", *ARM_KEYS, "prompt_id", "seed", "metric", "value"} - set(all_df))
+    if lacking:
+        raise SidpipeError(f"the metrics table lacks column(s) {', '.join(lacking)}")
+    arms = pd.Series(
+        [arm_name(*row) for row in all_df[ARM_KEYS].itertuples(index=False)], index=all_df.index
+    )
+    keys = ["subject", "prompt_id", "seed", "metric"]
+    biases = bias_groups(subjects_df)
+    out = []
+    for arm_a, arm_b in comparisons:
+        sides = [all_df.loc[arms == arm, keys + ["value"]] for arm in (arm_a, arm_b)]
+        pairs = sides[0].merge(sides[1], on=keys, suffixes=("_a", "_b"))
+        if pairs.empty:
+            log.info("comparison %s vs %s: no images in common, skipped", arm_a, arm_b)
+            continue
+        pairs["diff"] = pairs["value_a"] - pairs["value_b"]
+        for metric, rows in pairs.groupby("metric", sort=True):
+            better = HIGHER_IS_BETTER.get(str(metric), True)
+            subsets = {"all": rows}
+            subsets |= {b: rows[rows["subject"].isin(s)] for b, s in biases.items()}
+            for bias, sub in subsets.items():
+                if sub.empty:
+                    continue
+                diff, lo, hi = bootstrap_ci(
+                    sub.assign(value=sub["diff"]), metric, n_boot, seed, level
+                )
+                per_subject = sub.groupby("subject")["diff"].mean()
+                favour = (per_subject > 0) if better else (per_subject < 0)
+                out.append(
+                    {
+                        "arm_a": arm_a,
+                        "arm_b": arm_b,
+                        "metric": metric,
+                        "bias": bias,
+                        "mean_a": subject_mean(sub, "value_a"),
+                        "mean_b": subject_mean(sub, "value_b"),
+                        "diff": diff,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "n_pairs": len(sub),
+                        "n_subjects": len(per_subject),
+                        "subjects": ",".join(map(str, per_subject.index)),
+                        "subjects_a_better": int(favour.sum()),
+                        "higher_is_better": better,
+                    }
+                )
+    return pd.DataFrame(out, columns=COLUMNS)
