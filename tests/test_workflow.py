@@ -240,6 +240,21 @@ def test_cases_layer_on_the_demo():
     ]
 
 
+def test_a_compared_arm_that_does_not_run_stops_the_start_up(tmp_path):
+    """A typo in metrics.comparisons is named before any job runs, not found as an empty table
+    at the end."""
+    workdir = copy_demo(tmp_path / "w")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["metrics"]["comparisons"].append(
+        ["dreambooth/sid/standard", "dreambooth/case3/standard"]
+    )
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = snakemake(workdir, "--dry-run", "--quiet", "rules", check=False)
+    assert result.returncode != 0
+    message = "metrics.comparisons[4]: arm 'dreambooth/case3/standard' is in no experiment"
+    assert message in result.stdout + result.stderr
+
+
 def test_biases_layer_on_the_demo():
     """demo/biases.yaml adds DreamBooth x {Case 1, SID} and the base model on the four other
     biased subjects, and the single-reference experiment: every subject but the concept ones

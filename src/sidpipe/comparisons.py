@@ -16,7 +16,13 @@ import pandas as pd
 
 from sidpipe.io import SidpipeError, log
 from sidpipe.method_pairs import subject_mean
-from sidpipe.stats import ARM_KEYS, HIGHER_IS_BETTER, arm_name, bias_groups, bootstrap_ci
+from sidpipe.stats import (
+    ARM_KEYS,
+    HIGHER_IS_BETTER,
+    bias_groups,
+    bias_subsets,
+    bootstrap_ci,
+)
 
 COLUMNS = [
     "arm_a",
@@ -49,6 +55,14 @@ def comparison_label(arm_a: str, arm_b: str) -> str:
     return f"{short(a)} \u2212 {short(b)}"
 
 
+def _rows_of(all_df: pd.DataFrame, arm: str) -> pd.Series:
+    """The rows of `arm` (method/descriptions/inference, as `stats.arm_name` writes it)."""
+    mask = pd.Series(True, index=all_df.index)
+    for column, part in zip(ARM_KEYS, arm.split("/"), strict=True):
+        mask &= all_df[column].astype(str) == part
+    return mask
+
+
 def paired_arms(
     all_df: pd.DataFrame,
     comparisons: Sequence[Sequence[str]],
@@ -64,14 +78,11 @@ def paired_arms(
     lacking = sorted({"subject", *ARM_KEYS, "prompt_id", "seed", "metric", "value"} - set(all_df))
     if lacking:
         raise SidpipeError(f"the metrics table lacks column(s) {', '.join(lacking)}")
-    arms = pd.Series(
-        [arm_name(*row) for row in all_df[ARM_KEYS].itertuples(index=False)], index=all_df.index
-    )
     keys = ["subject", "prompt_id", "seed", "metric"]
     biases = bias_groups(subjects_df)
     out = []
     for arm_a, arm_b in comparisons:
-        sides = [all_df.loc[arms == arm, keys + ["value"]] for arm in (arm_a, arm_b)]
+        sides = [all_df.loc[_rows_of(all_df, arm), keys + ["value"]] for arm in (arm_a, arm_b)]
         pairs = sides[0].merge(sides[1], on=keys, suffixes=("_a", "_b"))
         if pairs.empty:
             log.info("comparison %s vs %s: no images in common, skipped", arm_a, arm_b)
@@ -79,11 +90,7 @@ def paired_arms(
         pairs["diff"] = pairs["value_a"] - pairs["value_b"]
         for metric, rows in pairs.groupby("metric", sort=True):
             better = HIGHER_IS_BETTER.get(str(metric), True)
-            subsets = {"all": rows}
-            subsets |= {b: rows[rows["subject"].isin(s)] for b, s in biases.items()}
-            for bias, sub in subsets.items():
-                if sub.empty:
-                    continue
+            for bias, sub in bias_subsets(rows, biases):
                 diff, lo, hi = bootstrap_ci(
                     sub.assign(value=sub["diff"]), metric, n_boot, seed, level
                 )

@@ -11,7 +11,7 @@ each drawn subject; seeds are averaged, not resampled. Intervals are percentile 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +180,17 @@ def bias_groups(subjects_df: pd.DataFrame | None) -> dict[str, set[str]]:
     return dict(sorted(groups.items()))
 
 
+def bias_subsets(
+    rows: pd.DataFrame, biases: dict[str, set[str]]
+) -> Iterator[tuple[str, pd.DataFrame]]:
+    """("all", rows), then (bias type, its subjects' rows) for each type with rows."""
+    yield "all", rows
+    for bias, subjects in biases.items():
+        sub = rows[rows["subject"].isin(subjects)]
+        if not sub.empty:
+            yield bias, sub
+
+
 def paired_improvement(
     all_df: pd.DataFrame,
     baseline: tuple[str, str] = ("case1", "standard"),
@@ -215,11 +226,7 @@ def paired_improvement(
     out = []
     for (method, metric), rows in pairs.groupby(["method", "metric"], sort=True):
         better = HIGHER_IS_BETTER.get(str(metric), True)
-        subsets = {"all": rows}
-        subsets |= {b: rows[rows["subject"].isin(s)] for b, s in biases.items()}
-        for bias, sub in subsets.items():
-            if sub.empty:
-                continue
+        for bias, sub in bias_subsets(rows, biases):
             diff, lo, hi = _ci(_prompt_means(sub, "diff"), n_boot, seed, level)
             per_subject = sub.groupby("subject")["diff"].mean()
             improved = int((per_subject > 0).sum() if better else (per_subject < 0).sum())
