@@ -86,8 +86,12 @@ def test_chosen_arm_pairs_are_written_and_drawn(tmp_path):
         row = chosen[(chosen["metric"] == metric) & (chosen["bias"] == "all")].iloc[0]
         # both subjects have every prompt and seed, so the two-stage mean is the plain mean
         assert row["diff"] == pytest.approx(sid - base) and row["n_pairs"] == 12
-    assert paths["plot_comparisons"].stat().st_size > 1000
+    # the figure draws the pair (its label; the empty placeholder would not have it)
+    figure = paths["plot_comparisons"].with_suffix(".svg").read_text()
+    assert "<!-- dreambooth/sid \u2212 base_model/case1 -->" in figure
+    assert "no pair of metrics.comparisons" not in figure
     # without pairs: the table's header, and a figure saying there is nothing to draw
     empty = analyze(all_csv, tmp_path / "e", subjects, n_boot=20)
     assert pd.read_csv(empty["comparisons"]).empty
-    assert empty["plot_comparisons"].exists()
+    placeholder = empty["plot_comparisons"].with_suffix(".svg").read_text()
+    assert "no pair of metrics.comparisons has images in common" in placeholder

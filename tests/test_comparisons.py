@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sidpipe.comparisons import COLUMNS, comparison_label, paired_arms
+from sidpipe.comparisons import COLUMNS, comparison_label, comparison_labels, paired_arms
 from sidpipe.io import SidpipeError
 
 SID = "dreambooth/sid/standard"
@@ -104,3 +104,14 @@ def test_labels_keep_what_tells_the_arms_apart() -> None:
     assert comparison_label(SID, CASE2) == "sid \u2212 case2"
     assert comparison_label(SID, NEGATIVE) == "sid \u2212 case1/negative_prompt"
     assert comparison_label(SID, MASKED) == "dreambooth/sid \u2212 dreambooth_masked/case1"
+    # only the inference setting differs: it is what the label shows
+    assert comparison_label("dreambooth/case1/standard", NEGATIVE) == (
+        "standard \u2212 negative_prompt"
+    )
+
+
+def test_labels_that_would_repeat_are_the_full_arm_names() -> None:
+    """SID - Case 2 of two methods would both read "sid - case2": each gets its arms' names."""
+    pairs = [(SID, CASE2), ("svdiff/sid/standard", "svdiff/case2/standard"), (SID, MASKED)]
+    assert comparison_labels(pairs) == [f"{a} \u2212 {b}" for a, b in pairs]
+    assert comparison_labels(pairs[::2]) == ["sid \u2212 case2", comparison_label(SID, MASKED)]

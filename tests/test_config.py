@@ -545,6 +545,11 @@ def test_compared_arms_must_run_on_a_subject_in_common():
         )
     with pytest.raises(ConfigError, match=r"svdiff/sid/standard on cat: no subject in common"):
         check_comparisons([["dreambooth/case2/standard", "svdiff/sid/standard"]], grid)
+    # a pair listed twice, in either order, would give every row and bar twice
+    twice = [["dreambooth/sid/standard", "dreambooth/case2/standard"]]
+    twice += [["dreambooth/case2/standard", "dreambooth/sid/standard"]]
+    with pytest.raises(ConfigError, match=r"comparisons\[1\]: .* already compared in entry 0"):
+        check_comparisons(twice, grid)
 
 
 def test_a_comparison_is_two_different_arms(real):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,25 @@ def test_a_bar_is_coloured_by_which_side_of_0_its_interval_lies_on() -> None:
         "0.6",
         "0.6",
     ]
+
+
+def test_difference_panels_wrap_and_say_what_they_show(tmp_path: Path) -> None:
+    """A dozen metrics wrap into rows of at most five panels; the titles and the k/n note carry
+    `difference` and `counted`."""
+    rows = pd.DataFrame(
+        {"method": "sid \u2212 case2", "metric": [f"m{i}" for i in range(12)], "bias": "all"}
+    ).assign(diff=0.1, ci_low=0.05, ci_high=0.2, subjects_improved=2, n_subjects=3)
+    rows["higher_is_better"] = True
+    heights = {}
+    for n in (5, 12):
+        svg, _ = plot_improvements(
+            rows[rows["metric"].isin([f"m{i}" for i in range(n)])],
+            tmp_path / f"d{n}",
+            difference="A \u2212 B",
+            counted="subjects favouring A",
+        )
+        text = svg.read_text()
+        heights[n] = float(re.search(r'height="([\d.]+)pt"', text).group(1))
+        assert "<!-- \u0394m0 (A \u2212 B) \u2191 -->" in text
+        assert "k/n = subjects favouring A" in text and "<!-- sid \u2212 case2 -->" in text
+    assert 2.6 < heights[12] / heights[5] < 3.4  # three rows against one

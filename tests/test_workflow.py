@@ -481,6 +481,8 @@ def test_plain_demo_outputs(plain_demo):
     everywhere = chosen[chosen["metric"].isin(["SA", "NSD", "TA"])]
     # 4 pairs x 3 metrics x (all, and the mug's two bias types: background, nearby-object)
     assert len(everywhere) == 4 * 3 * 3 and (everywhere["n_pairs"] == 14 * 4).all()
+    figure = (plain_demo / "results/metrics/plots/comparisons.svg").read_text()
+    assert all(f"<!-- sid \u2212 {b} -->" in figure for b in ("case2", "case4"))
     # each side's mean is that arm's mean in summary.csv (the same images, the same estimate)
     summary = pd.read_csv(plain_demo / "results/metrics/summary.csv").set_index(["arm", "metric"])
     for row in everywhere[everywhere["bias"] == "all"].itertuples():

@@ -24,6 +24,13 @@ def _csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(handle, index=False)
 
 
+def _pair_labels(chosen: pd.DataFrame) -> list[str]:
+    """Each row's figure label of its arm pair (unique across the pairs)."""
+    pairs = list(dict.fromkeys(zip(chosen["arm_a"], chosen["arm_b"], strict=True)))
+    labels = dict(zip(pairs, comparisons.comparison_labels(pairs), strict=True))
+    return [labels[pair] for pair in zip(chosen["arm_a"], chosen["arm_b"], strict=True)]
+
+
 def analyze(
     all_csv: Path,
     out_dir: Path,
@@ -111,10 +118,7 @@ def analyze(
     plots.plot_improvements(improvements, plot_dir / "improvements")
     plots.plot_improvements(
         chosen.assign(
-            method=[
-                comparisons.comparison_label(a, b)
-                for a, b in zip(chosen["arm_a"], chosen["arm_b"], strict=True)
-            ],
+            method=_pair_labels(chosen),
             subjects_improved=chosen["subjects_a_better"],
         ),
         plot_dir / "comparisons",

@@ -44,15 +44,27 @@ COLUMNS = [
 
 def comparison_label(arm_a: str, arm_b: str) -> str:
     """A short name of a pair for a figure: the parts the two arms share dropped, an inference
-    setting left out where it is `standard` ("sid - case2" for two DreamBooth arms)."""
+    setting left out where it is `standard` and something else tells them apart ("sid - case2"
+    for two DreamBooth arms, "standard - negative_prompt" where only the inference differs)."""
     a, b = arm_a.split("/"), arm_b.split("/")
-    keep = [i for i in range(3) if a[i] != b[i]]
+    keep = [i for i in range(3) if a[i] != b[i]] or [0, 1, 2]
 
     def short(parts: list[str]) -> str:
-        shown = [parts[i] for i in keep if not (i == 2 and parts[i] == "standard")]
-        return "/".join(shown) or "/".join(parts)
+        shown = [
+            parts[i] for i in keep if not (i == 2 and parts[i] == "standard" and len(keep) > 1)
+        ]
+        return "/".join(shown)
 
     return f"{short(a)} \u2212 {short(b)}"
+
+
+def comparison_labels(pairs: Sequence[Sequence[str]]) -> list[str]:
+    """`comparison_label` of each pair, or the full "A - B" for every pair where two short
+    labels would be the same (e.g. SID - Case 2 of two methods)."""
+    short = [comparison_label(a, b) for a, b in pairs]
+    if len(set(short)) == len(short):
+        return short
+    return [f"{a} \u2212 {b}" for a, b in pairs]
 
 
 def _rows_of(all_df: pd.DataFrame, arm: str) -> pd.Series:

@@ -154,8 +154,15 @@ def check_comparisons(
     ran: dict[str, set[str]] = {}
     for arm, subject in arm_subjects:
         ran.setdefault(arm.name, set()).add(subject)
+    seen: dict[frozenset[str], int] = {}
     for i, (arm_a, arm_b) in enumerate(comparisons):
         where = f"{source}: metrics.comparisons[{i}]"
+        first = seen.setdefault(frozenset((arm_a, arm_b)), i)
+        if first != i:
+            raise ConfigError(
+                f"{where}: {arm_a} and {arm_b} are already compared in entry {first} (the order "
+                "of a pair is only the sign of A - B); list each pair once"
+            )
         for arm in (arm_a, arm_b):
             if arm not in ran:
                 raise ConfigError(

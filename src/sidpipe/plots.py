@@ -283,11 +283,12 @@ def plot_improvements(
     counted: str = "subjects improved",
     empty: str = "no method has both a baseline and a SID arm",
 ) -> list[Path]:
-    """One panel per metric: per method, the paired SID - baseline difference with its CI; a
-    bar is green / red when its CI excludes 0 in the better / worse direction, grey otherwise.
-    The label over each bar is the share of subjects that improved. `difference`, `counted` and
-    `empty` say what the bars, the k/n labels and an empty figure mean when `method` holds other
-    differences (A - B of `comparisons.paired_arms`, one bar per pair)."""
+    """One panel per metric (at most 5 a row): a bar per `method` with its paired difference
+    and CI (by default SID - baseline), green / red when the CI excludes 0 in the better /
+    worse direction (`interval_colours`), grey otherwise; the label over a bar is
+    `subjects_improved` of `n_subjects`. `difference`, `counted` and `empty` say what the bars,
+    the k/n labels and an empty figure mean when `method` holds other differences (A - B of
+    `comparisons.paired_arms`, one bar per pair)."""
     need = ["method", "metric", "bias", "diff", "ci_low", "ci_high", "subjects_improved"]
     need += ["n_subjects", "higher_is_better"]
     missing = [c for c in need if c not in improvements.columns]
