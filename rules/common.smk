@@ -70,9 +70,11 @@ if _idle:
         f"subject(s) in no experiment (references and masks only): {', '.join(_idle)}; "
         "a concept subject runs only in grids with `kinds: [concept]` or that name it"
     )
-COMPARISONS = check_comparisons(
+COMPARISONS, _skipped = check_comparisons(
     config["metrics"].get("comparisons", []), ARM_SUBJECTS, CONFIG_SOURCE
 )
+for _warning in _skipped:
+    logger.warning(_warning)
 DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
 

@@ -240,19 +240,20 @@ def test_cases_layer_on_the_demo():
     ]
 
 
-def test_a_compared_arm_that_does_not_run_stops_the_start_up(tmp_path):
+def test_a_compared_arm_that_does_not_run_is_named_at_start_up(tmp_path):
     """A typo in metrics.comparisons is named before any job runs, not found as an empty table
-    at the end."""
+    at the end; the run goes on without that pair (a run of fewer experiments than the config
+    compares is not stopped by it)."""
     workdir = copy_demo(tmp_path / "w")
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["metrics"]["comparisons"].append(
         ["dreambooth/sid/standard", "dreambooth/case3/standard"]
     )
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    result = snakemake(workdir, "--dry-run", "--quiet", "rules", check=False)
-    assert result.returncode != 0
+    result = snakemake(workdir, "--dry-run", "--quiet", "rules")
     message = "metrics.comparisons[4]: arm 'dreambooth/case3/standard' is in no experiment"
     assert message in result.stdout + result.stderr
+    assert "metrics.comparisons[3]" not in result.stdout + result.stderr  # the shipped ones run
 
 
 def test_biases_layer_on_the_demo():

@@ -147,14 +147,17 @@ def check_concept_pairs(
 
 def check_comparisons(
     comparisons: list[list[str]], arm_subjects: list[tuple[Arm, str]], source: str = "config"
-) -> list[list[str]]:
-    """`metrics.comparisons` checked against the grid: each pair's two arms must run, and on
-    at least one subject in common (the pairs are made on its images). A ConfigError names the
-    entry and the arms that run."""
+) -> tuple[list[list[str]], list[str]]:
+    """`metrics.comparisons` against the grid: the pairs whose two arms both run on at least one
+    subject in common (their images are paired there), and a warning for each other entry,
+    naming it and the arms that run (a typo, or an experiment this run leaves out: a shipped
+    config's comparisons must not stop a run of fewer experiments). A pair listed twice, in
+    either order, is a ConfigError."""
     ran: dict[str, set[str]] = {}
     for arm, subject in arm_subjects:
         ran.setdefault(arm.name, set()).add(subject)
     seen: dict[frozenset[str], int] = {}
+    kept, warnings = [], []
     for i, (arm_a, arm_b) in enumerate(comparisons):
         where = f"{source}: metrics.comparisons[{i}]"
         first = seen.setdefault(frozenset((arm_a, arm_b)), i)
@@ -163,19 +166,21 @@ def check_comparisons(
                 f"{where}: {arm_a} and {arm_b} are already compared in entry {first} (the order "
                 "of a pair is only the sign of A - B); list each pair once"
             )
-        for arm in (arm_a, arm_b):
-            if arm not in ran:
-                raise ConfigError(
-                    f"{where}: arm {arm!r} is in no experiment; name one of "
-                    f"{', '.join(sorted(ran))} (method/descriptions/inference), or add it to "
-                    "`experiments`"
-                )
-        if not ran[arm_a] & ran[arm_b]:
-            raise ConfigError(
-                f"{where}: {arm_a} runs on {', '.join(sorted(ran[arm_a]))} and {arm_b} on "
-                f"{', '.join(sorted(ran[arm_b]))}: no subject in common to pair their images on"
+        missing = [arm for arm in (arm_a, arm_b) if arm not in ran]
+        if missing:
+            warnings.append(
+                f"{where}: arm {missing[0]!r} is in no experiment of this run, so the pair is not "
+                f"compared (the arms that run: {', '.join(sorted(ran))})"
             )
-    return [list(pair) for pair in comparisons]
+        elif not ran[arm_a] & ran[arm_b]:
+            warnings.append(
+                f"{where}: {arm_a} runs on {', '.join(sorted(ran[arm_a]))} and {arm_b} on "
+                f"{', '.join(sorted(ran[arm_b]))}: no subject in common, so the pair is not "
+                "compared"
+            )
+        else:
+            kept.append([arm_a, arm_b])
+    return kept, warnings
 
 
 def concept_context_words(
