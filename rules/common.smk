@@ -13,6 +13,7 @@ from sidpipe.config import (
     unmatched_concept_words,
     attempt_scaled,
     check_mask_models,
+    subjects_by_arm,
     expand_experiments,
     load_subjects,
     tiny_model_keys,
@@ -141,14 +142,11 @@ def human_study_settings():
     the judgements already recorded (sidpipe.human_study.design); None without one."""
     if "human_study" not in config:
         return None
-    ran = {}
-    for arm, subject in ARM_SUBJECTS:
-        ran.setdefault(arm.name, set()).add(subject)
     where = f"{CONFIG_SOURCE}: human_study"
     try:
         settings = resolve_settings(
             config["human_study"],
-            ran,
+            subjects_by_arm(ARM_SUBJECTS),
             list(SUBJECTS),
             config["sampling"]["prompts_per_subject"],
             config["sampling"]["seeds"],

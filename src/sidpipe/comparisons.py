@@ -14,32 +14,16 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from sidpipe.io import SidpipeError, log
-from sidpipe.method_pairs import subject_mean
+from sidpipe.io import log
+from sidpipe.method_pairs import DIFFERENCE_COLUMNS, check_metric_columns, paired_difference
 from sidpipe.stats import (
     ARM_KEYS,
-    HIGHER_IS_BETTER,
     bias_groups,
     bias_subsets,
-    bootstrap_ci,
 )
 
-COLUMNS = [
-    "arm_a",
-    "arm_b",
-    "metric",
-    "bias",
-    "mean_a",
-    "mean_b",
-    "diff",
-    "ci_low",
-    "ci_high",
-    "n_pairs",
-    "n_subjects",
-    "subjects",
-    "subjects_a_better",
-    "higher_is_better",
-]
+COLUMNS = ["arm_a", "arm_b", "metric", "bias", *DIFFERENCE_COLUMNS, "subjects_a_better"]
+COLUMNS += ["higher_is_better"]
 
 
 def comparison_label(arm_a: str, arm_b: str) -> str:
@@ -87,9 +71,7 @@ def paired_arms(
     bias ("all", or a bias type of `subjects_df`): mean(A - B) over the images both arms drew
     with the same subject, prompt and seed, with a two-stage bootstrap CI (`COLUMNS`). A pair
     without such images (an arm not run yet) gives no rows."""
-    lacking = sorted({"subject", *ARM_KEYS, "prompt_id", "seed", "metric", "value"} - set(all_df))
-    if lacking:
-        raise SidpipeError(f"the metrics table lacks column(s) {', '.join(lacking)}")
+    check_metric_columns(all_df)
     keys = ["subject", "prompt_id", "seed", "metric"]
     biases = bias_groups(subjects_df)
     out = []
@@ -101,29 +83,11 @@ def paired_arms(
             continue
         pairs["diff"] = pairs["value_a"] - pairs["value_b"]
         for metric, rows in pairs.groupby("metric", sort=True):
-            better = HIGHER_IS_BETTER.get(str(metric), True)
             for bias, sub in bias_subsets(rows, biases):
-                diff, lo, hi = bootstrap_ci(
-                    sub.assign(value=sub["diff"]), metric, n_boot, seed, level
-                )
+                summary = paired_difference(sub, metric, n_boot, seed, level)
                 per_subject = sub.groupby("subject")["diff"].mean()
+                better = summary["higher_is_better"]
                 favour = (per_subject > 0) if better else (per_subject < 0)
-                out.append(
-                    {
-                        "arm_a": arm_a,
-                        "arm_b": arm_b,
-                        "metric": metric,
-                        "bias": bias,
-                        "mean_a": subject_mean(sub, "value_a"),
-                        "mean_b": subject_mean(sub, "value_b"),
-                        "diff": diff,
-                        "ci_low": lo,
-                        "ci_high": hi,
-                        "n_pairs": len(sub),
-                        "n_subjects": len(per_subject),
-                        "subjects": ",".join(map(str, per_subject.index)),
-                        "subjects_a_better": int(favour.sum()),
-                        "higher_is_better": better,
-                    }
-                )
+                row = {"arm_a": arm_a, "arm_b": arm_b, "metric": metric, "bias": bias}
+                out.append(row | summary | {"subjects_a_better": int(favour.sum())})
     return pd.DataFrame(out, columns=COLUMNS)

@@ -145,6 +145,14 @@ def check_concept_pairs(
                 )
 
 
+def subjects_by_arm(arm_subjects: list[tuple[Arm, str]]) -> dict[str, set[str]]:
+    """Arm name (method/descriptions/inference) -> the subjects it runs on."""
+    ran: dict[str, set[str]] = {}
+    for arm, subject in arm_subjects:
+        ran.setdefault(arm.name, set()).add(subject)
+    return ran
+
+
 def check_comparisons(
     comparisons: list[list[str]], arm_subjects: list[tuple[Arm, str]], source: str = "config"
 ) -> tuple[list[list[str]], list[str]]:
@@ -153,9 +161,7 @@ def check_comparisons(
     naming it and the arms that run (a typo, or an experiment this run leaves out: a shipped
     config's comparisons must not stop a run of fewer experiments). A pair listed twice, in
     either order, is a ConfigError."""
-    ran: dict[str, set[str]] = {}
-    for arm, subject in arm_subjects:
-        ran.setdefault(arm.name, set()).add(subject)
+    ran = subjects_by_arm(arm_subjects)
     seen: dict[frozenset[str], int] = {}
     kept, warnings = [], []
     for i, (arm_a, arm_b) in enumerate(comparisons):
