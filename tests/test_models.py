@@ -394,3 +394,27 @@ def test_setup_job_runs_torch_on_the_jobs_threads(torch_first: bool) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "None"]
+
+
+def test_jobs_drop_only_the_torchvision_fallback_warning() -> None:
+    """Importing diffusers' pipelines warned "`CLIPImageProcessor` requires torchvision ...
+    Install torchvision" in every sampling log; sidpipe runs without torchvision on purpose.
+    Without `setup_job` the warning is there (so the test sees it at all); with it, it is gone
+    and another warning of the same logger still gets through."""
+    warn = (
+        "import logging\n"
+        "logging.getLogger('transformers.utils.import_utils').warning('another warning')\n"
+    )
+    code = "from diffusers import StableDiffusionPipeline\n" + warn
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    setup = "from sidpipe.models import setup_job\nsetup_job(1)\n"
+    plain, quiet = (
+        subprocess.run(
+            [sys.executable, "-c", prefix + code], capture_output=True, text=True, env=env
+        )
+        for prefix in ("from sidpipe.models import hide_bitsandbytes\nhide_bitsandbytes()\n", setup)
+    )
+    assert plain.returncode == 0 and quiet.returncode == 0, plain.stderr[-2000:] + quiet.stderr
+    assert "`CLIPImageProcessor` requires torchvision" in plain.stderr
+    assert "requires torchvision" not in quiet.stderr
+    assert "another warning" in quiet.stderr

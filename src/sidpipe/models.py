@@ -13,6 +13,7 @@ process: an import at a module's top is paid by every job that imports the modul
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -91,6 +92,7 @@ def setup_job(threads: int) -> None:
     if torch is not None:
         torch.set_num_threads(threads)
     hide_bitsandbytes()
+    quiet_torchvision_fallback()
 
 
 def hide_bitsandbytes() -> None:
@@ -107,6 +109,33 @@ def hide_bitsandbytes() -> None:
     if "bitsandbytes" not in sys.modules:
         sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
         _bitsandbytes_hidden = True
+
+
+class _TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' "`X` requires torchvision (not installed); falling back to `XPil`"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("requires torchvision" in message and "falling back to" in message)
+
+
+# The logger that warns: diffusers' pipelines import `CLIPImageProcessor` and
+# `SiglipImageProcessor` (every sampling job), which resolve through transformers' import_utils.
+_TORCHVISION_FALLBACK_LOGGER = "transformers.utils.import_utils"
+
+
+def quiet_torchvision_fallback() -> None:
+    """Keep transformers' torchvision-fallback warning out of job logs (jobs call it through
+    `setup_job`; library code never).
+
+    sidpipe installs no torchvision on purpose (README, "Dependencies": no CPU build, and the CUDA
+    one fails to import beside CPU torch), so the PIL image processors the warning falls back to
+    are the ones meant. The warning told every sampling job's log to install torchvision, the
+    one fix that breaks the environment. Only that message is dropped; other warnings pass.
+    """
+    logger = logging.getLogger(_TORCHVISION_FALLBACK_LOGGER)
+    if not any(isinstance(f, _TorchvisionFallbackFilter) for f in logger.filters):
+        logger.addFilter(_TorchvisionFallbackFilter())
 
 
 def import_bitsandbytes() -> Any:
