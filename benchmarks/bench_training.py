@@ -1,4 +1,5 @@
-"""Training speed on tiny models (CPU): steps/s and peak memory per method, and the speed-up
+"""Training speed on tiny models (CPU): steps/s and peak memory per method (Custom Diffusion
+also on whole images, without its resize augmentation), and the speed-up
 that latent caching gives on the tiny DreamBooth step, measured in the same run, for the
 paper's DreamBooth (text encoder trained: only the latents can be cached) and with a frozen text
 encoder (latents and text embeddings cached). Beside the timings, the share of a DreamBooth
@@ -122,6 +123,17 @@ def bench_training(steps: int = 40, repeats: int = 3) -> dict:
                 ),
                 "peak_memory_mib": round(max(r["peak_memory_bytes"] for r in runs) / 2**20, 1),
             }
+        # Custom Diffusion's resize augmentation encodes its references at every step: its cost
+        # against whole, cached images, in the same run.
+        whole = [
+            _train(subject, root, "custom_diffusion", steps, True, resize_augmentation=False)
+            for _ in range(repeats)
+        ]
+        speed = statistics.median(r["steps_per_second"] for r in whole)
+        methods["custom_diffusion"]["whole_images_steps_per_second"] = round(speed, 2)
+        methods["custom_diffusion"]["resize_augmentation_slowdown"] = round(
+            speed / methods["custom_diffusion"]["steps_per_second"], 3
+        )
         caching = {
             name: _caching_speedup(subject, root, steps, repeats, train_text_encoder=trains)
             for name, trains in CACHING_VARIANTS.items()

@@ -560,3 +560,12 @@ def test_a_comparison_is_two_different_arms(real):
         config["metrics"]["comparisons"] = bad
         with pytest.raises(ConfigError, match=r"metrics\.comparisons\[0\]"):
             validate_config(config)
+
+
+def test_resize_augmentation_is_custom_diffusions_alone(real):
+    config = copy.deepcopy(real)
+    config["methods"]["custom_diffusion"]["resize_augmentation"] = False
+    validate_config(config)
+    config["methods"]["dreambooth"]["resize_augmentation"] = True
+    with pytest.raises(ConfigError, match=r"methods\.dreambooth: .*Custom Diffusion's"):
+        validate_config(config)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from sidpipe.models import load_sd_components
 from sidpipe.references import prepare_references
 from sidpipe.tiny_models import build_tiny_models
 from sidpipe.training import base, loop, trainer_class
+from sidpipe.training.augment import PREFIXES
 from sidpipe.training.base import diffusion_loss
 from sidpipe.training.data import LatentSource, read_training_set, tokenize
 from sidpipe.training.loop import TrainingInterrupted, stream_indices, train_subject
@@ -561,3 +563,62 @@ def test_masked_loss_counts_only_the_subject() -> None:
     assert parts["instance_loss"] == pytest.approx(4.0)
     assert parts["prior_loss"] == pytest.approx(2.0)  # the class row is not masked: 4 on half
     assert loss == pytest.approx(6.0)
+
+
+CUSTOM_DIFFUSION = {"steps": 12, "learning_rate": 1e-5, "batch_size": 2, "flip": True}
+
+
+@pytest.mark.parametrize("resize", [True, False])
+def test_custom_diffusion_rescales_its_references_as_the_reference_script(
+    subject: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resize: bool
+) -> None:
+    """On (its default): every reference drawn comes rescaled, its caption with the prefix its
+    side calls for and its loss on its region (the whole image only when zoomed in); class
+    images stay whole. Off: the captions and the plain loss of every other method."""
+    seen = []
+
+    def spy(unet, scheduler, batch, hidden, noise, timesteps, weight):
+        seen.append(batch)
+        return diffusion_loss(unet, scheduler, batch, hidden, noise, timesteps, weight)
+
+    monkeypatch.setattr(base, "diffusion_loss", spy)
+    settings = {**CUSTOM_DIFFUSION, "prior_preservation": True}
+    if not resize:
+        settings["resize_augmentation"] = False
+    run(subject, tmp_path, "custom_diffusion", settings)
+    info = json.loads((tmp_path / "run/train_info.json").read_text())
+    assert info["resize_augmentation"] is resize
+
+    c = load_sd_components(subject.sd, device="cpu")
+    c.tokenizer.add_tokens(["<new1>"])
+    captions = [d.replace("[V]", "<new1>") for d in subject.descriptions.values()]
+    prefix_of = {
+        tuple(ids.tolist()): prefix
+        for prefix in PREFIXES
+        for ids in tokenize(c.tokenizer, [prefix + caption for caption in captions])
+    }
+    class_ids = tokenize(c.tokenizer, ["a photo of a mug"])[0]
+    drawn = Counter()
+    assert len(seen) == CUSTOM_DIFFUSION["steps"]
+    for batch in seen:
+        assert torch.equal(batch.input_ids[batch.is_prior], class_ids.expand(2, -1))
+        if not resize:
+            assert batch.masks is None
+            assert {prefix_of[tuple(ids.tolist())] for ids in batch.input_ids[:2]} == {""}
+            continue
+        assert batch.masks_per_image and torch.all(batch.masks[batch.is_prior] == 1)
+        for ids, mask in zip(batch.input_ids[:2], batch.masks[:2], strict=True):
+            prefix = prefix_of[tuple(ids.tolist())]
+            drawn[prefix] += 1
+            assert bool(mask.all()) == (prefix in ("zoomed in ", "close up "))
+    if resize:  # 24 draws: shrunk far away, shrunk a little and zoomed in all occur
+        assert drawn["zoomed in "] + drawn["close up "] > 0
+        assert drawn["a far away "] + drawn["very small "] > 0
+        assert drawn[""] > 0
+
+
+def test_custom_diffusions_rescaling_and_a_subject_mask_are_refused(
+    subject: SimpleNamespace, tmp_path: Path
+) -> None:
+    with pytest.raises(SidpipeError, match="resize augmentation and masked: true"):
+        run(subject, tmp_path, "custom_diffusion", {**CUSTOM_DIFFUSION, "masked": True})

@@ -86,3 +86,35 @@ def test_memory_options_lower_what_they_should(tiny_sd: str) -> None:
     assert adam8["peak_bytes"] < plain["peak_bytes"]
     assert checkpointed["activation_bytes"] < plain["activation_bytes"] / 2
     assert checkpointed["optimizer_state_bytes"] == plain["optimizer_state_bytes"]
+
+
+def test_custom_diffusions_rescaling_keeps_the_vae_on_the_device(tiny_sd: str) -> None:
+    """The resize augmentation encodes the batch's rescaled references at every step, so the
+    VAE cannot leave the device once the (class images') cache is full."""
+    settings = {"learning_rate": 1e-5, "batch_size": 2, "prior_preservation": True}
+
+    def count(**extra) -> dict:
+        return estimate_training_memory(
+            lambda: components_from_configs(tiny_sd),
+            "custom_diffusion",
+            {**settings, **extra},
+            64,
+            n_references=3,
+            n_class_images=4,
+        )
+
+    resized, whole = count(), count(resize_augmentation=False)
+    vae = components_from_configs(tiny_sd).vae
+    vae_bytes = sum(t.numel() * t.element_size() for t in vae.parameters())
+    assert resized["latent_cache_bytes"] == whole["latent_cache_bytes"]
+    assert resized["peak_bytes"] >= whole["peak_bytes"] + vae_bytes
+    real = estimate_training_memory(
+        lambda: components_from_configs(tiny_sd),
+        "custom_diffusion",
+        settings,
+        64,
+        n_references=3,
+        n_class_images=4,
+        fake=False,
+    )
+    assert abs(resized["peak_bytes"] - real["peak_bytes"]) <= 0.01 * real["peak_bytes"]

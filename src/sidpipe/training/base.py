@@ -27,12 +27,15 @@ class Batch:
     input_ids: (B, 77) token ids of each image's own caption.
     is_prior: (B,) True for class (prior-preservation) images.
     masks: (B, 1, h, w) subject masks at latent resolution in [0, 1], or None (unmasked loss).
+    masks_per_image: the instance loss averages each image's masked mean (Custom Diffusion's
+    resize augmentation, whose masks are the rescaled images' regions), not all masked cells.
     """
 
     latents: torch.Tensor
     input_ids: torch.Tensor
     is_prior: torch.Tensor
     masks: torch.Tensor | None = None
+    masks_per_image: bool = False
 
 
 def prediction_target(
@@ -69,7 +72,15 @@ def diffusion_loss(
     loss = pred.new_zeros((), dtype=torch.float32)
     if instance.any():
         err = error[instance]
-        if batch.masks is not None:
+        if batch.masks is not None and batch.masks_per_image:
+            # Custom Diffusion's references: each image's mean over its region, then their
+            # mean. Over the 4 latent channels too: diffusers' script divides by the 1-channel
+            # mask's sum, which weighs the instance term 4x against the prior term; the
+            # official code masks every image alike, so its balance stays 1:1, as here.
+            weight = batch.masks[instance].expand_as(err)
+            per_image = (err * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp_min(1e-8)
+            inst = per_image.mean()
+        elif batch.masks is not None:
             # Break-a-Scene style: only the subject's pixels teach [V].
             weight = batch.masks[instance].expand_as(err)
             inst = (err * weight).sum() / weight.sum().clamp_min(1e-8)
@@ -158,6 +169,12 @@ class Trainer(ABC):
     log_fields: tuple[str, ...] = ()
     #: True: the method needs the subject masks (`masked: true` in its settings).
     needs_masks: bool = False
+
+    @property
+    def resize_augmentation(self) -> bool:
+        """True: the loop rescales each reference at every step (`sidpipe.training.augment`,
+        Custom Diffusion's reference augmentation) instead of using it whole."""
+        return False
 
     def compute_loss(
         self,

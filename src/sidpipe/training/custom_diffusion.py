@@ -3,7 +3,9 @@
 Trains the key/value projections of every UNet cross-attention (`attn2`), as
 `CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False)` copies initialised from the
 original `to_k` / `to_v`, plus the embedding of a new modifier token `<new1>` that replaces
-`[V]` in the captions ("a [V] mug on a table" -> "a <new1> mug on a table").
+`[V]` in the captions ("a [V] mug on a table" -> "a <new1> mug on a table"). The references
+are rescaled at every step as the reference's dataset does (`sidpipe.training.augment`; the
+loop applies it where `resize_augmentation` is on, the default).
 
 `save` writes `pytorch_custom_diffusion_weights.safetensors` (the layout of
 `UNet2DConditionModel.save_attn_procs`) and `<new1>.safetensors` (the layout
@@ -70,6 +72,12 @@ class CustomDiffusionTrainer(Trainer):
         self.token_id: int | None = None
         self._processors: dict[str, CustomDiffusionAttnProcessor2_0] = {}
         self._original_embeddings: torch.Tensor | None = None
+
+    @property
+    def resize_augmentation(self) -> bool:
+        """On unless `resize_augmentation: false`: the reference script's default (`--noaug`
+        turns it off), and the official code's."""
+        return bool(self.settings.get("resize_augmentation", True))
 
     @property
     def trains_text_encoder(self) -> bool:

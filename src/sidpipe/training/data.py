@@ -232,7 +232,16 @@ class LatentSource:
     def sample(
         self, indices: torch.Tensor, flipped: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
-        mean, std = self._dist(indices, flipped)
+        return self._draw(*self._dist(indices, flipped), generator)
+
+    def sample_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents of images outside the set, encoded now (the resize augmentation's
+        rescaled references, new at every step)."""
+        return self._draw(*self._encode(images), generator)
+
+    def _draw(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
         return (mean + std * noise.to(mean.device) - self.shift) * self.scaling
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from sidpipe.io import SidpipeError, log
 from sidpipe.models import load_sd_components, pick_device
+from sidpipe.training.augment import PREFIXES, resize_batch
 from sidpipe.training.base import PLACEHOLDER, Batch
 from sidpipe.training.build import (
     MIXED_PRECISION,
@@ -96,11 +97,17 @@ def _draw_batch(
     masked: bool,
     num_train_timesteps: int,
     device: torch.device,
+    resized_ids: torch.Tensor | None = None,
+    latent_size: int = 0,
 ) -> tuple[torch.Tensor, Batch, torch.Tensor, torch.Tensor]:
     """Step `index`'s images (instance images, then as many class images with prior
     preservation), their flips, noise and timesteps, drawn from `generator` in a fixed order
     so that a resumed run draws what the uninterrupted one did. Returns the images' indices
-    (the text cache's rows), the batch, the noise and the timesteps."""
+    (the text cache's rows), the batch, the noise and the timesteps.
+
+    `resized_ids` (instance images x caption prefixes x tokens) turns on the resize
+    augmentation: the instance images are rescaled, encoded afresh and captioned with their
+    prefix (`augment.PREFIXES`); their loss masks are `latent_size` square."""
     n_inst = len(data.image_ids)
     chosen = stream_indices(n_inst, seed, index, batch_size, salt=0)
     is_prior = [False] * batch_size
@@ -113,10 +120,16 @@ def _draw_batch(
         flipped = torch.rand(len(chosen), generator=generator) < 0.5
     else:
         flipped = torch.zeros(len(chosen), dtype=torch.bool)
-    sampled = latents.sample(idx, flipped, generator).to(device)
+    input_ids, masks = all_ids[idx], None
+    if resized_ids is not None:  # never with `masked` (train_subject refuses the pair)
+        sampled, input_ids, masks = _resized(
+            idx, flipped, data, latents, resized_ids, all_ids, generator, batch_size, latent_size
+        )
+        sampled, masks = sampled.to(device), masks.to(device)
+    else:
+        sampled = latents.sample(idx, flipped, generator).to(device)
     noise = torch.randn(sampled.shape, generator=generator).to(device)
     timesteps = torch.randint(0, num_train_timesteps, (len(chosen),), generator=generator)
-    masks = None
     if masked:
         inst = data.masks[idx[:batch_size]]
         inst = torch.where(flipped[:batch_size, None, None, None], inst.flip(-1), inst)
@@ -125,11 +138,39 @@ def _draw_batch(
         masks = masks.to(device)
     batch = Batch(
         latents=sampled,
-        input_ids=all_ids[idx].to(device),
+        input_ids=input_ids.to(device),
         is_prior=torch.tensor(is_prior, device=device),
         masks=masks,
+        masks_per_image=resized_ids is not None,
     )
     return idx, batch, noise, timesteps.to(device)
+
+
+def _resized(
+    idx: torch.Tensor,
+    flipped: torch.Tensor,
+    data: TrainingSet,
+    latents: LatentSource,
+    resized_ids: torch.Tensor,
+    all_ids: torch.Tensor,
+    generator: torch.Generator,
+    batch_size: int,
+    latent_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The resize augmentation's latents, caption ids and loss masks for a batch whose first
+    `batch_size` images are references (rescaled) and the rest class images (whole, cached;
+    their masks are all ones)."""
+    inst, rest = idx[:batch_size], idx[batch_size:]
+    images, masks, prefixes = resize_batch(
+        data.pixels[inst], flipped[:batch_size], latent_size, generator
+    )
+    sampled = latents.sample_images(images, generator)
+    ids = resized_ids[inst, torch.tensor(prefixes)]
+    if len(rest):
+        sampled = torch.cat([sampled, latents.sample(rest, flipped[batch_size:], generator)])
+        ids = torch.cat([ids, all_ids[rest]])
+        masks = torch.cat([masks, torch.ones(len(rest), *masks.shape[1:])])
+    return sampled, ids, masks
 
 
 def _update(
@@ -219,6 +260,13 @@ def train_subject(
             f"{algorithm} with these settings needs the subject masks; set masked: true in the "
             "method's config entry (the masks come from segment_references)"
         )
+    resize = trainer.resize_augmentation
+    if resize and masked:
+        raise SidpipeError(
+            f"{algorithm}: the resize augmentation and masked: true do not go together (the "
+            "augmentation's masks are the rescaled image's region); set resize_augmentation: "
+            "false or masked: false in the method's config entry"
+        )
     # Adapters (LoRA, ...) draw their initial weights from the global RNG: seeded above.
     param_groups = trainer.prepare()
     params = [p for group in param_groups for p in group["params"]]
@@ -242,8 +290,13 @@ def train_subject(
         raise SidpipeError(f"{class_images_dir}: no class images for prior preservation")
     captions = [trainer.caption(d) for d in data.descriptions]
     all_captions = captions + data.class_prompts
-    warn_truncated(c.tokenizer, all_captions)
+    # With the resize augmentation, each instance caption with every prefix it may get.
+    variants = [p + caption for caption in captions for p in PREFIXES] if resize else captions
+    warn_truncated(c.tokenizer, variants + data.class_prompts)
     all_ids = tokenize(c.tokenizer, all_captions)
+    resized_ids = None
+    if resize:
+        resized_ids = tokenize(c.tokenizer, variants).view(n_inst, len(PREFIXES), -1)
     pixels = (
         data.pixels if data.class_pixels is None else torch.cat([data.pixels, data.class_pixels])
     )
@@ -259,8 +312,9 @@ def train_subject(
     text_cache = None
     if not trainer.trains_text_encoder and cache_latents:
         text_cache = TextCache(encode_text, all_captions, all_ids)
-    if cache_latents and dev.type == "cuda":
-        # Cached: the frozen encoders are no longer needed on the GPU.
+    if cache_latents and dev.type == "cuda" and not resize:
+        # Cached: the frozen encoders are no longer needed on the GPU (the resize
+        # augmentation encodes its rescaled references at every step).
         c.vae.to("cpu")
         if text_cache is not None:
             c.text_encoder.to("cpu")
@@ -283,6 +337,7 @@ def train_subject(
         # class image or mask under the same name is new data.
         "use_8bit_adam": use_8bit_adam,
         "data": tensor_digest(pixels, data.masks),
+        "resize_augmentation": resize,  # a method's default, so not always in `settings`
     }
     rows: list[dict] = []
     start_step, seconds_before = 0, 0.0
@@ -309,6 +364,8 @@ def train_subject(
         n_trainable,
         trainer.caption(PLACEHOLDER),
     )
+    if resize:
+        log.info("resize augmentation on: references rescaled at every step (augment.py)")
     draw = {
         "seed": seed,
         "batch_size": batch_size,
@@ -317,6 +374,8 @@ def train_subject(
         "masked": masked,
         "num_train_timesteps": int(c.noise_scheduler.config.num_train_timesteps),
         "device": dev,
+        "resized_ids": resized_ids,
+        "latent_size": data.pixels.shape[-1] // latent_factor,
     }
     log_every = max(1, min(100, steps // 10))
     autocast = (
@@ -434,6 +493,7 @@ def train_subject(
         "use_8bit_adam": use_8bit_adam,
         "checkpoint_every": checkpoint_every,
         "cache_latents": cache_latents,
+        "resize_augmentation": resize,
         "resumed_from_step": resumed_from,
         "reference_subset": reference_subset,
         "trainable_parameters": n_trainable,

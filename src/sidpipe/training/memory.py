@@ -1,13 +1,15 @@
 """Peak memory of a training job, counted without running it and without a GPU.
 
 The job's device-side work runs on fake tensors (shapes and dtypes, no data, no compute): the
-latent cache is filled with the VAE, the VAE leaves the device (as the loop moves it to the CPU),
-then two optimisation steps run with the loop's trainer, optimizer, gradient checkpointing and
-autocast. A dispatch mode adds up the bytes of every live tensor storage and keeps the peak: what
-`torch.cuda.max_memory_allocated` reports, less the caching allocator's rounding and cuDNN's
-workspaces (keep a margin; the CUDA context is outside both). Mixed precision is counted with CPU
-autocast at the same dtype (its cast lists are close to CUDA's). The loss is `diffusion_loss`'s
-squared error without its per-part bookkeeping, which branches on values fake tensors lack.
+latent cache is filled with the VAE, the VAE leaves the device (as the loop moves it to the CPU;
+with Custom Diffusion's resize augmentation it stays and encodes the batch's references at every
+step), then two optimisation steps run with the loop's trainer, optimizer, gradient
+checkpointing and autocast. A dispatch mode adds up the bytes of every live tensor storage and
+keeps the peak: what `torch.cuda.max_memory_allocated` reports, less the caching allocator's
+rounding and cuDNN's workspaces (keep a margin; the CUDA context is outside both). Mixed
+precision is counted with CPU autocast at the same dtype (its cast lists are close to CUDA's).
+The loss is `diffusion_loss`'s squared error without its per-part bookkeeping, which branches
+on values fake tensors lack.
 """
 
 from __future__ import annotations
@@ -146,8 +148,12 @@ def estimate_training_memory(
         vae = sum(t.untyped_storage().nbytes() for t in [*c.vae.parameters(), *c.vae.buffers()])
         with tracker:
             source = LatentSource(c.vae, pixels, flip=bool(settings.get("flip", False)))
-        del source.vae, c.vae  # the loop moves the VAE to the CPU once the cache is full
-        gc.collect()  # modules hold reference cycles
+        resize = trainer.resize_augmentation
+        if resize:  # the augmentation encodes its rescaled references at every step
+            vae = 0  # so the VAE stays among the weights on the device
+        else:
+            del source.vae, c.vae  # the loop moves the VAE to the CPU once the cache is full
+            gc.collect()  # modules hold reference cycles
         after_cache = tracker.current
         autocast = torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
         activations = 0
@@ -156,6 +162,9 @@ def estimate_training_memory(
                 start = tracker.current
                 index = torch.arange(len(ids)) % n_images
                 latents = source.sample(index, torch.zeros(len(ids), dtype=torch.bool), None)
+                if resize:  # the batch's references, rescaled and encoded afresh
+                    fresh = torch.zeros(batch_size, 3, resolution, resolution)
+                    latents[:batch_size] = source.sample_images(fresh, None)
                 noise = torch.zeros_like(latents)
                 timesteps = torch.zeros(len(ids), dtype=torch.long)
                 with autocast:
