@@ -34,6 +34,14 @@ def test_draws_follow_the_reference_script() -> None:
         else:
             assert d.prefix == 0
     assert set(Counter(d.prefix for d in draws)) == set(range(len(PREFIXES)))
+    # the whole of each range is drawn, and the offsets spread over their room
+    assert min(d.side for d in shrunk) == size // 3 and max(d.side for d in shrunk) == size
+    zoomed = [d.side for d in draws if d.side > size]
+    assert min(zoomed) == int(1.2 * size) and max(zoomed) == int(1.4 * size) - 1
+    for axis in ("top", "left"):
+        spread = [getattr(d, axis) / abs(d.side - size) for d in draws if d.side != size]
+        assert abs(sum(spread) / len(spread) - 0.5) < 0.03
+        assert min(spread) == 0 and max(spread) == 1
     again = torch.Generator().manual_seed(0)
     assert [draw_resize(size, again) for _ in range(n)] == draws  # the generator decides all
 

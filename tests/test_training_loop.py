@@ -617,6 +617,51 @@ def test_custom_diffusion_rescales_its_references_as_the_reference_script(
         assert drawn[""] > 0
 
 
+def test_each_rescaled_reference_is_encoded_and_captioned_as_itself(
+    subject: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the UNet learns from: the latents of the very images the augmentation drew, each
+    with its own reference's description behind the prefix its draw called for."""
+    calls = {"resized": [], "encoded": [], "batches": []}
+    real_resize, real_encode = loop.resize_batch, LatentSource.sample_images
+
+    def resize_spy(pixels, flipped, latent_size, generator):
+        out = real_resize(pixels, flipped, latent_size, generator)
+        calls["resized"].append((pixels.clone(), flipped.clone(), *out))
+        return out
+
+    def encode_spy(self, images, generator):
+        out = real_encode(self, images, generator)
+        calls["encoded"].append((images.clone(), out.clone()))
+        return out
+
+    def loss_spy(unet, scheduler, batch, hidden, noise, timesteps, weight):
+        calls["batches"].append(batch)
+        return diffusion_loss(unet, scheduler, batch, hidden, noise, timesteps, weight)
+
+    monkeypatch.setattr(loop, "resize_batch", resize_spy)
+    monkeypatch.setattr(LatentSource, "sample_images", encode_spy)
+    monkeypatch.setattr(base, "diffusion_loss", loss_spy)
+    run(subject, tmp_path, "custom_diffusion", {**CUSTOM_DIFFUSION, "prior_preservation": True})
+
+    data = read_training_set(subject.refs, subject.csv, resolution=SIZE)
+    c = load_sd_components(subject.sd, device="cpu")
+    c.tokenizer.add_tokens(["<new1>"])
+    flips = []
+    assert len(calls["resized"]) == len(calls["encoded"]) == len(calls["batches"]) == 12
+    for resized, encoded, batch in zip(*calls.values(), strict=True):
+        pixels, flipped, images, _, prefixes = resized
+        assert torch.equal(encoded[0], images)  # the rescaled images are what is encoded
+        assert torch.equal(batch.latents[:2], encoded[1])  # ... and what the UNet sees
+        flips += flipped.tolist()
+        for i, image in enumerate(pixels):
+            (which,) = [k for k, ref in enumerate(data.pixels) if torch.equal(ref, image)]
+            caption = data.descriptions[which].replace("[V]", "<new1>")
+            own = tokenize(c.tokenizer, [PREFIXES[prefixes[i]] + caption])[0]
+            assert torch.equal(batch.input_ids[i], own)
+    assert set(flips) == {True, False}  # the draws' flips reach the augmentation
+
+
 def test_custom_diffusions_rescaling_and_a_subject_mask_are_refused(
     subject: SimpleNamespace, tmp_path: Path
 ) -> None:

@@ -10,9 +10,12 @@ before it when the side is under 0.6 of the resolution, "zoomed in " or "close u
 over the resolution. Class (prior) images are not rescaled.
 
 Where the official code (adobe-research/custom-diffusion, `src/finetune_data.py`) differs:
-it shrinks only below 0.6 of the resolution (between 0.6 and 1 the image stays whole), rounds
-the side to an even number, centres the paste at a random point and resizes bicubically. We
-follow diffusers, the implementation this pipeline's other methods follow too.
+it shrinks with probability 2/3, only below 0.6 of the resolution (between 0.6 and 1 the image
+stays whole), rounds the side to an even number, centres the paste at a random point and
+resizes bicubically. We follow diffusers, the implementation this pipeline's other methods
+follow too. Where we differ from both: they rescale the original photo (diffusers squashing a
+non-square one), we the prepared reference, already centre-cropped and resized to the training
+resolution (so a zoom-in is upsampled from it); and the loss's scale (see `diffusion_loss`).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def resize_image(
     Bilinear with antialiasing, as PIL's BILINEAR that the reference uses. A shrunk image's
     mask starts and ends one cell inside it (the reference's `top // factor + 1` ..
     `(top + side) // factor - 1`); at tiny resolutions that can leave no cell at all, and the
-    image then adds nothing to the loss."""
+    image then adds 0 to the mean over the batch's images (the reference would give NaN)."""
     size = pixels.shape[-1]
     factor = size // latent_size
     side, top, left = resize.side, resize.top, resize.left

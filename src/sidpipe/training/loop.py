@@ -337,7 +337,9 @@ def train_subject(
         # class image or mask under the same name is new data.
         "use_8bit_adam": use_8bit_adam,
         "data": tensor_digest(pixels, data.masks),
-        "resize_augmentation": resize,  # a method's default, so not always in `settings`
+        # A method's default, so not always in `settings`; only where on, so the other
+        # methods' checkpoints from before it existed still resume.
+        **({"resize_augmentation": True} if resize else {}),
     }
     rows: list[dict] = []
     start_step, seconds_before = 0, 0.0
