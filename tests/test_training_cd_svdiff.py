@@ -373,3 +373,12 @@ def test_svdiff_save_and_load_into(
     with torch.no_grad():
         trained = sample(pipeline_of(trainer.c, sd), prompt)
     np.testing.assert_allclose(loaded, trained, atol=1e-4)
+
+
+def test_svdiff_norm_shifts_default_to_the_references_rate(sd: str) -> None:
+    """svdiff-pytorch's --learning_rate_1d is 1e-6; without the setting the norms' shifts must
+    not take the 2-D shifts' rate (1e-3 here: a thousand times the reference's)."""
+    components = load_sd_components(sd, device="cpu")
+    trainer = SVDiffTrainer(components, {"learning_rate": 1e-3}, "sks", "mug")
+    rates = {group["name"]: group["lr"] for group in trainer.prepare()}
+    assert rates == {"spectral_shifts": 1e-3, "spectral_shifts_1d": 1e-6}

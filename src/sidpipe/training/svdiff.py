@@ -7,12 +7,16 @@ its SVD variants; biases stay frozen) is decomposed once, W = U diag(S) Vh (a co
 values trains: W' = U diag(ReLU(S + delta)) Vh. As in svdiff-pytorch the shifts of the norm
 weights (one scalar each) get `learning_rate_1d`, all others `learning_rate`. The frozen U, S,
 Vh are kept in float32 (roughly 1-2x the shifted models' size) and W' is rebuilt every forward,
-as svdiff-pytorch does.
+as svdiff-pytorch does. `learning_rate_1d` defaults to svdiff-pytorch's 1e-6.
 
 `save` writes only the shifts, `spectral_shifts.safetensors` (+ `spectral_shifts_te.safetensors`
 when the text encoder trains), keyed `<module path>.delta` like svdiff-pytorch's files. Load the
 result over a base pipeline with sidpipe's loader, which recomputes the SVDs of the base weights
-and writes the shifted weights in place (no parametrization at inference)::
+and writes the shifted weights in place (no parametrization at inference; on a float16 pipeline
+the SVD is of its float16-rounded weights, which moves the applied shift by about 1 % of its
+size against svdiff-pytorch's float32 loading). svdiff-pytorch's files may hold a
+downsampler's shift twice (diffusers 0.14 named that conv `conv` and `Conv2d_0`); ours hold it
+once, so read theirs with their loader::
 
     from sidpipe.training.svdiff import SVDiffTrainer
     pipe = SVDiffTrainer.load_into(pipe, "results/train/svdiff/sid/standard/cat")
@@ -36,6 +40,7 @@ UNET_WEIGHTS = "spectral_shifts.safetensors"
 TEXT_ENCODER_WEIGHTS = "spectral_shifts_te.safetensors"
 SHIFTED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)
+DEFAULT_LR_1D = 1e-6  # svdiff-pytorch's --learning_rate_1d
 _SUFFIX = ".delta"
 
 
@@ -137,7 +142,7 @@ class SVDiffTrainer(Trainer):
             {
                 "name": "spectral_shifts_1d",
                 "params": [s.delta for s in shifts if id(s) in self._norms],
-                "lr": float(self.settings.get("learning_rate_1d", self.settings["learning_rate"])),
+                "lr": float(self.settings.get("learning_rate_1d", DEFAULT_LR_1D)),
             },
         ]
         return [group for group in groups if group["params"]]
