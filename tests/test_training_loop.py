@@ -667,3 +667,28 @@ def test_custom_diffusions_rescaling_and_a_subject_mask_are_refused(
 ) -> None:
     with pytest.raises(SidpipeError, match="resize augmentation and masked: true"):
         run(subject, tmp_path, "custom_diffusion", {**CUSTOM_DIFFUSION, "masked": True})
+
+
+@pytest.mark.parametrize("resize", [True, False])
+def test_a_caption_the_rescaling_prefix_pushes_past_77_tokens_is_named(
+    subject: SimpleNamespace, tmp_path: Path, caplog: pytest.LogCaptureFixture, resize: bool
+) -> None:
+    """A description that fits CLIP's 77 tokens alone but not behind "a far away " loses its
+    end only when the augmentation prefixes it: the warning must name that caption then."""
+    tokenizer = load_sd_components(subject.sd, device="cpu").tokenizer
+    tokenizer.add_tokens(["<new1>"])
+    description = "a [V] mug"
+    while len(tokenizer(description.replace("[V]", "<new1>")).input_ids) < 77:
+        description += " on a table"
+    while len(tokenizer(description.replace("[V]", "<new1>")).input_ids) > 77:
+        description = description.rsplit(" ", 1)[0]
+    rows = [{"image_id": i, "description": description} for i in subject.descriptions]
+    write_csv(tmp_path / "long.csv", rows, ["image_id", "description"])
+    settings = {**CUSTOM_DIFFUSION, "steps": 1, "resize_augmentation": resize}
+    with caplog.at_level(logging.WARNING, logger="sidpipe"):
+        run(subject, tmp_path, "custom_diffusion", settings, descriptions_csv=tmp_path / "long.csv")
+    named = [r.getMessage() for r in caplog.records if "over the text encoder" in r.getMessage()]
+    if resize:
+        assert any("a far away a <new1> mug" in message for message in named), named
+    else:
+        assert named == []
