@@ -3,6 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The torch build the install keeps: `cpu` (the default; the install stops if CUDA wheels arrive)
+# or `cuda` (a GPU workstation: PyPI's Linux torch, which brings its nvidia-*/triton wheels).
+TORCH_BUILD ?= cpu
+# Where torch comes from; empty: pip's configured indexes. A CPU machine whose pip finds only
+# PyPI's Linux (CUDA) build takes TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+TORCH_INDEX ?=
 # No model hub here: every model comes from a local folder the workflow built (the world's
 # pretrained models, tiny random ones).
 export HF_HUB_OFFLINE := 1
@@ -13,13 +19,19 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 # torch first (the CPU build), then everything else constrained to keep exactly that torch.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	@case "$(TORCH_BUILD)" in cpu|cuda) ;; *) \
+		echo "error: TORCH_BUILD=$(TORCH_BUILD): use cpu or cuda (README 'Dependencies')" >&2; exit 2;; esac
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m pip check
-	@if $(BIN)/python -m pip list 2>/dev/null | grep -iE '^(nvidia|triton|torchvision)'; then \
-		echo "error: CUDA/torchvision wheels were installed; see README 'Dependencies'" >&2; exit 1; fi
+	@if $(BIN)/python -m pip list 2>/dev/null | grep -iE '^torchvision'; then \
+		echo "error: torchvision was installed; sidpipe runs without it (README 'Dependencies')" >&2; exit 1; fi
+	@if [ "$(TORCH_BUILD)" = cpu ] && $(BIN)/python -m pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
+		echo "error: torch came with CUDA wheels. On a CPU machine: rm -rf $(VENV) && make install" \
+			"TORCH_INDEX=https://download.pytorch.org/whl/cpu; on a GPU workstation: make install" \
+			"TORCH_BUILD=cuda (README 'Dependencies')" >&2; exit 1; fi
 	touch $@
 
 install: $(VENV)/.installed
@@ -48,8 +60,11 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/run.py --out results/bench
 
+# Needs Graphviz's `dot`; the SVG is replaced only when the whole pipe succeeds.
 dag: install
-	$(BIN)/snakemake --rulegraph --configfile config.yaml | dot -Tsvg > docs/rulegraph.svg
+	@command -v dot >/dev/null || { echo "error: make dag needs Graphviz's dot (apt install graphviz)" >&2; exit 1; }
+	set -o pipefail; $(BIN)/snakemake --rulegraph --configfile config.yaml | dot -Tsvg > docs/rulegraph.svg.tmp
+	mv docs/rulegraph.svg.tmp docs/rulegraph.svg
 
 # Retrain the synthetic world's models (rule pretrain_world, ~35 min on 2 cores) and ship them
 # as demo/world/ (the demo's models); the manifest records the settings and code digest.

@@ -52,6 +52,12 @@ PROMPTS = load_prompts(
 SUBJECT_KINDS = {name: row["kind"] for name, row in SUBJECTS.items()}
 EXPERIMENTS = expand_experiments(config, list(SUBJECTS), SUBJECT_KINDS)
 ARM_SUBJECTS = all_arm_subjects(config, list(SUBJECTS), SUBJECT_KINDS)
+if not ARM_SUBJECTS:
+    raise ConfigError(
+        f"{CONFIG_SOURCE}: experiments: no grid runs on any subject of {config['subjects']} "
+        f"(kinds there: {', '.join(sorted(set(SUBJECT_KINDS.values())))}); give a grid "
+        "`subjects:` or `kinds:` that the table has (concept subjects need `kinds: [concept]`)"
+    )
 check_concept_pairs(
     config, EXPERIMENTS, SUBJECT_KINDS, ENCODER_ALGORITHMS, CONFIG_SOURCE
 )
@@ -703,3 +709,53 @@ def all_targets():
     if TINY_MODELS:
         targets.append("results/models/tiny")
     return targets
+
+
+# --- small input and params functions of the stage rules ----------------------------------
+
+
+def base_model_input(wildcards):
+    return model_input("base")
+
+
+def dataset_downloads(wildcards):
+    return config["datasets"][wildcards.dataset]["downloads"]
+
+
+def dataset_timeout(wildcards):
+    return config["datasets"][wildcards.dataset].get("timeout", 120)
+
+
+def subject_images_folder(wildcards):
+    return SUBJECTS[wildcards.subject]["images"]
+
+
+def subject_table_rows():
+    """The subjects table's columns the references summary shows."""
+    return [
+        {k: row[k] for k in ("subject", "class", "kind", "source")}
+        for row in SUBJECTS.values()
+    ]
+
+
+def subject_classes():
+    return sorted({row["class"] for row in SUBJECTS.values()})
+
+
+def description_csvs(wildcards):
+    """Every description set of a subject, for its descriptions page."""
+    return expand(
+        "results/descriptions/{descriptions}/{subject}.csv",
+        descriptions=description_sets_of(wildcards.subject),
+        subject=wildcards.subject,
+    )
+
+
+def compared_prompt_ids(wildcards):
+    return list(range(config["sampling"]["prompts_per_subject"]))
+
+
+def metric_csvs():
+    return [
+        f"results/metrics/{arm.name}/{subject}.csv" for arm, subject in ARM_SUBJECTS
+    ]

@@ -18,9 +18,7 @@ rule download_dataset:
         mem_mb=job_memory("download_dataset", 2000),
         runtime=job_runtime("download_dataset", 60),
     params:
-        downloads=lambda wildcards: config["datasets"][wildcards.dataset]["downloads"],
-        timeout=lambda wildcards: config["datasets"][wildcards.dataset].get(
-            "timeout", 120
-        ),
+        downloads=dataset_downloads,
+        timeout=dataset_timeout,
     script:
         "../workflow_scripts/download_dataset.py"

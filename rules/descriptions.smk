@@ -2,7 +2,7 @@ rule describe_references:
     input:
         references="results/references/{subject}/manifest.csv",
         manual=manual_descriptions_input,
-        tokenizer=lambda wildcards: model_input("base"),
+        tokenizer=base_model_input,
         vlm=vlm_model_input,
     output:
         "results/descriptions/{descriptions}/{subject}.csv",
@@ -26,11 +26,7 @@ rule describe_references:
 rule descriptions_report:
     input:
         references="results/references/{subject}/manifest.csv",
-        descriptions=lambda wildcards: expand(
-            "results/descriptions/{descriptions}/{subject}.csv",
-            descriptions=description_sets_of(wildcards.subject),
-            subject=wildcards.subject,
-        ),
+        descriptions=description_csvs,
     output:
         report(
             "results/descriptions/report/{subject}.html",

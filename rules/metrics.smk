@@ -24,7 +24,7 @@ rule score:
 
 rule gather_metrics:
     input:
-        [f"results/metrics/{arm.name}/{subject}.csv" for arm, subject in ARM_SUBJECTS],
+        metric_csvs(),
     output:
         report(
             "results/metrics/all.csv",
@@ -54,7 +54,12 @@ rule analyze:
             category="Metrics",
             labels={"table": "arm means with 95% CIs"},
         ),
-        subjects="results/metrics/subjects.csv",
+        subjects=report(
+            "results/metrics/subjects.csv",
+            caption="report/metrics_subjects.rst",
+            category="Metrics",
+            labels={"table": "arm means per subject"},
+        ),
         agreement=report(
             "results/metrics/agreement.csv",
             caption="report/agreement.rst",

@@ -15,7 +15,7 @@ rule build_tiny_models:
         seed=config.get("tiny_models", {}).get("seed", 0),
         resolution=config.get("tiny_models", {}).get("resolution", 64),
         identifier=config["identifier"],
-        classes=sorted({row["class"] for row in SUBJECTS.values()}),
+        classes=subject_classes(),
     script:
         "../workflow_scripts/build_tiny_models.py"
 

@@ -15,7 +15,7 @@ rule prepare_references:
         mem_mb=job_memory("prepare_references", 4000),
         runtime=job_runtime("prepare_references", 20),
     params:
-        images=lambda wildcards: SUBJECTS[wildcards.subject]["images"],
+        images=subject_images_folder,
         resolution=config["references"]["resolution"],
         min_images=config["references"]["min_images"],
         max_pixels=config["references"].get("max_pixels", 40_000_000),
@@ -43,9 +43,6 @@ rule summarize_references:
         mem_mb=job_memory("summarize_references", 1000),
         runtime=job_runtime("summarize_references", 5),
     params:
-        subjects=[
-            {k: row[k] for k in ("subject", "class", "kind", "source")}
-            for row in SUBJECTS.values()
-        ],
+        subjects=subject_table_rows(),
     script:
         "../workflow_scripts/summarize_references.py"

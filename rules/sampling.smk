@@ -99,9 +99,7 @@ rule compare_samples:
         mem_mb=job_memory("compare_samples", 2000),
         runtime=job_runtime("compare_samples", 10),
     params:
-        prompt_ids=lambda wildcards: list(
-            range(config["sampling"]["prompts_per_subject"])
-        ),
+        prompt_ids=compared_prompt_ids,
         seed=0,
     script:
         "../workflow_scripts/compare_samples.py"

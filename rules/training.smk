@@ -1,6 +1,6 @@
 rule class_images:
     input:
-        model=lambda wildcards: model_input("base"),
+        model=base_model_input,
     output:
         manifest="results/class_images/{class_slug}/manifest.csv",
     log:

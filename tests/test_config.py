@@ -256,6 +256,22 @@ def test_broken_configs_are_rejected_with_the_key_path(real, edit, message):
     assert str(info.value).startswith("my.yaml: invalid configuration")
 
 
+def test_a_key_pasted_where_its_variables_name_belongs_is_never_echoed(real):
+    secret = "sk-proj-SECRETVALUE123"
+    name = next(n for n, v in real["vlms"].items() if v["backend"] == "openai")
+    with pytest.raises(ConfigError, match=r"api_key_env: invalid value \(not shown") as info:
+        validate_config(
+            _broken(real, lambda c: c["vlms"][name].update(api_key_env=secret)), "my.yaml"
+        )
+    assert "SECRETVALUE" not in str(info.value)
+    assert "environment variable" in str(info.value), "the schema's description says the fix"
+    # Values of other keys are still shown, e.g. a VLM's max_new_tokens.
+    with pytest.raises(ConfigError, match=r"max_new_tokens: 0 is invalid"):
+        validate_config(
+            _broken(real, lambda c: c["vlms"][name].update(max_new_tokens=0)), "my.yaml"
+        )
+
+
 def test_models_that_find_the_subject_must_be_set():
     world = load_config(REPO / "demo/config.yaml")  # provided masks, the judge's attention masks
     provided = {"mug": "provided", "dog": "provided"}

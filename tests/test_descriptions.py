@@ -180,7 +180,24 @@ def test_manual_missing_entry_names_file_image_and_case(tmp_path: Path, base: st
         run(tmp_path, base, make_references(tmp_path), case=3, vlm=vlm, manual_file=manual_file)
     assert str(manual_file) in str(err.value)
     assert "image 03" in str(err.value) and "case 3" in str(err.value)
+    assert 'add "03": {case3:' in str(err.value), "the hint's stem is quoted, as YAML needs"
     assert not (tmp_path / "out" / "descriptions.csv").exists()
+
+
+def test_manual_entry_for_no_reference_image_is_named(
+    tmp_path: Path, base: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = yaml.safe_load((DEMO / "red_mug" / "descriptions.yaml").read_text())
+    data["3"] = data["03"]  # a mistyped stem
+    manual_file = tmp_path / "descriptions.yaml"
+    manual_file.write_text(yaml.safe_dump(data))
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with caplog.at_level("WARNING", logger="sidpipe"):
+        run(tmp_path, base, make_references(tmp_path), case=3, vlm=vlm, manual_file=manual_file)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        str(manual_file) in w and "the stem 3 (its images: 01, 02, 03" in w for w in warnings
+    ), warnings
 
 
 def test_manual_backend_without_file(tmp_path: Path, base: str) -> None:
@@ -419,6 +436,23 @@ def test_manual_file_syntax_error_names_line_and_column(tmp_path: Path, base: st
     assert f"{manual_file}, line 4, column 1: the descriptions file is not valid YAML" in str(
         err.value
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "read_as"), [("01", "1"), ("00", "0"), ("010", "8"), ("yes", "True")]
+)
+def test_manual_file_unquoted_stem_is_refused(
+    tmp_path: Path, base: str, key: str, read_as: str
+) -> None:
+    """YAML reads an unquoted 01 as the int 1, which matches no image stem: the hand-written
+    text would be dropped silently (or the manual backend ask for the `01:` that is there)."""
+    manual_file = tmp_path / "descriptions.yaml"
+    manual_file.write_text(f"{key}:\n  case2: a [V] mug on a table\n")
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with pytest.raises(SidpipeError) as err:
+        run(tmp_path, base, make_references(tmp_path), case=2, vlm=vlm, manual_file=manual_file)
+    assert f"{manual_file}: key {read_as} (" in str(err.value)
+    assert 'quote the stems, e.g. "00":' in str(err.value)
 
 
 def test_manual_and_template_sets_do_not_import_torch(tmp_path: Path, base: str) -> None:

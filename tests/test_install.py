@@ -43,10 +43,34 @@ def test_constraints_keep_the_cpu_torch():
 
 
 def test_installed_environment_has_no_cuda_or_torchvision_wheels():
+    import torch
+
     names = {dist.metadata["Name"].lower() for dist in metadata.distributions()}
-    assert not {n for n in names if n.startswith(("nvidia-", "triton"))}
+    if torch.version.cuda is None:  # a CPU torch (`make install`, TORCH_BUILD=cpu) comes alone
+        assert not {n for n in names if n.startswith(("nvidia-", "triton"))}
     assert not FORBIDDEN & names
     assert metadata.version("torch").startswith("2.13.0")
+
+
+def _make_dry_run(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(
+        ["make", "-n", "-B", *args], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_make_install_takes_torch_from_the_named_index_and_keeps_cuda_only_when_asked():
+    default = _make_dry_run("install", "VENV=/tmp/sidpipe-dry-venv")
+    assert "pip install -q  torch==2.13.0" in default
+    assert '[ "cpu" = cpu ]' in default, "the CPU build is the default and is checked"
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert f"--index-url {cpu} torch==2.13.0" in _make_dry_run(
+        "install", "VENV=/tmp/sidpipe-dry-venv", f"TORCH_INDEX={cpu}"
+    )
+    cuda = _make_dry_run("install", "VENV=/tmp/sidpipe-dry-venv", "TORCH_BUILD=cuda")
+    assert '[ "cuda" = cpu ]' in cuda, "a CUDA install skips the no-nvidia check"
+    assert "grep -iE '^torchvision'" in cuda, "but never takes torchvision"
 
 
 def test_conda_envs_pin_the_same_versions():
@@ -64,3 +88,18 @@ def test_conda_envs_pin_the_same_versions():
         assert (REPO / f"envs/{name}.post-deploy.sh").exists(), "installs sidpipe into the env"
     gpu = (REPO / "envs/gpu.yaml").read_text()
     assert "download.pytorch.org/whl/cu" in gpu
+
+
+def test_make_install_refuses_an_unknown_torch_build_before_creating_the_venv(tmp_path):
+    import subprocess
+
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        ["make", "install", f"VENV={venv}", "TORCH_BUILD=gpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "TORCH_BUILD=gpu: use cpu or cuda" in result.stderr
+    assert not venv.exists()

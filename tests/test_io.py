@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from sidpipe import attention, class_images, masks
 from sidpipe.descriptions.cache import write_cache
 from sidpipe.io import (
     SidpipeError,
@@ -94,6 +95,61 @@ def test_failed_atomic_dir_keeps_the_previous_output(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+
+
+def test_atomic_dir_keeps_the_setgid_bit_of_a_shared_folder(tmp_path: Path) -> None:
+    """In a setgid project folder new folders inherit the bit (and so the group); resetting
+    the mode to the umask's must not drop it."""
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(parent, 0o2775)
+    if not parent.stat().st_mode & stat.S_ISGID:
+        pytest.skip(f"the filesystem of {tmp_path} does not keep a setgid bit on folders")
+    with atomic_dir(parent / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert (parent / "out").stat().st_mode & stat.S_ISGID
+
+
+def test_class_images_take_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        class_images._save_png(Image.new("RGB", (8, 8)), tmp_path / "0000.png", {"k": "v"})
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "0000.png") == 0o644
+    with Image.open(tmp_path / "0000.png") as img:
+        assert img.text == {"k": "v"}
+    assert [p.name for p in tmp_path.iterdir()] == ["0000.png"]
+
+
+@pytest.mark.parametrize("module", [masks, attention])
+def test_failed_overlay_grid_leaves_no_partial_file(tmp_path: Path, monkeypatch, module) -> None:
+    """A job killed or failing while it saves the report figure must not leave half a PNG."""
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    row = {
+        "overlay_path": "a.png",
+        "image_path": "a.png",
+        "image_id": "a",
+        "mask_fraction": "0.5",
+        "attention_mass_in_mask": "0.5",
+        "prompt_id": "0",
+        "seed": "0",
+        "flag": "",
+    }
+    module.write_overlay_grid(tmp_path, [row], tmp_path / "report" / "overlays.png")
+    assert (tmp_path / "report" / "overlays.png").is_file()
+
+    def half_save(self, fp, *args, **kwargs) -> None:
+        if isinstance(fp, (str, os.PathLike)):
+            Path(fp).write_bytes(b"\x89PNG half")
+        else:
+            fp.write(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_save)
+    with pytest.raises(OSError, match="No space"):
+        module.write_overlay_grid(tmp_path, [row], tmp_path / "new" / "overlays.png")
+    assert list((tmp_path / "new").iterdir()) == []
 
 
 def test_read_yaml_accepts_a_byte_order_mark_and_names_errors(tmp_path: Path) -> None:

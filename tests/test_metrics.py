@@ -305,6 +305,27 @@ def test_gather_metrics(tmp_path: Path) -> None:
     assert (tmp_path / "empty.csv").read_text().strip() == ",".join(FIELDS)
 
 
+def test_the_gather_job_loads_no_torch(tmp_path: Path) -> None:
+    """gather_metrics only concatenates CSVs: its job, run as the adapter imports it in a fresh
+    interpreter, must not pay for torch (~5 s a job)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    adapter = (repo / "workflow_scripts/gather_metrics.py").read_text()
+    imports = "\n".join(line for line in adapter.splitlines() if line.startswith("from "))
+    write_csv(tmp_path / "a.csv", [dict.fromkeys(FIELDS, 0)], FIELDS)
+    source, out = str(tmp_path / "a.csv"), str(tmp_path / "all.csv")
+    script = (
+        f"import sys\n{imports}\n"
+        f"gather_metrics([Path({source!r})], Path({out!r}))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "all.csv").is_file()
+
+
 def test_a_reference_subset_method_is_scored_against_its_subset(
     tmp_path: Path, models: dict[str, str], encoders: Encoders
 ) -> None:

@@ -328,6 +328,33 @@ def test_missing_folder_error_names_path(loader, tmp_path: Path) -> None:
     assert "models." in str(info.value)
 
 
+def test_a_home_relative_model_folder_loads(
+    tiny: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~/models/sd` passes the folder check and must reach from_pretrained expanded (the hub
+    client would take the raw string for a malformed repo id)."""
+    from sidpipe.descriptions.text import load_base_tokenizer
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    for name in ("sd", "clip", "dino"):
+        (home / "models" / name).symlink_to(tiny[name])
+    monkeypatch.setenv("HOME", str(home))
+    assert load_sd_components("~/models/sd", device="cpu").unet is not None
+    assert load_sd_pipeline("~/models/sd", device="cpu").tokenizer is not None
+    assert load_clip("~/models/clip", device="cpu")[0] is not None
+    assert load_dino("~/models/dino", device="cpu")[0] is not None
+    assert load_base_tokenizer("~/models/sd") is not None
+
+
+@pytest.mark.parametrize("loader", [load_sd_pipeline, load_sd_components])
+def test_base_model_errors_name_the_config_key_that_sets_it(loader, tmp_path: Path) -> None:
+    """The schema's key is models.base (an encoder arm's is its method's base_model)."""
+    for model in (str(tmp_path / "no_such_model"), str(tmp_path)):
+        with pytest.raises(SidpipeError, match=r"config key models\.base, or an encoder"):
+            loader(model, device="cpu")
+
+
 @pytest.mark.parametrize(
     ("loader", "key"),
     [(load_clip, "clip"), (load_grounding_dino, "grounding_dino"), (load_sam, "sam")],

@@ -110,3 +110,25 @@ def test_a_prompts_file_that_is_no_mapping_is_named(tmp_path, real):
         ConfigError, match=r"concepts\.wearing a hat: 1 prompts, .*give it at least 25"
     ):
         load_prompts(path, real, {"concept"}, {"wearing a hat"})
+
+
+def test_unquoted_templates_are_named_and_the_fix_given(tmp_path, real):
+    """`- {token} {class} in Paris` is a YAML flow mapping (a syntax error); `- {token}` and
+    `- a {token} {class}: with a hat` read as mappings and a number as a number: each is named
+    as no string, to be quoted, not reported as lacking {token} or a bare TypeError."""
+    path = tmp_path / "p.yaml"
+    path.write_text("object:\n  - {token} {class} in Paris\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml, line 2.*quote templates that start with \{"):
+        load_prompts(path, real, {"object"})
+    good = ["a {token} {class}"] * 22
+    path.write_text(
+        "object:\n  - {token}\n  - a {token} {class}: with a hat\n  - 42\n"
+        + "".join(f"  - {t}\n" for t in good)
+    )
+    with pytest.raises(ConfigError) as err:
+        load_prompts(path, real, {"object"})
+    message = str(err.value)
+    assert "object[0]: {'token': None} is not a string" in message
+    assert "object[1]: {'a {token} {class}': 'with a hat'} is not a string" in message
+    assert "object[2]: 42 is not a string" in message
+    assert "quote it" in message and "lacks" not in message

@@ -748,6 +748,21 @@ def test_attention_without_its_mask_models_is_a_load_error(tmp_path):
     assert not (workdir / "results").exists()
 
 
+def test_experiments_that_run_on_no_subject_are_a_load_error(tmp_path):
+    """Otherwise the arms table's job would fail on an empty grid, after the references ran."""
+    workdir = copy_demo(tmp_path / "w")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    for grids in config["experiments"].values():
+        for grid in grids:
+            grid.pop("subjects", None)
+            grid["kinds"] = ["style"]  # the demo has none
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "experiments: no grid runs on any subject of subjects.tsv" in result.stdout
+    assert not (workdir / "results").exists()
+
+
 def test_bad_reference_folder_fails_the_job_without_partial_output(tmp_path):
     workdir = copy_demo(tmp_path / "w")
     for extra in ("02", "03", "04"):

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from sidpipe.io import job_log
-from sidpipe.metrics import gather_metrics
+from sidpipe.metric_tables import gather_metrics
 
 smk = snakemake  # noqa: F821
 with job_log(smk.log[0]):

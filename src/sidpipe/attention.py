@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from sidpipe.io import SidpipeError, atomic_dir, log, write_csv
+from sidpipe.io import SidpipeError, atomic_dir, atomic_file, log, write_csv
 from sidpipe.sampling import LazyPipeline, encode_prompt, image_name, seed_latents
 
 CSV_FIELDS = [
@@ -478,5 +478,5 @@ def write_overlay_grid(out_dir: Path, rows: list[dict], grid_path: Path, tile: i
         ids = f"p{int(row['prompt_id']):02d} s{int(row['seed']):02d}"
         label = f"{ids} in-mask {mass} {row.get('flag', '')}"
         draw.text((2, top + 1), label, fill="black")
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(grid_path)
+    with atomic_file(grid_path, "wb") as handle:
+        grid.save(handle, format="PNG")

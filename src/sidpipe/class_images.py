@@ -8,9 +8,7 @@ and generates only the missing or stale ones. `manifest.csv` is written last.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from sidpipe.io import SidpipeError, log, write_csv
+from sidpipe.io import SidpipeError, atomic_file, log, write_csv
 from sidpipe.models import load_sd_pipeline
 
 MANIFEST_FIELDS = ["index", "path", "prompt", "seed"]
@@ -53,14 +51,8 @@ def _save_png(img: Image.Image, path: Path, metadata: dict[str, str]) -> None:
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, "PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:
+        img.save(handle, "PNG", pnginfo=info)
 
 
 def generate_class_images(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,17 @@ def _describe(error: jsonschema.ValidationError) -> str:
     expected = schema.get("description") or json.dumps(
         {k: v for k, v in schema.items() if k != "description"}
     )
+    if _may_hold_a_secret(error.absolute_path):
+        # A key pasted where its variable's name belongs must not reach the terminal or a log.
+        return f"{where}: invalid value (not shown: it may be a secret); expected {expected}"
     return f"{where}: {error.instance!r} is invalid ({error.message}); expected {expected}"
+
+
+_SECRET_WORDS = re.compile(r"(^|_)(key|token)(_|$)|secret|password", re.IGNORECASE)
+
+
+def _may_hold_a_secret(path) -> bool:
+    return any(isinstance(part, str) and _SECRET_WORDS.search(part) for part in path)
 
 
 def validate_against_schema(data: Any, schema: dict, source: str) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -43,6 +44,11 @@ def looks_local(model: str) -> bool:
         or model.count("/") > 1
         or Path(model).exists()
     )
+
+
+def expand_home(model: str) -> str:
+    """`model` with a leading `~` expanded: from_pretrained takes `~/models/sd` for a hub id."""
+    return str(Path(model).expanduser()) if model.startswith("~") else model
 
 
 _UMASK_LOCK = threading.Lock()
@@ -87,7 +93,8 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     A failing job therefore leaves no partial output for Snakemake (or a user) to mistake
     for a finished one, and no temporary folder either. A previous `final` is first renamed
     aside, so it is replaced as a whole even if part of it cannot be deleted. The new folder
-    gets the permissions the umask gives (mkdtemp makes it private).
+    gets the permissions the umask gives (mkdtemp makes it private), and keeps a setgid bit
+    inherited from its parent.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +102,10 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~current_umask())
+        # Keep the setgid bit mkdtemp inherits in a shared group folder: files made later
+        # inside then stay in the project's group.
+        setgid = os.stat(tmp).st_mode & stat.S_ISGID
+        os.chmod(tmp, (0o777 & ~current_umask()) | setgid)
         if final.exists() or final.is_symlink():
             old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
             os.replace(final, old)  # a rename: the previous output stays whole until replaced

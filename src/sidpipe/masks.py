@@ -23,7 +23,7 @@ from sidpipe.grounded_sam import (
     grounding_prompt,
     segment_detections,
 )
-from sidpipe.io import SidpipeError, atomic_dir, log, read_csv, write_csv
+from sidpipe.io import SidpipeError, atomic_dir, atomic_file, log, read_csv, write_csv
 
 MANIFEST_FIELDS = [
     "subject",
@@ -455,5 +455,5 @@ def write_overlay_grid(out_dir: Path, rows: list[dict], grid_path: Path, tile: i
         grid.paste(image.resize((tile, tile), Image.Resampling.BICUBIC), (index * tile, 14))
         label = f"{row['image_id']} {100 * float(row['mask_fraction']):.0f}% {row['flag']}"
         draw.text((index * tile + 2, 1), label, fill="red" if row["flag"] else "black")
-    grid_path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(grid_path)
+    with atomic_file(grid_path, "wb") as handle:
+        grid.save(handle, format="PNG")

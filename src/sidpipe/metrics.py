@@ -31,31 +31,20 @@ exactly once per `score_arm` call, in batches; all scores are then cosine matric
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from sidpipe.io import SidpipeError, atomic_file, log, read_manifest
+from sidpipe.io import SidpipeError, log, read_manifest
+from sidpipe.metric_tables import FIELDS, METRICS, gather_metrics, image_keys
 from sidpipe.models import load_clip, load_dino
 from sidpipe.subsets import select_references, split_name
 
-METRICS = ("SA", "NSD", "TA", "CLIP-I", "DINO")
-FIELDS = [
-    "subject",
-    "method",
-    "descriptions",
-    "inference",
-    "prompt_id",
-    "prompt",
-    "seed",
-    "image",
-    "metric",
-    "value",
-]
 DIGITS = 6  # float32 cosines carry ~7 significant digits; more would only be noise in the CSV
 _EPS = 1e-12
 
@@ -195,32 +184,17 @@ def _open(path: Path) -> Image.Image:
 
 
 def _encode_files(
-    paths: Sequence[Path], encoders: Sequence[Callable], batch_size: int
+    paths: Sequence[Path], encoders: Sequence[Callable], batch_size: int, what: str = "images"
 ) -> list[torch.Tensor]:
     """Open `paths` a batch at a time (an arm's 500 images need not sit in memory together) and
     run every encoder on each batch; one concatenated embedding matrix per encoder."""
     parts: list[list[torch.Tensor]] = [[] for _ in encoders]
-    for chunk in _batches(list(paths), batch_size):
+    chunks = _batches(list(paths), batch_size)
+    for chunk in tqdm(chunks, desc=f"encode {what}", unit="batch", file=sys.stderr):
         images = [_open(path) for path in chunk]
         for part, encode in zip(parts, encoders, strict=True):
             part.append(encode(images))
     return [torch.cat(part) for part in parts]
-
-
-def image_keys(
-    row: dict, path: Path, subject: str, method: str, descriptions: str, inference: str
-) -> dict:
-    """The `FIELDS` that name one generated image (a samples manifest row) of one arm."""
-    return {
-        "subject": subject,
-        "method": method,
-        "descriptions": descriptions,
-        "inference": inference,
-        "prompt_id": int(row["prompt_id"]),
-        "prompt": row["prompt"],
-        "seed": int(row["seed"]),
-        "image": str(path),
-    }
 
 
 def score_arm(
@@ -296,10 +270,10 @@ def score_arm(
     use_dino = bool(dino_model)
     with_dino = [encoders.encode_images] + ([encoders.encode_dino] if use_dino else [])
 
-    gen = _encode_files(gen_paths, with_dino, batch_size)
-    ref = _encode_files(ref_paths, with_dino, batch_size)
-    (subj,) = _encode_files(subj_paths, [encoders.encode_images], batch_size)
-    (bg,) = _encode_files(bg_paths, [encoders.encode_images], batch_size)
+    gen = _encode_files(gen_paths, with_dino, batch_size, "generated images")
+    ref = _encode_files(ref_paths, with_dino, batch_size, "references")
+    (subj,) = _encode_files(subj_paths, [encoders.encode_images], batch_size, "subject segments")
+    (bg,) = _encode_files(bg_paths, [encoders.encode_images], batch_size, "non-subject segments")
     plains = sorted({row["prompt_plain"] for row in samples})
     text = encoders.encode_texts(plains)
     text_rows = text[[plains.index(row["prompt_plain"]) for row in samples]]
@@ -330,34 +304,6 @@ def score_arm(
         ", ".join(f"{k} {v:.4f}" for k, v in means.items()),
     )
     return out
-
-
-def gather_metrics(csvs: Sequence[Path], out_csv: Path) -> pd.DataFrame:
-    """Concatenate per-(arm, subject) metric CSVs into one long table (`FIELDS` columns)."""
-    frames = []
-    for path in csvs:
-        try:
-            frame = pd.read_csv(path, dtype={"subject": str, "prompt": str})
-        except (OSError, pd.errors.ParserError) as exc:
-            raise SidpipeError(f"{path}: cannot read the metrics CSV ({exc})") from exc
-        missing = [c for c in FIELDS if c not in frame.columns]
-        if missing:
-            raise SidpipeError(f"{path} lacks column(s) {', '.join(missing)}; re-run scoring")
-        frames.append(frame[FIELDS])
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=FIELDS)
-    keys = ["method", "descriptions", "inference", "subject", "prompt_id", "seed", "metric"]
-    dupes = table.duplicated(keys)
-    if dupes.any():
-        first = table[dupes].iloc[0]
-        raise SidpipeError(
-            f"{int(dupes.sum())} repeated (arm, subject, prompt, seed, metric) rows, e.g. "
-            f"{first['method']}/{first['descriptions']}/{first['inference']} "
-            f"{first['subject']} prompt {first['prompt_id']} seed {first['seed']}: "
-            "a metrics CSV was passed twice"
-        )
-    with atomic_file(out_csv, newline="") as handle:
-        table.to_csv(handle, index=False)
-    return table
 
 
 __all__ = [

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .io import SidpipeError, log, looks_local
+from .io import SidpipeError, expand_home, log, looks_local
 
 if TYPE_CHECKING:
     import torch
@@ -174,20 +174,29 @@ def pick_device(prefer: str = "auto") -> torch.device:
     return device
 
 
+# Where the base model's string comes from: the paper's arms and the encoder arms' own setting.
+SD_CONFIG_KEY = "models.base, or an encoder method's base_model"
+
+
+def _config_key(key: str) -> str:
+    return key if "." in key else f"models.{key}"
+
+
 @contextlib.contextmanager
 def _loading(what: str, model: str, key: str) -> Iterator[None]:
-    """Turn any from_pretrained failure into an error naming the model string and config key."""
+    """Turn any from_pretrained failure into an error naming the model string and config key
+    (`key` under `models.`, e.g. "clip", or a whole description of where the string is set)."""
     if looks_local(model) and not Path(model).expanduser().is_dir():
         # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
         raise SidpipeError(
-            f"{what}: model folder {model!r} (config key models.{key}) does not exist; "
+            f"{what}: model folder {model!r} (config key {_config_key(key)}) does not exist; "
             "point it at a hub id or a folder written by save_pretrained / build_tiny_models"
         )
     try:
         yield
     except Exception as err:
         raise SidpipeError(
-            f"cannot load {what} from {model!r} (config key models.{key}): "
+            f"cannot load {what} from {model!r} (config key {_config_key(key)}): "
             f"{type(err).__name__}: {str(err).rstrip('.')}. It must be a Hugging Face hub id "
             "(already cached when HF_HUB_OFFLINE=1) or a local folder written by "
             "save_pretrained / build_tiny_models."
@@ -212,11 +221,12 @@ def load_sd_pipeline(
     `components` (e.g. `unet=`, `text_encoder=`: already loaded modules, such as a full
     fine-tune's) replace the base model's, which are then not loaded at all.
     """
+    model = expand_home(model)
     dev, dt = pick_device(device), torch_dtype(dtype)
     _half_on_cpu(dt, dev)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    with _loading("the Stable Diffusion pipeline", model, "sd"):
+    with _loading("the Stable Diffusion pipeline", model, SD_CONFIG_KEY):
         scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler")
         # feature_extractor only feeds the safety checker; skipping it also avoids loading a
         # CLIP image processor (torchvision-backed by default in transformers 5).
@@ -234,12 +244,13 @@ def load_sd_pipeline(
 
 def load_sd_components(model: str, dtype: str = "float32", device: str = "auto") -> SimpleNamespace:
     """What fine-tuning needs: tokenizer, text_encoder, vae, unet and a DDPM noise_scheduler."""
+    model = expand_home(model)
     dev, dt = pick_device(device), torch_dtype(dtype)
     _half_on_cpu(dt, dev)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    with _loading("Stable Diffusion components", model, "sd"):
+    with _loading("Stable Diffusion components", model, SD_CONFIG_KEY):
         parts = SimpleNamespace(
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dt),
@@ -258,6 +269,7 @@ def load_sd_components(model: str, dtype: str = "float32", device: str = "auto")
 
 def load_clip(model: str, device: str = "auto") -> tuple[CLIPModel, CLIPProcessor]:
     """CLIP model (eval mode) and its processor, with the PIL image backend (no torchvision)."""
+    model = expand_home(model)
     dev = pick_device(device)
     from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -272,6 +284,7 @@ def load_clip(model: str, device: str = "auto") -> tuple[CLIPModel, CLIPProcesso
 
 def load_dino(model: str, device: str = "auto") -> tuple[ViTModel, ViTImageProcessorPil]:
     """DINO ViT (eval mode, no pooler: use the CLS token) and its PIL-backed image processor."""
+    model = expand_home(model)
     dev = pick_device(device)
     from transformers import AutoImageProcessor, ViTModel
 
@@ -296,6 +309,7 @@ def load_grounding_dino(
     model: str, device: str = "auto"
 ) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """GroundingDINO detector (eval mode) and its processor, with the PIL image backend."""
+    model = expand_home(model)
     dev = pick_device(device)
     from transformers import (
         AutoImageProcessor,
@@ -317,6 +331,7 @@ def load_grounding_dino(
 
 def load_sam(model: str, device: str = "auto") -> tuple[SamModel, SamProcessor]:
     """SAM (eval mode) and its processor, with the PIL image backend (no torchvision)."""
+    model = expand_home(model)
     dev = pick_device(device)
     from transformers import AutoImageProcessor, SamModel, SamProcessor
 

@@ -28,7 +28,10 @@ def load_prompts(
     try:
         prompts = read_yaml(path, "prompts file") or {}
     except SidpipeError as err:
-        raise ConfigError(f"{err} (config key `prompts`)") from None
+        hint = ""
+        if "not valid YAML" in str(err):  # `- {token} {class} ...` reads as a flow mapping
+            hint = '; quote templates that start with {, e.g. - "{token} {class} in Paris"'
+        raise ConfigError(f"{err} (config key `prompts`{hint})") from None
     if not isinstance(prompts, dict):
         raise ConfigError(
             f"{path}: the prompts file must map each subject kind to a list of templates "
@@ -70,7 +73,13 @@ def _template_problems(label: str, templates: Any, need: int) -> list[str]:
     problems = []
     class_optional = label.split(".")[0] in CLASS_OPTIONAL_KINDS | {"concepts"}
     for index, template in enumerate(templates[:need]):
-        if "{token}" not in template:
+        if not isinstance(template, str):
+            problems.append(
+                f"{label}[{index}]: {template!r} is not a string (YAML reads an unquoted "
+                "template that starts with { or holds ': ' as a mapping, and a bare number as "
+                'a number); quote it, e.g. - "{token} {class} in Paris"'
+            )
+        elif "{token}" not in template:
             problems.append(
                 f"{label}[{index}]: {template!r} lacks {{token}} (where the subject's "
                 "identifier goes; add it)"

@@ -48,6 +48,11 @@ def load_manual(path: Path) -> dict[str, dict[str, str]]:
         raise SidpipeError(f"{path}: expected a mapping of image stem -> {{case1: ..., ...}}")
     manual: dict[str, dict[str, str]] = {}
     for stem, entry in data.items():
+        if not isinstance(stem, str):
+            raise SidpipeError(
+                f"{path}: key {stem!r} ({type(stem).__name__}) is no image stem: YAML reads "
+                'unquoted 00 as 0, 010 as 8, yes as True; quote the stems, e.g. "00":'
+            )
         if not isinstance(entry, dict):
             raise SidpipeError(f"{path}: entry {stem!r} must map case1..case4 to descriptions")
         for case, text in entry.items():

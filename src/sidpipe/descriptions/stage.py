@@ -118,6 +118,16 @@ def describe_references(
             "{case1: ..., case4: ...})"
         )
     manual = load_manual(manual_file) if manual_file and manual_file.is_file() else {}
+    if unknown := sorted(set(manual) - {ref.stem for ref in references}):
+        # A mistyped stem would otherwise leave its image to the VLM or template unnoticed.
+        log.warning(
+            "%s: no reference image of %s has the stem %s (its images: %s); those entries are "
+            "not used",
+            manual_file,
+            subject,
+            ", ".join(unknown),
+            ", ".join(ref.stem for ref in references),
+        )
 
     rows: dict[str, dict] = {}
     todo: list[Reference] = []
@@ -137,7 +147,7 @@ def describe_references(
         elif backend_kind == "manual":
             raise SidpipeError(
                 f"{manual_file}: no description for image {ref.stem} (reference {ref.image_id}) "
-                f'and case {case}; add {ref.stem}: {{case{case}: "a {PLACEHOLDER} {class_name} '
+                f'and case {case}; add "{ref.stem}": {{case{case}: "a {PLACEHOLDER} {class_name} '
                 '..."}'
             )
         elif case == 1:

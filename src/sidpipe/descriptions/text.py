@@ -9,7 +9,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from ..io import SidpipeError, log, looks_local
+from ..io import SidpipeError, expand_home, log, looks_local
 from ..vlm import FINISHED
 
 PLACEHOLDER = "[V]"
@@ -245,7 +245,7 @@ def load_base_tokenizer(model: str) -> Any:
 
     Only the tokenizer is imported (no torch), so template and hand-written sets stay light.
     """
-    what = "the base model's tokenizer"
+    what, model = "the base model's tokenizer", expand_home(model)
     if looks_local(model) and not Path(model).expanduser().is_dir():
         raise SidpipeError(
             f"{what}: model folder {model!r} (config key models.base) does not exist; "

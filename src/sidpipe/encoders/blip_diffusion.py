@@ -81,7 +81,7 @@ from transformers.modeling_outputs import (
 from transformers.models.blip_2.configuration_blip_2 import Blip2Config
 from transformers.models.blip_2.modeling_blip_2 import Blip2PreTrainedModel, Blip2QFormerEncoder
 
-from sidpipe.io import SidpipeError, log
+from sidpipe.io import SidpipeError, expand_home, log
 from sidpipe.models import pick_device, torch_dtype
 
 # Salesforce/blipdiffusion's model_index.json: its components (folders) as (library, class),
@@ -245,7 +245,7 @@ def load_blip_diffusion(
     Half precision only on an accelerator: on CPU it falls back to float32. The components are
     loaded one by one (see the module docstring for why not `from_pretrained` on the pipeline).
     """
-    dev = pick_device(device)
+    dev, model = pick_device(device), expand_home(model)
     if dev.type == "cpu" and dtype != "float32":
         log.warning("BLIP-Diffusion on CPU: using float32 instead of %s", dtype)
         dtype = "float32"

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..io import SidpipeError, log
+from ..io import SidpipeError, expand_home, log
 
 PLACEHOLDER = "S"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -467,7 +467,8 @@ def load_elite(
     dev, dt = pick_device(device), torch_dtype(dtype)
     parts = load_sd_components(base_model, dtype, str(dev))
     try:
-        vision = CLIPVisionModel.from_pretrained(image_encoder, dtype=dt).to(dev).eval()
+        vision = CLIPVisionModel.from_pretrained(expand_home(image_encoder), dtype=dt)
+        vision = vision.to(dev).eval()
     except Exception as err:
         raise SidpipeError(f"cannot load the ELITE image encoder {image_encoder!r}: {err}") from err
     dims = vision.config.hidden_size, parts.text_encoder.config.hidden_size

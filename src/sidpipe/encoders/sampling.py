@@ -124,8 +124,8 @@ def sample_encoder_arm(
         elite = load_elite(
             settings["base_model"],
             settings["image_encoder"],
-            Path(settings["global_mapper"]),
-            Path(settings["local_mapper"]) if settings.get("local_mapper") else None,
+            Path(settings["global_mapper"]).expanduser(),
+            Path(settings["local_mapper"]).expanduser() if settings.get("local_mapper") else None,
             dtype,
             device,
         )

@@ -5,11 +5,12 @@ bit-exactly."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import pickle
 import random
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidpipe.io import SidpipeError, log
+from sidpipe.io import SidpipeError, atomic_file, log
 
 CHECKPOINT_VERSION = 1
 
@@ -63,46 +64,65 @@ def _checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _remove_stale_temps(checkpoint_dir: Path) -> None:
+    """A job killed (SIGKILL, node crash) inside torch.save leaves its hidden temp file."""
+    for path in Path(checkpoint_dir).glob(".checkpoint-*.tmp-*"):
+        path.unlink(missing_ok=True)
+
+
 def save_checkpoint(checkpoint_dir: Path, step: int, state: dict[str, Any]) -> Path:
     """Write `checkpoint-<step>.pt` atomically (temp file + rename), then drop older ones."""
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(checkpoint_dir)
     final = checkpoint_dir / f"checkpoint-{step:07d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=checkpoint_dir)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(final, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        # On disk before the rename: a node crash must not leave a renamed but empty file.
+        os.fsync(handle.fileno())
     for old_step, path in _checkpoints(checkpoint_dir):
         if old_step != step:
             path.unlink(missing_ok=True)
     return final
 
 
+def _is_corrupt(err: Exception) -> bool:
+    """torch.load's errors for a truncated or garbled file (EINVAL from its zip reader)."""
+    if isinstance(err, OSError):
+        return err.errno == errno.EINVAL
+    return isinstance(err, (EOFError, RuntimeError, pickle.UnpicklingError))
+
+
 def load_latest(checkpoint_dir: Path, fingerprint: dict, steps: int) -> dict[str, Any] | None:
-    found = _checkpoints(checkpoint_dir)
-    if not found:
-        return None
-    step, path = found[-1]
-    # Our own file (it holds Python/NumPy RNG states, which weights_only refuses).
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
-        log.warning("%s was written for other settings or data; starting from scratch", path)
-        return None
-    if step > steps:
-        log.warning("%s is past the %d steps asked for; starting from scratch", path, steps)
-        return None
-    log.info("resuming from %s (step %d of %d)", path, step, steps)
-    return state
+    """The newest readable checkpoint's state, or None. An unreadable one (a crash while it
+    was written) is deleted, so a retry does not trip on it, and the next newest is tried."""
+    for step, path in reversed(_checkpoints(checkpoint_dir)):
+        try:
+            # Our own file (it holds Python/NumPy RNG states, which weights_only refuses).
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            if not _is_corrupt(err):
+                raise
+            log.warning("%s is unreadable (%s: %s); deleting it", path, type(err).__name__, err)
+            path.unlink(missing_ok=True)
+            continue
+        if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != fingerprint:
+            log.warning("%s was written for other settings or data; starting from scratch", path)
+            return None
+        if step > steps:
+            log.warning("%s is past the %d steps asked for; starting from scratch", path, steps)
+            return None
+        log.info("resuming from %s (step %d of %d)", path, step, steps)
+        return state
+    return None
 
 
 def remove_checkpoints(checkpoint_dir: Path) -> None:
     """A finished job's checkpoints (possibly GBs) are no longer needed."""
     for _, path in _checkpoints(checkpoint_dir):
         path.unlink(missing_ok=True)
+    _remove_stale_temps(checkpoint_dir)
 
 
 class TrainingInterrupted(SidpipeError):

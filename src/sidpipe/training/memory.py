@@ -75,6 +75,9 @@ class LiveTensorBytes(TorchDispatchMode):
 def components_from_configs(model: str) -> SimpleNamespace:
     """`load_sd_components`' namespace with the model's architecture and random weights: only
     its config files are read (call it inside the fake mode: no memory, no time)."""
+    from sidpipe.io import expand_home
+
+    model = expand_home(model)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import SidpipeError, log, looks_local
+from ..io import SidpipeError, expand_home, log, looks_local
 from . import OnResponse, VLMRequest, VLMResponse, resolve_vlm, vlm_label
 
 
@@ -35,7 +35,7 @@ class TransformersBackend:
     def __init__(self, vlm: dict) -> None:
         self.cfg = resolve_vlm(vlm)
         self.label = vlm_label(vlm)
-        self.model = str(self.cfg["model"])
+        self.model = expand_home(str(self.cfg["model"]))
         self.base_url = ""
         self.mode = str(self.cfg["mode"])
         # BLIP-2 cannot follow instructions: it captions the image (the paper's setting).

@@ -16,7 +16,7 @@ from sidpipe.world.architectures import WorldJudge
 
 def load_judge(path: str | Path) -> WorldJudge:
     """The judge saved by `pretrain_world` (a folder with config.json + model.safetensors)."""
-    folder = Path(path)
+    folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise SidpipeError(
             f"judge folder {folder} (config key models.judge) has no config.json; point it at "

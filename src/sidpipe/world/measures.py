@@ -168,7 +168,7 @@ def measure_arm(
     if reference_subset is None:  # the subset a method's name carries (dreambooth--first1)
         reference_subset = split_name(method)[1]
     truth = read_truth(truth_json, reference_subset)
-    from sidpipe.metrics import image_keys
+    from sidpipe.metric_tables import image_keys
 
     judge = load_judge(judge_model)
     images = []
