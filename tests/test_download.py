@@ -103,3 +103,37 @@ def test_not_an_archive(tmp_path):
     entry = {"url": path.as_uri(), "sha256": None, "extract": True}
     with pytest.raises(SidpipeError, match="neither a zip nor a tar"):
         fetch_dataset("x", [entry], tmp_path / "x", tmp_path / "x.csv")
+
+
+def test_a_presigned_urls_token_reaches_no_log_and_no_manifest(tmp_path, caplog):
+    """A presigned download (`?X-Amz-Signature=...`) is a secret in the config's URL: the logs,
+    errors and the manifest show the address without it."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "toy.bin").write_bytes(b"toy")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        entry = {"url": f"{base}/toy.bin?X-Amz-Signature=SECRET123", "sha256": None}
+        entry["path"] = "toy.bin"
+        with caplog.at_level("INFO"):
+            fetch_dataset("ds", [entry], tmp_path / "out", tmp_path / "out.csv")
+        missing = {"url": f"{base}/gone.bin?X-Amz-Signature=SECRET123", "sha256": None}
+        with pytest.raises(SidpipeError) as err:
+            fetch_dataset("ds", [missing], tmp_path / "gone", tmp_path / "gone.csv")
+    finally:
+        server.shutdown()
+    assert (tmp_path / "out/toy.bin").read_bytes() == b"toy"
+    assert read_csv(tmp_path / "out.csv")[0]["source_url"] == f"{base}/toy.bin?***"
+    assert f"{base}/toy.bin?***" in caplog.text and "SECRET123" not in caplog.text
+    assert f"{base}/gone.bin?***" in str(err.value) and "SECRET123" not in str(err.value)

@@ -174,3 +174,22 @@ def test_looks_local_tells_hub_ids_from_folders(tmp_path: Path, monkeypatch) -> 
         assert looks_local(folder)
     (tmp_path / "org" / "name").mkdir(parents=True)  # a folder shaped like a hub id
     assert looks_local("org/name")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+        ("http://localhost:8000/v1", "http://localhost:8000/v1"),
+        ("https://user:pa55@host.example:8443/v1", "https://***@host.example:8443/v1"),
+        (
+            "https://b.s3.amazonaws.com/x.zip?X-Amz-Signature=abc#f",
+            "https://b.s3.amazonaws.com/x.zip?***",
+        ),
+        ("file:///data/copy.zip", "file:///data/copy.zip"),
+    ],
+)
+def test_redact_url_hides_credentials_and_query_tokens(url, shown):
+    from sidpipe.io import redact_url
+
+    assert redact_url(url) == shown

@@ -649,3 +649,25 @@ def test_error_says_when_a_rejected_answer_came_from_the_cache(
     (entry,) = cache_files(tmp_path)
     assert f"came from the cache file {entry}; delete that file" in message
     assert "0 request(s) sent in this run" in message and len(server.requests) == 1
+
+
+def test_credentials_in_the_base_url_are_refused_unshown(tmp_path: Path, base: str, serve) -> None:
+    """The HTTP client logs each request's URL: a user:password in it would reach the logs."""
+    server = serve(lambda body, n: ("text", GOOD))
+    url = server.url.replace("http://", "http://user:SECRETPW@")
+    with pytest.raises(SidpipeError) as err:
+        describe(tmp_path, base, server, settings={"base_url": url})
+    assert "vlms.fake.base_url (or $OPENAI_BASE_URL) http://***@127.0.0.1" in str(err.value)
+    assert "SECRETPW" not in str(err.value) and "api_key_env" in str(err.value)
+    assert not server.requests
+    assert_nothing_written(tmp_path)
+
+
+def test_a_query_token_in_the_base_url_reaches_no_cache_entry(
+    tmp_path: Path, base: str, serve
+) -> None:
+    server = serve(lambda body, n: ("text", GOOD))
+    describe(tmp_path, base, server, settings={"base_url": server.url + "?token=SECRETQ"})
+    entries = [p.read_text() for p in (tmp_path / "cache").rglob("*.json")]
+    assert entries and all("SECRETQ" not in text for text in entries)
+    assert all(f'"base_url": "{server.url}?***"' in text for text in entries)

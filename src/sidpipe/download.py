@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from sidpipe.io import SidpipeError, atomic_dir, log, sha256_file, write_csv
+from sidpipe.io import SidpipeError, atomic_dir, log, redact_url, sha256_file, write_csv
 
 MANIFEST_FIELDS = ["dataset", "path", "sha256", "size", "source_url"]
 
@@ -23,16 +23,18 @@ def _download(url: str, target: Path, timeout: float) -> None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=url, file=sys.stderr) as bar:
+            desc = redact_url(url)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr) as bar:
                 while block := response.read(1 << 20):
                     out.write(block)
                     bar.update(len(block))
     except (urllib.error.URLError, TimeoutError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise SidpipeError(
-            f"could not download {url}: {reason}. This machine may be offline or the address may "
-            "have moved. Fix: run the download where the internet is reachable, or put a copy "
-            "somewhere local and point the entry's `url` in the config to it (file:///path/to/copy)."
+            f"could not download {redact_url(url)}: {reason}. This machine may be offline or the "
+            "address may have moved. Fix: run the download where the internet is reachable, or put "
+            "a copy somewhere local and point the entry's `url` in the config to it "
+            "(file:///path/to/copy)."
         ) from err
 
 
@@ -68,7 +70,7 @@ def _extract(archive: Path, dest: Path, strip_components: int, url: str) -> None
                     shutil.copyfileobj(src, dst)
     else:
         raise SidpipeError(
-            f"{url} is marked `extract: true` but is neither a zip nor a tar archive"
+            f"{redact_url(url)} is marked `extract: true` but is neither a zip nor a tar archive"
         )
 
 
@@ -90,10 +92,12 @@ def fetch_dataset(
             digest = sha256_file(fetched)
             expected = entry.get("sha256")
             if expected is None:
-                log.warning("%s has sha256 %s; pin it in the config as %s", url, digest, field)
+                log.warning(
+                    "%s has sha256 %s; pin it in the config as %s", redact_url(url), digest, field
+                )
             elif digest != expected.lower():
                 raise SidpipeError(
-                    f"checksum mismatch for {url}: expected {expected}, got {digest} "
+                    f"checksum mismatch for {redact_url(url)}: expected {expected}, got {digest} "
                     f"(config field {field}). The file changed upstream or the download is "
                     "corrupt: retry, and update the pinned value only if the new file is trusted."
                 )
@@ -103,14 +107,14 @@ def fetch_dataset(
                 rel = _strip(entry.get("path") or PurePosixPath(url).name, 0)
                 (tmp_dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(fetched, tmp_dest / rel)
-            log.info("fetched %s (sha256 %s)", url, digest)
+            log.info("fetched %s (sha256 %s)", redact_url(url), digest)
         rows = [
             {
                 "dataset": name,
                 "path": str(path.relative_to(tmp_dest)),
                 "sha256": sha256_file(path),
                 "size": path.stat().st_size,
-                "source_url": ";".join(e["url"] for e in downloads),
+                "source_url": ";".join(redact_url(e["url"]) for e in downloads),
             }
             for path in sorted(p for p in tmp_dest.rglob("*") if p.is_file())
         ]

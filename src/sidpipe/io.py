@@ -46,6 +46,20 @@ def looks_local(model: str) -> bool:
     )
 
 
+def redact_url(url: str) -> str:
+    """`url` as a log or result file may show it: a user:password@ and a query string (a
+    presigned download's token) become ***; a URL without either comes back unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not (parts.username or parts.password or parts.query):
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.username or parts.password:
+        netloc = f"***@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
 def expand_home(model: str) -> str:
     """`model` with a leading `~` expanded: from_pretrained takes `~/models/sd` for a hub id."""
     return str(Path(model).expanduser()) if model.startswith("~") else model

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_file, log, sha256_text
+from ..io import atomic_file, log, redact_url, sha256_text
 from ..vlm import Backend, VLMResponse
 from .inputs import Reference
 
@@ -79,7 +79,7 @@ def cache_entry(
         "image_sha256": ref.sha256,
         "backend": backend.name,
         "model": backend.model,
-        "base_url": backend.base_url,
+        "base_url": redact_url(backend.base_url),
         "case": case,
         "settings": settings,
         "instruction": instruction,

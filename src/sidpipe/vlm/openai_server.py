@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from ..io import SidpipeError, log
+from ..io import SidpipeError, log, redact_url
 from . import (
     OPENAI_DEFAULT_BASE_URL,
     OnResponse,
@@ -203,6 +204,13 @@ class OpenAIBackend:
         # Resolved here (as the client would) so cache keys exist before any key is needed.
         base = self.cfg["base_url"] or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL
         self.base_url = str(base).rstrip("/")
+        if "@" in urlsplit(self.base_url).netloc:
+            # The HTTP client logs every request's URL: a password in it would reach the logs.
+            raise SidpipeError(
+                f"{self.label}.base_url (or $OPENAI_BASE_URL) {redact_url(self.base_url)} holds "
+                "a user name or password; give the server's address without them and its key "
+                f"in the environment variable named by {self.label}.api_key_env"
+            )
         self.requests_sent = 0
         self._lock = threading.Lock()
         self._client: Any = None
@@ -228,9 +236,9 @@ class OpenAIBackend:
             key = os.environ.get(env, "")
             if not key:
                 raise SidpipeError(
-                    f"{self.label}: environment variable {env} is empty or not set; export the API "
-                    f"key for {self.base_url} in it (the variable is named by config key "
-                    f"{self.label}.api_key_env)"
+                    f"{self.label}: environment variable {env} is empty or not set; export the "
+                    f"API key for {redact_url(self.base_url)} in it (the variable is named by "
+                    f"config key {self.label}.api_key_env)"
                 )
             self._secret = key
             self._client = openai.OpenAI(
@@ -266,7 +274,7 @@ class OpenAIBackend:
 
     def _failed(self, request: VLMRequest, attempt: int, problem: str) -> SidpipeError:
         return SidpipeError(
-            f"{self.label}: request for image {request.image_id} to {self.base_url} "
+            f"{self.label}: request for image {request.image_id} to {redact_url(self.base_url)} "
             f"(model {self.model}) failed after {attempt} attempt(s): {problem}"
         )
 
