@@ -5,6 +5,8 @@ detail levels (`captions`), tiny models of the real classes pretrained on the sc
 (`pretrain`: CLIP, VAE, UNet, a DINO-role ViT and a judge), biased personalization subjects
 (`subjects`) and ground-truth entanglement measures read by the judge (`measures`).
 
-The stages of the workflow never import this package: they see model folders written with
-`save_pretrained`, subject folders and prompt files, exactly as for the real models.
+The stages that train and sample never import this package: they see model folders written
+with `save_pretrained`, subject folders and prompt files, exactly as for the real models. Only
+the judge's readers do, where the config names one (`models.judge`): `score` and the attention
+maps load it (`judge`), and `analyze` names its measures (`measures`).
 """
