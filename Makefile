@@ -9,6 +9,10 @@ TORCH_BUILD ?= cpu
 # Where torch comes from; empty: pip's configured indexes. A CPU machine whose pip finds only
 # PyPI's Linux (CUDA) build takes TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH_INDEX ?=
+TORCH_FROM = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+# Exit status 0 when a pip --report plan (argv[1]) installs a CUDA (nvidia-*/triton) wheel.
+export CUDA_IN_PLAN := import json, sys; plan = json.load(open(sys.argv[1]))["install"]; \
+	sys.exit(not any(p["metadata"]["name"].lower().startswith(("nvidia", "triton")) for p in plan))
 # No model hub here: every model comes from a local folder the workflow built (the world's
 # pretrained models, tiny random ones).
 export HF_HUB_OFFLINE := 1
@@ -22,7 +26,14 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@case "$(TORCH_BUILD)" in cpu|cuda) ;; *) \
 		echo "error: TORCH_BUILD=$(TORCH_BUILD): use cpu or cuda (README 'Dependencies')" >&2; exit 2;; esac
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
+	@# Resolve first (metadata only): a CPU install stops before GBs of CUDA wheels arrive.
+	$(BIN)/python -m pip install -q --dry-run --ignore-installed --report $(VENV)/torch-plan.json \
+		$(TORCH_FROM) torch==2.13.0
+	@if [ "$(TORCH_BUILD)" = cpu ] && $(BIN)/python -c "$$CUDA_IN_PLAN" $(VENV)/torch-plan.json; then \
+		echo "error: pip would install torch's CUDA build here. On a CPU machine: make install" \
+			"TORCH_INDEX=https://download.pytorch.org/whl/cpu; on a GPU workstation: make install" \
+			"TORCH_BUILD=cuda (README 'Dependencies')" >&2; exit 1; fi
+	$(BIN)/python -m pip install -q $(TORCH_FROM) torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m pip check

@@ -103,3 +103,50 @@ def test_make_install_refuses_an_unknown_torch_build_before_creating_the_venv(tm
     assert result.returncode != 0
     assert "TORCH_BUILD=gpu: use cpu or cuda" in result.stderr
     assert not venv.exists()
+
+
+def test_the_cpu_install_stops_on_a_plan_with_cuda_wheels_before_installing(tmp_path):
+    """`make install` resolves torch first (pip --dry-run --report) and, for TORCH_BUILD=cpu,
+    stops when the plan holds nvidia-*/triton wheels, before GBs of them are downloaded."""
+    import json
+    import subprocess
+    import sys
+
+    snippet = subprocess.run(
+        ["make", "-s", "--eval", 'show-plan-check: ; @echo "$$CUDA_IN_PLAN"', "show-plan-check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+    def has_cuda(*names: str) -> bool:
+        plan = tmp_path / "plan.json"
+        plan.write_text(json.dumps({"install": [{"metadata": {"name": n}} for n in names]}))
+        return subprocess.run([sys.executable, "-c", snippet, str(plan)]).returncode == 0
+
+    assert has_cuda("torch", "nvidia-cublas-cu12", "filelock")
+    assert has_cuda("torch", "Triton")
+    assert not has_cuda("torch", "filelock", "sympy")
+    plan_step = _make_dry_run("install", "VENV=/tmp/sidpipe-dry-venv")
+    assert plan_step.index("--dry-run") < plan_step.index("CUDA_IN_PLAN")
+    assert plan_step.index("CUDA_IN_PLAN") < plan_step.index("pip install -q  torch==2.13.0")
+
+
+def test_a_plan_with_cuda_wheels_stops_the_install_before_torch_arrives(tmp_path):
+    """End to end with the plan check forced to see CUDA wheels: the install stops with the
+    fix in its message, and the venv holds no torch."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        ["make", "install", f"VENV={venv}", "CUDA_IN_PLAN=import sys; sys.exit(0)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "pip would install torch's CUDA build here" in result.stderr
+    assert "TORCH_INDEX=https://download.pytorch.org/whl/cpu" in result.stderr
+    assert not list(venv.glob("lib/python*/site-packages/torch"))
+    assert not (venv / ".installed").exists()
