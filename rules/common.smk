@@ -26,7 +26,7 @@ from sidpipe.human_study.design import (
     plan_settings,
     resolve_settings,
 )
-from sidpipe.io import SidpipeError
+from sidpipe.io import SidpipeError, expand_home
 from sidpipe.encoders import (
     BASE_MODEL_ALGORITHM,
     ENCODER_ALGORITHMS,
@@ -265,9 +265,12 @@ def manual_descriptions_input(wildcards):
 
 
 def vlm_model_input(wildcards):
+    """A local VLM folder (`~` expanded, as the loader does) is an input: new weights rerun."""
     entry = vlm_entry(wildcards.descriptions)
-    if entry and entry["backend"] == "transformers" and Path(entry["model"]).exists():
-        return [entry["model"]]
+    if entry and entry["backend"] == "transformers":
+        folder = expand_home(entry["model"])
+        if Path(folder).exists():
+            return [folder]
     return []
 
 
