@@ -10,9 +10,10 @@ TORCH_BUILD ?= cpu
 # PyPI's Linux (CUDA) build takes TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH_INDEX ?=
 TORCH_FROM = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-# Exit status 0 when a pip --report plan (argv[1]) installs a CUDA (nvidia-*/triton) wheel.
+# Exit status 3 when a pip --report plan (argv[1]) installs a CUDA (nvidia-*/triton) wheel, 0
+# when not; any other status (an unreadable report) stops the install too.
 export CUDA_IN_PLAN := import json, sys; plan = json.load(open(sys.argv[1]))["install"]; \
-	sys.exit(not any(p["metadata"]["name"].lower().startswith(("nvidia", "triton")) for p in plan))
+	sys.exit(3 if any(p["metadata"]["name"].lower().startswith(("nvidia", "triton")) for p in plan) else 0)
 # No model hub here: every model comes from a local folder the workflow built (the world's
 # pretrained models, tiny random ones).
 export HF_HUB_OFFLINE := 1
@@ -29,10 +30,14 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@# Resolve first (metadata only): a CPU install stops before GBs of CUDA wheels arrive.
 	$(BIN)/python -m pip install -q --dry-run --ignore-installed --report $(VENV)/torch-plan.json \
 		$(TORCH_FROM) torch==2.13.0
-	@if [ "$(TORCH_BUILD)" = cpu ] && $(BIN)/python -c "$$CUDA_IN_PLAN" $(VENV)/torch-plan.json; then \
-		echo "error: pip would install torch's CUDA build here. On a CPU machine: make install" \
-			"TORCH_INDEX=https://download.pytorch.org/whl/cpu; on a GPU workstation: make install" \
-			"TORCH_BUILD=cuda (README 'Dependencies')" >&2; exit 1; fi
+	@if [ "$(TORCH_BUILD)" = cpu ]; then status=0; \
+		$(BIN)/python -c "$$CUDA_IN_PLAN" $(VENV)/torch-plan.json || status=$$?; \
+		if [ $$status = 3 ]; then \
+			echo "error: pip would install torch's CUDA build here. On a CPU machine: make install" \
+				"TORCH_INDEX=https://download.pytorch.org/whl/cpu; on a GPU workstation: make" \
+				"install TORCH_BUILD=cuda (README 'Dependencies')" >&2; exit 1; \
+		elif [ $$status != 0 ]; then \
+			echo "error: cannot read pip's plan $(VENV)/torch-plan.json" >&2; exit 1; fi; fi
 	$(BIN)/python -m pip install -q $(TORCH_FROM) torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
@@ -74,7 +79,8 @@ bench: install
 # Needs Graphviz's `dot`; the SVG is replaced only when the whole pipe succeeds.
 dag: install
 	@command -v dot >/dev/null || { echo "error: make dag needs Graphviz's dot (apt install graphviz)" >&2; exit 1; }
-	set -o pipefail; $(BIN)/snakemake --rulegraph --configfile config.yaml | dot -Tsvg > docs/rulegraph.svg.tmp
+	set -o pipefail; $(BIN)/snakemake --rulegraph --configfile config.yaml | dot -Tsvg \
+		> docs/rulegraph.svg.tmp || { rm -f docs/rulegraph.svg.tmp; exit 1; }
 	mv docs/rulegraph.svg.tmp docs/rulegraph.svg
 
 # Retrain the synthetic world's models (rule pretrain_world, ~35 min on 2 cores) and ship them

@@ -265,11 +265,18 @@ def test_a_key_pasted_where_its_variables_name_belongs_is_never_echoed(real):
         )
     assert "SECRETVALUE" not in str(info.value)
     assert "environment variable" in str(info.value), "the schema's description says the fix"
-    # Values of other keys are still shown, e.g. a VLM's max_new_tokens.
+    # Values of other keys are still shown, e.g. a VLM's max_new_tokens, and under a name of
+    # the user's that holds a secret-like word.
     with pytest.raises(ConfigError, match=r"max_new_tokens: 0 is invalid"):
         validate_config(
             _broken(real, lambda c: c["vlms"][name].update(max_new_tokens=0)), "my.yaml"
         )
+
+    def token_method(config):
+        config["methods"]["token_merging"] = {**config["methods"]["svdiff"], "steps": -5}
+
+    with pytest.raises(ConfigError, match=r"methods\.token_merging\.steps: -5 is invalid"):
+        validate_config(_broken(real, token_method), "my.yaml")
 
 
 def test_models_that_find_the_subject_must_be_set():

@@ -124,8 +124,8 @@ def test_a_presigned_urls_token_reaches_no_log_and_no_manifest(tmp_path, caplog)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
+        # no `path`: the file takes the URL's own name, which must not carry the token
         entry = {"url": f"{base}/toy.bin?X-Amz-Signature=SECRET123", "sha256": None}
-        entry["path"] = "toy.bin"
         with caplog.at_level("INFO"):
             fetch_dataset("ds", [entry], tmp_path / "out", tmp_path / "out.csv")
         missing = {"url": f"{base}/gone.bin?X-Amz-Signature=SECRET123", "sha256": None}
@@ -134,6 +134,8 @@ def test_a_presigned_urls_token_reaches_no_log_and_no_manifest(tmp_path, caplog)
     finally:
         server.shutdown()
     assert (tmp_path / "out/toy.bin").read_bytes() == b"toy"
-    assert read_csv(tmp_path / "out.csv")[0]["source_url"] == f"{base}/toy.bin?***"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["toy.bin"]
+    row = read_csv(tmp_path / "out.csv")[0]
+    assert row["path"] == "toy.bin" and row["source_url"] == f"{base}/toy.bin?***"
     assert f"{base}/toy.bin?***" in caplog.text and "SECRET123" not in caplog.text
     assert f"{base}/gone.bin?***" in str(err.value) and "SECRET123" not in str(err.value)

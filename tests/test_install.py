@@ -4,6 +4,7 @@ import re
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,33 +121,47 @@ def test_the_cpu_install_stops_on_a_plan_with_cuda_wheels_before_installing(tmp_
         check=True,
     ).stdout.strip()
 
-    def has_cuda(*names: str) -> bool:
+    def status(*names: str) -> int:
         plan = tmp_path / "plan.json"
         plan.write_text(json.dumps({"install": [{"metadata": {"name": n}} for n in names]}))
-        return subprocess.run([sys.executable, "-c", snippet, str(plan)]).returncode == 0
+        return subprocess.run([sys.executable, "-c", snippet, str(plan)]).returncode
 
-    assert has_cuda("torch", "nvidia-cublas-cu12", "filelock")
-    assert has_cuda("torch", "Triton")
-    assert not has_cuda("torch", "filelock", "sympy")
+    assert status("torch", "nvidia-cublas-cu12", "filelock") == 3
+    assert status("torch", "Triton") == 3
+    assert status("torch", "filelock", "sympy") == 0
+    (tmp_path / "plan.json").write_text("{}")  # an unreadable plan is neither
+    assert subprocess.run(
+        [sys.executable, "-c", snippet, str(tmp_path / "plan.json")], capture_output=True
+    ).returncode not in (0, 3)
     plan_step = _make_dry_run("install", "VENV=/tmp/sidpipe-dry-venv")
     assert plan_step.index("--dry-run") < plan_step.index("CUDA_IN_PLAN")
     assert plan_step.index("CUDA_IN_PLAN") < plan_step.index("pip install -q  torch==2.13.0")
 
 
-def test_a_plan_with_cuda_wheels_stops_the_install_before_torch_arrives(tmp_path):
-    """End to end with the plan check forced to see CUDA wheels: the install stops with the
-    fix in its message, and the venv holds no torch."""
+@pytest.mark.parametrize(
+    ("check_status", "message"),
+    [
+        (
+            3,
+            "pip would install torch's CUDA build here. On a CPU machine: make install "
+            "TORCH_INDEX=https://download.pytorch.org/whl/cpu",
+        ),
+        (1, "cannot read pip's plan"),
+    ],
+)
+def test_a_plan_with_cuda_wheels_stops_the_install_before_torch_arrives(
+    tmp_path, check_status, message
+):
+    """End to end with the plan check's answer forced (CUDA wheels; an unreadable plan): the
+    install stops saying so, and the venv holds no torch."""
     import subprocess
 
     venv = tmp_path / "venv"
+    forced = f"CUDA_IN_PLAN=import sys; sys.exit({check_status})"
     result = subprocess.run(
-        ["make", "install", f"VENV={venv}", "CUDA_IN_PLAN=import sys; sys.exit(0)"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+        ["make", "install", f"VENV={venv}", forced], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode != 0
-    assert "pip would install torch's CUDA build here" in result.stderr
-    assert "TORCH_INDEX=https://download.pytorch.org/whl/cpu" in result.stderr
+    assert message in result.stderr
     assert not list(venv.glob("lib/python*/site-packages/torch"))
     assert not (venv / ".installed").exists()

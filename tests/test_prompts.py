@@ -120,6 +120,10 @@ def test_unquoted_templates_are_named_and_the_fix_given(tmp_path, real):
     path.write_text("object:\n  - {token} {class} in Paris\n")
     with pytest.raises(ConfigError, match=r"p\.yaml, line 2.*quote templates that start with \{"):
         load_prompts(path, real, {"object"})
+    path.write_text("object:\n\t- a {token} {class}\n")  # a tab: no word about braces
+    with pytest.raises(ConfigError, match=r"not valid YAML") as err:
+        load_prompts(path, real, {"object"})
+    assert "quote templates" not in str(err.value)
     good = ["a {token} {class}"] * 22
     path.write_text(
         "object:\n  - {token}\n  - a {token} {class}: with a hat\n  - 42\n"

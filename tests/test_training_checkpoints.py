@@ -82,16 +82,26 @@ def test_only_an_unreadable_checkpoint_starts_from_scratch(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_io_error_is_raised_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.EIO, "Input/output error"),
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 4 GB"),
+    ],
+    ids=["io", "out_of_memory"],
+)
+def test_a_failed_read_of_a_sound_file_is_raised_and_keeps_the_checkpoint(
+    tmp_path: Path, monkeypatch, error: Exception
+) -> None:
     """Only a damaged file is deleted, not one a flaky disk or network filesystem failed to
-    read this time."""
+    read this time, nor one too large for this attempt's memory (the retry has more)."""
     path = save_checkpoint(tmp_path, 2, state(2))
 
     def failing_load(*args, **kwargs):
-        raise OSError(errno.EIO, "Input/output error")
+        raise error
 
     monkeypatch.setattr(torch, "load", failing_load)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(type(error)):
         load_latest(tmp_path, FINGERPRINT, steps=10)
     assert path.is_file()
 

@@ -79,7 +79,9 @@ _SECRET_WORDS = re.compile(r"(^|_)(key|token)(_|$)|secret|password", re.IGNORECA
 
 
 def _may_hold_a_secret(path) -> bool:
-    return any(isinstance(part, str) and _SECRET_WORDS.search(part) for part in path)
+    """The key itself, not the names above it (an experiment may be called `key_ablation`)."""
+    keys = [part for part in path if isinstance(part, str)]
+    return bool(keys) and bool(_SECRET_WORDS.search(keys[-1]))
 
 
 def validate_against_schema(data: Any, schema: dict, source: str) -> None:

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
 
@@ -104,7 +105,9 @@ def fetch_dataset(
             if entry.get("extract", False):
                 _extract(fetched, tmp_dest, int(entry.get("strip_components", 0)), url)
             else:
-                rel = _strip(entry.get("path") or PurePosixPath(url).name, 0)
+                # The URL's own file name, without a query (a presigned token) or %-escapes.
+                name = PurePosixPath(unquote(urlsplit(url).path)).name
+                rel = _strip(entry.get("path") or name, 0)
                 (tmp_dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(fetched, tmp_dest / rel)
             log.info("fetched %s (sha256 %s)", redact_url(url), digest)

@@ -175,28 +175,28 @@ def pick_device(prefer: str = "auto") -> torch.device:
 
 
 # Where the base model's string comes from: the paper's arms and the encoder arms' own setting.
-SD_CONFIG_KEY = "models.base, or an encoder method's base_model"
+SD_SOURCE = "config key models.base, or an encoder method's base_model"
 
 
-def _config_key(key: str) -> str:
-    return key if "." in key else f"models.{key}"
+def _source(key: str) -> str:
+    return f"config key models.{key}" if key.isidentifier() else key
 
 
 @contextlib.contextmanager
 def _loading(what: str, model: str, key: str) -> Iterator[None]:
-    """Turn any from_pretrained failure into an error naming the model string and config key
-    (`key` under `models.`, e.g. "clip", or a whole description of where the string is set)."""
+    """Turn any from_pretrained failure into an error naming the model string and where it is
+    set (`key`: a key under `models.`, e.g. "clip", or the whole phrase, as `SD_SOURCE`)."""
     if looks_local(model) and not Path(model).expanduser().is_dir():
         # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
         raise SidpipeError(
-            f"{what}: model folder {model!r} (config key {_config_key(key)}) does not exist; "
+            f"{what}: model folder {model!r} ({_source(key)}) does not exist; "
             "point it at a hub id or a folder written by save_pretrained / build_tiny_models"
         )
     try:
         yield
     except Exception as err:
         raise SidpipeError(
-            f"cannot load {what} from {model!r} (config key {_config_key(key)}): "
+            f"cannot load {what} from {model!r} ({_source(key)}): "
             f"{type(err).__name__}: {str(err).rstrip('.')}. It must be a Hugging Face hub id "
             "(already cached when HF_HUB_OFFLINE=1) or a local folder written by "
             "save_pretrained / build_tiny_models."
@@ -214,19 +214,25 @@ def _half_on_cpu(dtype: torch.dtype, device: torch.device) -> None:
 
 
 def load_sd_pipeline(
-    model: str, dtype: str = "float32", device: str = "auto", **components: Any
+    model: str,
+    dtype: str = "float32",
+    device: str = "auto",
+    *,
+    source: str = SD_SOURCE,
+    **components: Any,
 ) -> StableDiffusionPipeline:
     """Stable Diffusion pipeline with a DDIM scheduler and no safety checker, on `device`.
 
     `components` (e.g. `unet=`, `text_encoder=`: already loaded modules, such as a full
-    fine-tune's) replace the base model's, which are then not loaded at all.
+    fine-tune's) replace the base model's, which are then not loaded at all. `source` says
+    where `model` was set, for the error when it cannot be loaded.
     """
     model = expand_home(model)
     dev, dt = pick_device(device), torch_dtype(dtype)
     _half_on_cpu(dt, dev)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    with _loading("the Stable Diffusion pipeline", model, SD_CONFIG_KEY):
+    with _loading("the Stable Diffusion pipeline", model, source):
         scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler")
         # feature_extractor only feeds the safety checker; skipping it also avoids loading a
         # CLIP image processor (torchvision-backed by default in transformers 5).
@@ -250,7 +256,7 @@ def load_sd_components(model: str, dtype: str = "float32", device: str = "auto")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    with _loading("Stable Diffusion components", model, SD_CONFIG_KEY):
+    with _loading("Stable Diffusion components", model, SD_SOURCE):
         parts = SimpleNamespace(
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dt),

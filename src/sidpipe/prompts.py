@@ -29,7 +29,8 @@ def load_prompts(
         prompts = read_yaml(path, "prompts file") or {}
     except SidpipeError as err:
         hint = ""
-        if "not valid YAML" in str(err):  # `- {token} {class} ...` reads as a flow mapping
+        # `- {token} {class} ...` starts a flow mapping: the parser stops at a brace.
+        if "not valid YAML" in str(err) and ("'{'" in str(err) or "'}'" in str(err)):
             hint = '; quote templates that start with {, e.g. - "{token} {class} in Paris"'
         raise ConfigError(f"{err} (config key `prompts`{hint})") from None
     if not isinstance(prompts, dict):

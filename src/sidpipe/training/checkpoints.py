@@ -12,6 +12,7 @@ import pickle
 import random
 import signal
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,15 @@ def save_checkpoint(checkpoint_dir: Path, step: int, state: dict[str, Any]) -> P
     return final
 
 
-def _is_corrupt(err: Exception) -> bool:
-    """torch.load's errors for a truncated or garbled file (EINVAL from its zip reader)."""
+def _is_corrupt(err: Exception, path: Path) -> bool:
+    """torch.load's errors for a truncated or garbled file (EINVAL from its zip reader). A
+    RuntimeError counts only from the zip reader or on a file that is no zip: out of memory
+    while loading is also a RuntimeError, and must not cost a good checkpoint."""
     if isinstance(err, OSError):
         return err.errno == errno.EINVAL
-    return isinstance(err, (EOFError, RuntimeError, pickle.UnpicklingError))
+    if isinstance(err, RuntimeError):
+        return "PytorchStreamReader" in str(err) or not zipfile.is_zipfile(path)
+    return isinstance(err, (EOFError, pickle.UnpicklingError))
 
 
 def load_latest(checkpoint_dir: Path, fingerprint: dict, steps: int) -> dict[str, Any] | None:
@@ -102,7 +107,7 @@ def load_latest(checkpoint_dir: Path, fingerprint: dict, steps: int) -> dict[str
             # Our own file (it holds Python/NumPy RNG states, which weights_only refuses).
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            if not _is_corrupt(err):
+            if not _is_corrupt(err, path):
                 raise
             log.warning("%s is unreadable (%s: %s); deleting it", path, type(err).__name__, err)
             path.unlink(missing_ok=True)

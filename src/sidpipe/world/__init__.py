@@ -6,7 +6,8 @@ detail levels (`captions`), tiny models of the real classes pretrained on the sc
 (`subjects`) and ground-truth entanglement measures read by the judge (`measures`).
 
 The stages that train and sample never import this package: they see model folders written
-with `save_pretrained`, subject folders and prompt files, exactly as for the real models. Only
-the judge's readers do, where the config names one (`models.judge`): `score` and the attention
-maps load it (`judge`), and `analyze` names its measures (`measures`).
+with `save_pretrained`, subject folders and prompt files, exactly as for the real models. The
+judge's readers do: `score` and the attention maps load the judge (`judge`) where the config
+names one (`models.judge`), and `analyze` always imports the names of its measures
+(`measures`), judge or not.
 """

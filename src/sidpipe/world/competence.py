@@ -126,7 +126,9 @@ def measure_competence(
     whether the base model can draw what a personalized arm must learn, when told."""
     from sidpipe.models import load_sd_pipeline
 
-    pipe = load_sd_pipeline(str(sd_model), "float32", "cpu")
+    pipe = load_sd_pipeline(
+        str(sd_model), "float32", "cpu", source="the world's sd/ folder, written by pretrain_world"
+    )
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge(judge_model)
     rows = competence_prompts(held_out, seeds)
