@@ -10,6 +10,8 @@ TORCH_BUILD ?= cpu
 # PyPI's Linux (CUDA) build takes TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH_INDEX ?=
 TORCH_FROM = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+CUDA_FIX = On a CPU machine: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu; \
+	on a GPU workstation: make install TORCH_BUILD=cuda (README 'Dependencies')
 # Exit status 3 when a pip --report plan (argv[1]) installs a CUDA (nvidia-*/triton) wheel, 0
 # when not; any other status (an unreadable report) stops the install too.
 export CUDA_IN_PLAN := import json, sys; plan = json.load(open(sys.argv[1]))["install"]; \
@@ -33,9 +35,7 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@if [ "$(TORCH_BUILD)" = cpu ]; then status=0; \
 		$(BIN)/python -c "$$CUDA_IN_PLAN" $(VENV)/torch-plan.json || status=$$?; \
 		if [ $$status = 3 ]; then \
-			echo "error: pip would install torch's CUDA build here. On a CPU machine: make install" \
-				"TORCH_INDEX=https://download.pytorch.org/whl/cpu; on a GPU workstation: make" \
-				"install TORCH_BUILD=cuda (README 'Dependencies')" >&2; exit 1; \
+			echo "error: pip would install torch's CUDA build here. $(CUDA_FIX)" >&2; exit 1; \
 		elif [ $$status != 0 ]; then \
 			echo "error: cannot read pip's plan $(VENV)/torch-plan.json" >&2; exit 1; fi; fi
 	$(BIN)/python -m pip install -q $(TORCH_FROM) torch==2.13.0
@@ -45,9 +45,7 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@if $(BIN)/python -m pip list 2>/dev/null | grep -iE '^torchvision'; then \
 		echo "error: torchvision was installed; sidpipe runs without it (README 'Dependencies')" >&2; exit 1; fi
 	@if [ "$(TORCH_BUILD)" = cpu ] && $(BIN)/python -m pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
-		echo "error: torch came with CUDA wheels. On a CPU machine: rm -rf $(VENV) && make install" \
-			"TORCH_INDEX=https://download.pytorch.org/whl/cpu; on a GPU workstation: make install" \
-			"TORCH_BUILD=cuda (README 'Dependencies')" >&2; exit 1; fi
+		echo "error: torch came with CUDA wheels (rm -rf $(VENV) first). $(CUDA_FIX)" >&2; exit 1; fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,6 +1,7 @@
 """The install: pinned, CPU torch kept, no CUDA or torchvision wheels, conda envs in step."""
 
 import re
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -53,12 +54,12 @@ def test_installed_environment_has_no_cuda_or_torchvision_wheels():
     assert metadata.version("torch").startswith("2.13.0")
 
 
-def _make_dry_run(*args: str) -> str:
-    import subprocess
+def _make(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", *args], cwd=REPO, capture_output=True, text=True, check=check)
 
-    return subprocess.run(
-        ["make", "-n", "-B", *args], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
+
+def _make_dry_run(*args: str) -> str:
+    return _make("-n", "-B", *args, check=True).stdout
 
 
 def test_make_install_takes_torch_from_the_named_index_and_keeps_cuda_only_when_asked():
@@ -92,15 +93,8 @@ def test_conda_envs_pin_the_same_versions():
 
 
 def test_make_install_refuses_an_unknown_torch_build_before_creating_the_venv(tmp_path):
-    import subprocess
-
     venv = tmp_path / "venv"
-    result = subprocess.run(
-        ["make", "install", f"VENV={venv}", "TORCH_BUILD=gpu"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    result = _make("install", f"VENV={venv}", "TORCH_BUILD=gpu")
     assert result.returncode != 0
     assert "TORCH_BUILD=gpu: use cpu or cuda" in result.stderr
     assert not venv.exists()
@@ -110,16 +104,10 @@ def test_the_cpu_install_stops_on_a_plan_with_cuda_wheels_before_installing(tmp_
     """`make install` resolves torch first (pip --dry-run --report) and, for TORCH_BUILD=cpu,
     stops when the plan holds nvidia-*/triton wheels, before GBs of them are downloaded."""
     import json
-    import subprocess
     import sys
 
-    snippet = subprocess.run(
-        ["make", "-s", "--eval", 'show-plan-check: ; @echo "$$CUDA_IN_PLAN"', "show-plan-check"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    show = 'show-plan-check: ; @echo "$$CUDA_IN_PLAN"'
+    snippet = _make("-s", "--eval", show, "show-plan-check", check=True).stdout.strip()
 
     def status(*names: str) -> int:
         plan = tmp_path / "plan.json"
@@ -154,13 +142,8 @@ def test_a_plan_with_cuda_wheels_stops_the_install_before_torch_arrives(
 ):
     """End to end with the plan check's answer forced (CUDA wheels; an unreadable plan): the
     install stops saying so, and the venv holds no torch."""
-    import subprocess
-
     venv = tmp_path / "venv"
-    forced = f"CUDA_IN_PLAN=import sys; sys.exit({check_status})"
-    result = subprocess.run(
-        ["make", "install", f"VENV={venv}", forced], cwd=REPO, capture_output=True, text=True
-    )
+    result = _make("install", f"VENV={venv}", f"CUDA_IN_PLAN=import sys; sys.exit({check_status})")
     assert result.returncode != 0
     assert message in result.stderr
     assert not list(venv.glob("lib/python*/site-packages/torch"))

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger("sidpipe")
 
@@ -49,8 +50,6 @@ def looks_local(model: str) -> bool:
 def redact_url(url: str) -> str:
     """`url` as a log or result file may show it: a user:password@ and a query string (a
     presigned download's token) become ***; a URL without either comes back unchanged."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     if not (parts.username or parts.password or parts.query):
         return url

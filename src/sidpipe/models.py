@@ -178,25 +178,21 @@ def pick_device(prefer: str = "auto") -> torch.device:
 SD_SOURCE = "config key models.base, or an encoder method's base_model"
 
 
-def _source(key: str) -> str:
-    return f"config key models.{key}" if key.isidentifier() else key
-
-
 @contextlib.contextmanager
-def _loading(what: str, model: str, key: str) -> Iterator[None]:
+def _loading(what: str, model: str, source: str) -> Iterator[None]:
     """Turn any from_pretrained failure into an error naming the model string and where it is
-    set (`key`: a key under `models.`, e.g. "clip", or the whole phrase, as `SD_SOURCE`)."""
-    if looks_local(model) and not Path(model).expanduser().is_dir():
+    set (`source`, e.g. "config key models.clip"); `model` has its `~` expanded already."""
+    if looks_local(model) and not Path(model).is_dir():
         # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
         raise SidpipeError(
-            f"{what}: model folder {model!r} ({_source(key)}) does not exist; "
+            f"{what}: model folder {model!r} ({source}) does not exist; "
             "point it at a hub id or a folder written by save_pretrained / build_tiny_models"
         )
     try:
         yield
     except Exception as err:
         raise SidpipeError(
-            f"cannot load {what} from {model!r} ({_source(key)}): "
+            f"cannot load {what} from {model!r} ({source}): "
             f"{type(err).__name__}: {str(err).rstrip('.')}. It must be a Hugging Face hub id "
             "(already cached when HF_HUB_OFFLINE=1) or a local folder written by "
             "save_pretrained / build_tiny_models."
@@ -279,7 +275,7 @@ def load_clip(model: str, device: str = "auto") -> tuple[CLIPModel, CLIPProcesso
     dev = pick_device(device)
     from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    with _loading("the CLIP model", model, "clip"):
+    with _loading("the CLIP model", model, "config key models.clip"):
         clip = CLIPModel.from_pretrained(model)
         processor = CLIPProcessor(
             image_processor=AutoImageProcessor.from_pretrained(model, backend="pil"),
@@ -294,7 +290,7 @@ def load_dino(model: str, device: str = "auto") -> tuple[ViTModel, ViTImageProce
     dev = pick_device(device)
     from transformers import AutoImageProcessor, ViTModel
 
-    with _loading("the DINO model", model, "dino"):
+    with _loading("the DINO model", model, "config key models.dino"):
         # DINO checkpoints carry no pooler weights; asking for one would add random layers.
         dino = ViTModel.from_pretrained(model, add_pooling_layer=False)
         processor = AutoImageProcessor.from_pretrained(model, backend="pil")
@@ -324,7 +320,7 @@ def load_grounding_dino(
         GroundingDinoProcessor,
     )
 
-    with _loading("the GroundingDINO detector", model, "grounding_dino"):
+    with _loading("the GroundingDINO detector", model, "config key models.grounding_dino"):
         _expect_model_type(model, "grounding-dino")
         detector = GroundingDinoForObjectDetection.from_pretrained(model)
         # Built from its parts, like CLIP's: AutoProcessor would hand `backend` to the tokenizer.
@@ -341,7 +337,7 @@ def load_sam(model: str, device: str = "auto") -> tuple[SamModel, SamProcessor]:
     dev = pick_device(device)
     from transformers import AutoImageProcessor, SamModel, SamProcessor
 
-    with _loading("the SAM segmenter", model, "sam"):
+    with _loading("the SAM segmenter", model, "config key models.sam"):
         _expect_model_type(model, "sam")
         sam = SamModel.from_pretrained(model)
         processor = SamProcessor(

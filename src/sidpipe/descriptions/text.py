@@ -246,7 +246,7 @@ def load_base_tokenizer(model: str) -> Any:
     Only the tokenizer is imported (no torch), so template and hand-written sets stay light.
     """
     what, model = "the base model's tokenizer", expand_home(model)
-    if looks_local(model) and not Path(model).expanduser().is_dir():
+    if looks_local(model) and not Path(model).is_dir():
         raise SidpipeError(
             f"{what}: model folder {model!r} (config key models.base) does not exist; "
             "point it at a hub id or a folder written by save_pretrained / build_tiny_models"

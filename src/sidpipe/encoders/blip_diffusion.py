@@ -217,7 +217,7 @@ class PatchedBlip2QFormerModel(Blip2QFormerModel):
 
 
 def _is_local(model: str) -> bool:
-    return Path(model).expanduser().is_dir()
+    return Path(model).is_dir()
 
 
 def _load_complete(cls: type, model: str, subfolder: str, **kwargs: Any) -> Any:
@@ -257,7 +257,7 @@ def load_blip_diffusion(
         if index.get("_class_name") != "BlipDiffusionPipeline":
             raise SidpipeError(f"{model!r} holds a {index.get('_class_name')}, not BLIP-Diffusion")
         qformer_config = Blip2Config.from_pretrained(model, subfolder="qformer")
-        bundled = Path(model).expanduser() / "qformer"
+        bundled = Path(model) / "qformer"
         if (
             _is_local(model)
             and not getattr(qformer_config, "tokenizer", None)

@@ -15,7 +15,7 @@ from . import OnResponse, VLMRequest, VLMResponse, resolve_vlm, vlm_label
 @contextlib.contextmanager
 def _loading_vlm(label: str, model: str) -> Iterator[None]:
     """Turn a from_pretrained failure into an error naming the model string and config key."""
-    if looks_local(model) and not Path(model).expanduser().is_dir():
+    if looks_local(model) and not Path(model).is_dir():
         raise SidpipeError(f"{label}.model: model folder {model!r} does not exist")
     try:
         yield
