@@ -55,6 +55,32 @@ def test_atomic_outputs_take_the_umask(tmp_path: Path, umask: int) -> None:
     assert mode(tmp_path / "folder" / "inside.txt") == 0o666 & ~umask
 
 
+def test_atomic_dir_gives_private_files_inside_the_umask_mode(tmp_path: Path, umask: int) -> None:
+    """Libraries write private files (safetensors saves 0600): weights a lab mate in the group
+    cannot read. Everything the folder holds takes the umask's mode; an executable stays one,
+    and a link's target is not touched."""
+    import torch
+    from safetensors.torch import save_file
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
+    os.chmod(outside, 0o600)
+    with atomic_dir(tmp_path / "weights") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "unet").mkdir(mode=0o700)
+        fd = os.open(tmp / "unet" / "config.json", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        fd = os.open(tmp / "run.sh", os.O_WRONLY | os.O_CREAT, 0o700)
+        os.close(fd)
+        (tmp / "link").symlink_to(outside)
+    out = tmp_path / "weights"
+    assert mode(out / "model.safetensors") == 0o666 & ~umask
+    assert mode(out / "unet") == 0o777 & ~umask
+    assert mode(out / "unet" / "config.json") == 0o666 & ~umask
+    assert mode(out / "run.sh") == 0o777 & ~umask
+    assert mode(outside) == 0o600
+
+
 def test_stage_outputs_are_readable_by_the_group(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

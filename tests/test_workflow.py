@@ -453,6 +453,22 @@ def test_demo_outputs(demo_run):
     assert scheduled_jobs(demo_run) == []  # a finished run is complete
 
 
+def test_every_result_takes_the_umask(demo_run):
+    """A lab mate in the group reads every result, weights included (safetensors writes 0600
+    files; temporary folders are 0700): each file and folder has the mode the umask gives."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    wrong = [
+        f"{path.relative_to(demo_run)} {oct(stat_mode)}"
+        for path in (demo_run / "results").rglob("*")
+        if not path.is_symlink()
+        and (stat_mode := path.stat().st_mode & 0o5777)  # a setgid folder may pass it on
+        != (0o777 if path.is_dir() else 0o666) & ~umask
+    ]
+    assert not wrong, wrong[:10]
+    assert list((demo_run / "results/train").rglob("*.safetensors"))
+
+
 def test_plain_demo_outputs(plain_demo):
     """`make demo` alone: main, cases and alternatives on `blue_mug`, every table and plot
     written (the single-reference ones empty), a one-subject human study."""

@@ -99,6 +99,29 @@ def _cleanup_hint(path: Path, err: OSError) -> str:
     )
 
 
+def _take_the_umask(tree: Path, umask: int) -> None:
+    """Give `tree` and everything in it the modes the umask gives. mkdtemp makes the folder
+    private, and libraries write private files too (safetensors 0.8 saves 0600 through its own
+    temporary file), so a lab mate in the group could not read the weights. A setgid bit on a
+    folder stays (in a shared group folder new files then keep the project's group), and so does
+    a file's executable bit; links are left alone."""
+
+    def chmod_dir(path: str) -> None:
+        os.chmod(path, (0o777 & ~umask) | (os.stat(path).st_mode & stat.S_ISGID))
+
+    chmod_dir(str(tree))
+    for root, dirs, files in os.walk(tree):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                chmod_dir(path)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.lstat(path).st_mode & stat.S_IXUSR
+                os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only if the block succeeds.
@@ -106,8 +129,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     A failing job therefore leaves no partial output for Snakemake (or a user) to mistake
     for a finished one, and no temporary folder either. A previous `final` is first renamed
     aside, so it is replaced as a whole even if part of it cannot be deleted. The new folder
-    gets the permissions the umask gives (mkdtemp makes it private), and keeps a setgid bit
-    inherited from its parent.
+    and everything in it get the permissions the umask gives (`_take_the_umask`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -115,10 +137,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        # Keep the setgid bit mkdtemp inherits in a shared group folder: files made later
-        # inside then stay in the project's group.
-        setgid = os.stat(tmp).st_mode & stat.S_ISGID
-        os.chmod(tmp, (0o777 & ~current_umask()) | setgid)
+        _take_the_umask(tmp, current_umask())
         if final.exists() or final.is_symlink():
             old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
             os.replace(final, old)  # a rename: the previous output stays whole until replaced
