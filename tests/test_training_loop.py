@@ -29,10 +29,12 @@ from sidpipe.models import load_sd_components
 from sidpipe.references import prepare_references
 from sidpipe.tiny_models import build_tiny_models
 from sidpipe.training import base, loop, trainer_class
+from sidpipe.training import step as training_step
 from sidpipe.training.augment import PREFIXES
 from sidpipe.training.base import diffusion_loss
 from sidpipe.training.data import LatentSource, read_training_set, tokenize
-from sidpipe.training.loop import TrainingInterrupted, stream_indices, train_subject
+from sidpipe.training.loop import TrainingInterrupted, train_subject
+from sidpipe.training.step import stream_indices
 
 DEMO = Path(__file__).resolve().parents[1] / "tests/data/tiny_demo/subjects/red_mug"
 SIZE = 64
@@ -623,7 +625,7 @@ def test_each_rescaled_reference_is_encoded_and_captioned_as_itself(
     """What the UNet learns from: the latents of the very images the augmentation drew, each
     with its own reference's description behind the prefix its draw called for."""
     calls = {"resized": [], "encoded": [], "batches": []}
-    real_resize, real_encode = loop.resize_batch, LatentSource.sample_images
+    real_resize, real_encode = training_step.resize_batch, LatentSource.sample_images
 
     def resize_spy(pixels, flipped, latent_size, generator):
         out = real_resize(pixels, flipped, latent_size, generator)
@@ -639,7 +641,7 @@ def test_each_rescaled_reference_is_encoded_and_captioned_as_itself(
         calls["batches"].append(batch)
         return diffusion_loss(unet, scheduler, batch, hidden, noise, timesteps, weight)
 
-    monkeypatch.setattr(loop, "resize_batch", resize_spy)
+    monkeypatch.setattr(training_step, "resize_batch", resize_spy)
     monkeypatch.setattr(LatentSource, "sample_images", encode_spy)
     monkeypatch.setattr(base, "diffusion_loss", loss_spy)
     run(subject, tmp_path, "custom_diffusion", {**CUSTOM_DIFFUSION, "prior_preservation": True})

@@ -27,7 +27,8 @@ from sidpipe.tiny_models import build_tiny_models
 from sidpipe.training import base, trainer_class
 from sidpipe.training.base import Batch, diffusion_loss
 from sidpipe.training.data import LatentSource, read_training_set, tokenize
-from sidpipe.training.loop import stream_indices, train_subject
+from sidpipe.training.loop import train_subject
+from sidpipe.training.step import stream_indices
 
 DEMO = Path(__file__).resolve().parents[1] / "tests/data/tiny_demo/subjects/red_mug"
 SIZE = 64
