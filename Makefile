@@ -102,7 +102,7 @@ endef
 world-biases: install
 	$(call demo_layer,demo/biases.yaml)
 
-# The demo plus DreamBooth at 100 and 600 steps (Case 1 and SID): leak and NSD vs strength.
+# The demo plus DreamBooth at 100, 300 and 600 steps (Case 1 and SID): leak and NSD vs strength.
 world-strength: install
 	$(call demo_layer,demo/strength.yaml)
 

@@ -485,18 +485,34 @@ def test_config_checker_command(tmp_path, capsys):
     good = REPO / "demo" / "config.yaml"
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: {base: x\n")
-    cwd = Path.cwd()
-    try:
-        import os
+    demo = ["--directory", str(REPO / "demo")]
+    assert main([*demo, str(good)]) == 0
+    assert f"{good}: valid" in capsys.readouterr().out
+    assert main([*demo, str(bad)]) == 1
+    assert f"{bad}, line 2, column 1" in capsys.readouterr().err
+    # a layer alone is no config; over the demo's, merged as Snakemake merges them, it is one
+    layer = REPO / "demo" / "biases.yaml"
+    assert main([*demo, str(layer)]) == 1
+    assert "'models' is a required property" in capsys.readouterr().err
+    assert main([*demo, str(good), str(layer)]) == 0
+    # the layer's value wins, and a mistake in it is named with both files
+    wrong = tmp_path / "layer.yaml"
+    wrong.write_text("sampling: {seeds: zero}\n")
+    assert main([*demo, str(good), str(wrong)]) == 1
+    err = capsys.readouterr().err
+    assert f"{good}, {wrong}" in err and "sampling" in err and "'zero'" in err
+    # relative paths come from --directory: the demo's config from the repository's root
+    # reads the real subjects table, and the message says where it looked
+    assert main(["--directory", str(REPO), str(good)]) == 1
+    assert f"read from {REPO}; " in capsys.readouterr().err
 
-        os.chdir(REPO / "demo")
-        assert main([str(good)]) == 0
-        assert main([str(bad)]) == 1
-    finally:
-        os.chdir(cwd)
-    out = capsys.readouterr()
-    assert f"{good}: valid" in out.out
-    assert f"{bad}, line 2, column 1" in out.err
+
+def test_merged_configs_replace_values_and_merge_mappings():
+    from sidpipe.config import merge_configs
+
+    base = {"a": {"x": 1, "y": {"p": 1}}, "b": [1, 2], "c": 3}
+    merge_configs(base, {"a": {"y": {"q": 2}, "z": 0}, "b": [3], "c": {"new": 1}})
+    assert base == {"a": {"x": 1, "y": {"p": 1, "q": 2}, "z": 0}, "b": [3], "c": {"new": 1}}
 
 
 def test_encoder_methods_need_their_checkpoints_and_no_training_settings(real):

@@ -62,13 +62,18 @@ def finished_demo(demo_run, tmp_path) -> Path:
     return Path(shutil.copytree(demo_run, tmp_path / "demo", symlinks=True))
 
 
-def test_paper_grid_dry_run_has_the_expected_jobs_per_rule():
+@pytest.mark.parametrize("profile", [[], ["--profile", "profiles/local"]], ids=["", "workstation"])
+def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
+    """The paper's grid, also through the one-GPU workstation's profile, whose jobs run in this
+    virtualenv: no conda needed on the PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.defpath}"
     result = subprocess.run(
-        [*SNAKEMAKE, "--directory", str(REPO), "--dry-run", "--quiet", "rules"],
+        [*SNAKEMAKE, *profile, "--directory", str(REPO), "--dry-run", "--quiet", "rules"],
         capture_output=True,
         text=True,
-        env={**os.environ, **ENV},
+        env={**os.environ, **ENV, "PATH": path},
         timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     assert "Experiment grid: 375 arm x subject pairs, 25 arms, 15 subjects" in result.stdout

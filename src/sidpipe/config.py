@@ -452,13 +452,35 @@ def attempt_scaled(
     return resource
 
 
-def check_files(config_path: str | Path, base_dir: str | Path = ".") -> dict:
-    """Check a config file and the subjects table and prompts it names, as the workflow does
-    at start-up, with the file, line and column of a YAML syntax error (Snakemake itself only
-    says that a config file "is not valid JSON or YAML")."""
+def merge_configs(config: dict, layer: dict) -> dict:
+    """`layer` over `config`, key by key into nested mappings, as Snakemake merges the files
+    of `--configfile a.yaml b.yaml` (the later wins); returns `config`, updated in place."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            merge_configs(config[key], value)
+        else:
+            config[key] = value
+    return config
+
+
+def check_files(config_paths: list[str | Path], base_dir: str | Path = ".") -> dict:
+    """Check config files, merged in order as `snakemake --configfile` merges them, and the
+    subjects table and prompts they name (relative to `base_dir`, the workflow's working
+    directory), as the workflow does at start-up, with the file, line and column of a YAML
+    syntax error (Snakemake itself only says that a config file "is not valid JSON or
+    YAML")."""
     from sidpipe.prompts import load_prompts
 
-    config = load_config(config_path)
+    config: dict = {}
+    for path in config_paths:
+        try:
+            layer = read_yaml(path, "config file")
+        except SidpipeError as err:
+            raise ConfigError(str(err)) from None
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+        merge_configs(config, layer)
+    validate_config(config, ", ".join(map(str, config_paths)))
     subjects = load_subjects(Path(base_dir) / config["subjects"], config, base_dir=base_dir)
     load_prompts(
         Path(base_dir) / config["prompts"],
@@ -470,20 +492,48 @@ def check_files(config_path: str | Path, base_dir: str | Path = ".") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sidpipe.config [CONFIG ...]`: check config files (default config.yaml) run
-    from the workflow's working directory; prints each problem, exit status 1 if any."""
+    """`python -m sidpipe.config [--directory DIR] [CONFIG ...]`: check config files as one run
+    would see them; prints the problem, exit status 1 if there is one."""
+    import argparse
     import sys
 
-    status = 0
-    for path in (sys.argv[1:] if argv is None else argv) or ["config.yaml"]:
-        try:
-            check_files(path)
-        except SidpipeError as err:
-            print(err, file=sys.stderr)
-            status = 1
-        else:
-            print(f"{path}: valid")
-    return status
+    parser = argparse.ArgumentParser(
+        prog="python -m sidpipe.config",
+        description="Check config files as `snakemake --configfile CONFIG ... --directory DIR` "
+        "would load them: YAML syntax (file, line and column), the schema, the subjects table "
+        "and the prompts.",
+    )
+    parser.add_argument(
+        "configs",
+        nargs="*",
+        default=["config.yaml"],
+        metavar="CONFIG",
+        help="config files, later ones over earlier ones as Snakemake merges them "
+        "(default: config.yaml); e.g. demo/config.yaml demo/biases.yaml",
+    )
+    parser.add_argument(
+        "-d",
+        "--directory",
+        default=".",
+        help="the workflow's working directory (Snakemake's --directory), against which the "
+        "config's relative paths (subjects table, prompts, image folders) are read; "
+        "default: the current one",
+    )
+    args = parser.parse_args(argv)
+    try:
+        check_files(args.configs, args.directory)
+    except SidpipeError as err:
+        print(err, file=sys.stderr)
+        elsewhere = {Path(c).resolve().parent for c in args.configs}
+        if elsewhere != {Path(args.directory).resolve()}:
+            print(
+                f"(the config's relative paths were read from {Path(args.directory).resolve()}; "
+                "if the workflow runs elsewhere, pass its working directory as --directory)",
+                file=sys.stderr,
+            )
+        return 1
+    print(f"{', '.join(args.configs)}: valid")
+    return 0
 
 
 if __name__ == "__main__":
