@@ -219,3 +219,37 @@ def test_redact_url_hides_credentials_and_query_tokens(url, shown):
     from sidpipe.io import redact_url
 
     assert redact_url(url) == shown
+
+
+JOB = """
+import sys
+from sidpipe.io import SidpipeError, job_log
+error = {"user": SidpipeError("refs/02.png: truncated; re-export it"), "bug": KeyError("k")}
+with job_log(sys.argv[1]):
+    if sys.argv[2] == "interrupt":
+        raise KeyboardInterrupt
+    raise error[sys.argv[2]]
+"""
+
+
+@pytest.mark.parametrize("kind", ["user", "bug", "interrupt"])
+def test_a_failing_job_says_why_in_its_log(tmp_path: Path, kind: str) -> None:
+    """A user's error (SidpipeError) ends the job with its message as one line, no traceback
+    to bury it; a bug keeps its traceback; a Ctrl-C is named in the log too."""
+    import subprocess
+    import sys
+
+    log_file = tmp_path / "job.log"
+    result = subprocess.run(
+        [sys.executable, "-c", JOB, str(log_file), kind], capture_output=True, text=True
+    )
+    text = log_file.read_text()
+    assert result.returncode != 0
+    if kind == "user":
+        assert result.returncode == 1 and not result.stderr
+        assert "ERROR sidpipe: job failed: refs/02.png: truncated; re-export it" in text
+        assert "Traceback" not in text
+    elif kind == "bug":
+        assert "job failed" in text and "Traceback" in text and "KeyError: 'k'" in text
+    else:
+        assert "ERROR sidpipe: job interrupted (SIGINT, e.g. Ctrl-C)" in text

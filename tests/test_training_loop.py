@@ -348,9 +348,12 @@ train_subject(**json.loads(sys.argv[1]))
 """
 
 
-def test_sigterm_to_a_training_process(subject: SimpleNamespace, tmp_path: Path) -> None:
-    """A real process killed the way SLURM does it exits non-zero with a checkpoint of the
-    step it was on and says how to resume."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_to_a_training_process(
+    subject: SimpleNamespace, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A real process killed the way SLURM does it (or by a terminal's Ctrl-C) exits non-zero
+    with a checkpoint of the step it was on and says how to resume."""
     args = {
         "algorithm": "dreambooth_lora",
         "settings": {**LORA, "steps": 10**6},
@@ -378,13 +381,13 @@ def test_sigterm_to_a_training_process(subject: SimpleNamespace, tmp_path: Path)
             if "trainable parameters" in line:
                 break
         time.sleep(1.0)
-        child.send_signal(signal.SIGTERM)
+        child.send_signal(signum)
         _, rest = child.communicate(timeout=120)
     finally:
         child.kill()
     stderr = "".join(seen) + rest
     assert child.returncode == 1, stderr
-    match = re.search(r"SIGTERM received; stopped after step (\d+) of 1000000", stderr)
+    match = re.search(rf"{signum.name} received; stopped after step (\d+) of 1000000", stderr)
     assert match, stderr
     step = int(match.group(1))
     assert step > 0

@@ -266,7 +266,9 @@ def read_manifest(
 
 @contextlib.contextmanager
 def job_log(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
-    """Send this job's logging, warnings, stderr (tqdm) and stdout to its Snakemake log file."""
+    """Send this job's logging, warnings, stderr (tqdm) and stdout to its Snakemake log file.
+    A `SidpipeError` ends the job with its message as one ERROR line and exit status 1; any
+    other error is logged with its traceback and raised."""
     if path is None:
         yield log
         return
@@ -290,6 +292,14 @@ def job_log(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
         )
         try:
             yield log
+        except SidpipeError as err:
+            # The user's error is one line naming the file, the field and the fix; its
+            # traceback (printed again by show-failed-logs) would only bury it.
+            log.error("job failed: %s", err)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            log.error("job interrupted (SIGINT, e.g. Ctrl-C)")
+            raise
         except Exception:
             log.exception("job failed")
             raise

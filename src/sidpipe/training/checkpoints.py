@@ -131,25 +131,29 @@ def remove_checkpoints(checkpoint_dir: Path) -> None:
 
 
 class TrainingInterrupted(SidpipeError):
-    """SIGTERM arrived (SLURM's time limit or scancel, Snakemake cancelling the job): the
-    loop saved a checkpoint after the step in flight; a rerun resumes from it."""
+    """SIGTERM (SLURM's time limit or scancel, Snakemake cancelling the job) or SIGINT (Ctrl-C)
+    arrived: the loop saved a checkpoint after the step in flight; a rerun resumes from it."""
 
 
 @contextlib.contextmanager
 def sigterm_flag() -> Iterator[dict[str, int | None]]:
-    """While training, SIGTERM only sets a flag, so the loop can checkpoint and stop between
-    steps instead of dying mid-step and losing everything since the last periodic checkpoint.
-    (SLURM sends SIGTERM, then SIGKILL after KillWait; `--signal=TERM@<s>` gives more time.)"""
+    """While training, SIGTERM and SIGINT only set a flag, so the loop can checkpoint and stop
+    between steps instead of dying mid-step and losing everything since the last periodic
+    checkpoint. (SLURM sends SIGTERM, then SIGKILL after KillWait; `--signal=TERM@<s>` gives
+    more time; a terminal's Ctrl-C sends SIGINT.) A second SIGINT stops at once, as usual."""
     flag: dict[str, int | None] = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag  # signal handlers can only be set from the main thread
         return
 
     def handler(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and flag["signal"] is not None:
+            raise KeyboardInterrupt
         flag["signal"] = signum
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)

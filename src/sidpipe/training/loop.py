@@ -265,7 +265,8 @@ def train_subject(
         desc=f"train {algorithm}",
         file=sys.stderr,
     )
-    # SIGTERM from here on: checkpoint after the step in flight (nothing to save before).
+    # SIGTERM or SIGINT from here on: checkpoint after the step in flight (nothing to save
+    # before).
     with sigterm_flag() as interrupt:
         for index in progress:
             step = index + 1
