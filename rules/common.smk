@@ -13,6 +13,7 @@ from sidpipe.config import (
     unmatched_concept_words,
     attempt_scaled,
     check_mask_models,
+    check_model_folders,
     subjects_by_arm,
     expand_experiments,
     load_subjects,
@@ -39,6 +40,7 @@ SCHEMA_DIR = Path(workflow.basedir) / "rules" / "schemas"
 CONFIG_SOURCE = ", ".join(map(str, workflow.overwrite_configfiles)) or "config.yaml"
 
 validate_config(config, CONFIG_SOURCE, SCHEMA_DIR)
+check_model_folders(config, CONFIG_SOURCE)
 SUBJECTS = {
     row["subject"]: row
     for row in load_subjects(config["subjects"], config, schema_dir=SCHEMA_DIR)

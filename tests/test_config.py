@@ -608,3 +608,43 @@ def test_resize_augmentation_is_custom_diffusions_alone(real):
     config["methods"]["dreambooth"]["resize_augmentation"] = True
     with pytest.raises(ConfigError, match=r"methods\.dreambooth: .*Custom Diffusion's"):
         validate_config(config)
+
+
+def test_a_model_folder_that_is_not_there_fails_at_load(tmp_path):
+    """`world/sdx` (a typo of `world/sd`) is no hub id while `world/` exists: offline it loaded
+    as an empty tokenizer that miscounted every description, and failed hours later in
+    training. Hub ids and the folders the workflow builds itself still pass."""
+    from sidpipe.config import check_model_folders
+
+    (tmp_path / "world" / "sd").mkdir(parents=True)
+    ok = {
+        "base": "world/sd",
+        "clip": "openai/clip-vit-base-patch32",
+        "dino": "results/models/tiny/dino",
+    }
+    check_model_folders({"models": ok}, "c.yaml", tmp_path)
+    with pytest.raises(ConfigError) as info:
+        check_model_folders({"models": {**ok, "judge": "world/judgex"}}, "c.yaml", tmp_path)
+    message = str(info.value)
+    assert message.startswith("c.yaml: models.judge: 'world/judgex' is no folder here")
+    assert "(world/ is, so it reads as a local path, not a hub id)" in message
+    with pytest.raises(ConfigError, match=r"models.base: '\./sd' is no folder here; give"):
+        check_model_folders({"models": {**ok, "base": "./sd"}}, "c.yaml", tmp_path)
+
+
+def test_attention_maps_only_of_sampled_prompts_and_seeds(real):
+    """A map of prompt 30 when 25 are sampled, or of seed 20 of 20 (0-19), was dropped without
+    a word."""
+    config = copy.deepcopy(real)
+    config["attention"]["prompt_ids"] = [0, 1, 30]
+    config["attention"]["seeds"] = [0, config["sampling"]["seeds"]]
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    message = str(info.value)
+    count = config["sampling"]["prompts_per_subject"]
+    expected = f"attention.prompt_ids: 30 not sampled (sampling.prompts_per_subject is {count}"
+    assert expected in message
+    assert f"attention.seeds: {config['sampling']['seeds']} not sampled" in message
+    config["attention"]["prompt_ids"] = [count - 1]
+    config["attention"]["seeds"] = [config["sampling"]["seeds"] - 1]
+    validate_config(config)

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from sidpipe.io import SidpipeError, read_yaml
+from sidpipe.io import SidpipeError, expand_home, looks_local, read_yaml
 from sidpipe.subsets import SEPARATOR, split_name, subset_name
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rules" / "schemas"
@@ -270,6 +270,19 @@ def _check_references(config: dict, source: str) -> None:
             check("vlms", entry["vlm"], f"descriptions.{name}.vlm")
     for name in (config.get("attention") or {}).get("experiments", []):
         check("experiments", name, "attention.experiments")
+    attention, sampling = config.get("attention") or {}, config["sampling"]
+    for key, count, setting in (
+        ("prompt_ids", sampling["prompts_per_subject"], "prompts_per_subject"),
+        ("seeds", sampling["seeds"], "seeds"),
+    ):
+        outside = sorted(i for i in attention.get(key, []) if i >= count)
+        if outside:
+            # The maps are drawn from the sampled images' prompts and seeds: others would be
+            # dropped without a word.
+            problems.append(
+                f"attention.{key}: {', '.join(map(str, outside))} not sampled (sampling."
+                f"{setting} is {count}: ids 0-{count - 1}); choose among those"
+            )
     for name, entry in config["inference"].items():
         if "negative_prompt_from" in entry:
             check(
@@ -399,6 +412,33 @@ def load_subjects(
     return rows
 
 
+def check_model_folders(config: dict, source: str, base_dir: str | Path = ".") -> None:
+    """Every `models.*` value that reads as a local folder (see `io.looks_local`) must be one
+    now, so a typo fails at load instead of in a job hours later (or, offline, as an empty
+    tokenizer that miscounts every description). Folders the workflow builds (under
+    `results/`) are exempt."""
+    for key, value in config["models"].items():
+        model = expand_home(value)
+        if model.startswith("results/") or not looks_local(model, base_dir):
+            continue
+        path = Path(model) if Path(model).is_absolute() else Path(base_dir) / model
+        if path.is_dir():
+            continue
+        first = model.split("/")[0]
+        why = (
+            f" ({first}/ is, so it reads as a local path, not a hub id)"
+            if model.count("/") == 1
+            and not model.startswith((".", "~", "/"))
+            and (Path(base_dir) / first).is_dir()
+            else ""
+        )
+        raise ConfigError(
+            f"{source}: models.{key}: {value!r} is no folder here{why}; give the folder of a "
+            "model written by save_pretrained (relative to the workflow's directory) or a hub "
+            "id ('org/name')"
+        )
+
+
 def tiny_model_keys(config: dict) -> dict[str, str]:
     """Model settings that point at the tiny models this workflow builds itself."""
     return {
@@ -481,6 +521,7 @@ def check_files(config_paths: list[str | Path], base_dir: str | Path = ".") -> d
             raise ConfigError(f"{path}: expected a YAML mapping at the top level")
         merge_configs(config, layer)
     validate_config(config, ", ".join(map(str, config_paths)))
+    check_model_folders(config, ", ".join(map(str, config_paths)), base_dir)
     subjects = load_subjects(Path(base_dir) / config["subjects"], config, base_dir=base_dir)
     load_prompts(
         Path(base_dir) / config["prompts"],

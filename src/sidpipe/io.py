@@ -37,13 +37,17 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def looks_local(model: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else path-like is meant as a local folder."""
+def looks_local(model: str, base_dir: str | os.PathLike = ".") -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else path-like is meant as a local folder, and
+    so is 'a/b' where a folder `a` exists (`world/sdx` is a typo of `world/sd`, not a hub id).
+    Relative paths are read from `base_dir`."""
+    first = model.split("/")[0]
     return (
         Path(model).is_absolute()
         or model.startswith((".", "~"))
         or model.count("/") > 1
-        or Path(model).exists()
+        or (Path(base_dir) / model).exists()
+        or (model.count("/") == 1 and bool(first) and (Path(base_dir) / first).is_dir())
     )
 
 
