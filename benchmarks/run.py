@@ -42,7 +42,8 @@ TINY_DEMO = REPO / "tests/data/tiny_demo"  # tiny random models at 64 px
 
 def _arm_subject_pairs() -> int:
     """(arm, subject) pairs of the paper grid: the train/sample/score jobs per stage."""
-    from sidpipe.config import all_arm_subjects, load_config, load_subjects
+    from sidpipe.config import load_config, load_subjects
+    from sidpipe.grid import all_arm_subjects
 
     config = load_config(REPO / "config.yaml")
     subjects = [row["subject"] for row in load_subjects(REPO / "subjects.tsv", config, REPO)]

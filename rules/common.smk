@@ -4,21 +4,23 @@ import re
 from pathlib import Path
 
 from sidpipe.config import (
-    OPT_IN_KINDS,
     ConfigError,
+    attempt_scaled,
+    check_mask_models,
+    check_model_folders,
+    load_subjects,
+    tiny_model_keys,
+    validate_config,
+)
+from sidpipe.grid import (
+    OPT_IN_KINDS,
     all_arm_subjects,
     check_comparisons,
     check_concept_pairs,
     concept_context_words,
     unmatched_concept_words,
-    attempt_scaled,
-    check_mask_models,
-    check_model_folders,
     subjects_by_arm,
     expand_experiments,
-    load_subjects,
-    tiny_model_keys,
-    validate_config,
 )
 from sidpipe.prompts import load_prompts, repeated_prompt_warnings, subject_templates
 from sidpipe.references import reference_inputs

@@ -8,20 +8,22 @@ import pytest
 import yaml
 
 from sidpipe.config import (
-    Arm,
     ConfigError,
-    all_arm_subjects,
     attempt_scaled,
-    check_comparisons,
-    check_concept_pairs,
     check_mask_models,
-    concept_context_words,
-    expand_experiments,
     load_config,
     load_subjects,
     tokenizer_corpus,
-    unmatched_concept_words,
     validate_config,
+)
+from sidpipe.grid import (
+    Arm,
+    all_arm_subjects,
+    check_comparisons,
+    check_concept_pairs,
+    concept_context_words,
+    expand_experiments,
+    unmatched_concept_words,
 )
 from sidpipe.prompts import load_prompts, repeated_prompts, subject_templates
 
@@ -336,12 +338,35 @@ def _table(tmp_path, body, header=HEADER):
         ("a\tdog\tlive\timgs\tflickr\n", r"source 'flickr' is neither 'local' nor a dataset"),
         ("a\tdog\tlive\timgs\tlocal\textra\n", r"line 2: more fields than columns"),
         ("", r"no subjects"),
+        # a space where a tab belongs: one message saying so, not shifted per-column errors
+        (
+            "a\tdog live\timgs\tlocal\n",
+            r"line 2: 4 tab-separated field\(s\), the header has 5 \(a space instead of a tab\?\)"
+            r"$",
+        ),
+        # a copy-paste slip: the mug would train on the robot's photos
+        (
+            "a\tdog\tlive\timgs\tlocal\nb\tcat\tlive\timgs/\tlocal\n",
+            r"line 3: subject 'b': image folder 'imgs/' is also subject 'a''s \(line 2\); give",
+        ),
     ],
 )
 def test_broken_subject_tables_are_rejected(tmp_path, real, body, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_subjects(_table(tmp_path, body), real, base_dir=tmp_path)
     assert "subjects.tsv: invalid subjects table" in str(info.value)
+
+
+def test_an_unknown_column_is_named_once_against_the_header(tmp_path, real):
+    body = "a\tdog\tlive\timgs\tlocal\tx\nb\tcat\tlive\timgs2\tlocal\tx\n"
+    (tmp_path / "imgs2").mkdir()
+    with pytest.raises(ConfigError) as info:
+        load_subjects(
+            _table(tmp_path, body, HEADER.rstrip("\n") + "\tmaskbackend\n"), real, tmp_path
+        )
+    problems = str(info.value).splitlines()[1:]
+    assert len(problems) == 1, problems
+    assert problems[0].strip().startswith("line 1: unknown column(s) 'maskbackend' (columns: ")
 
 
 def test_subject_table_missing_column_and_downloaded_subjects(tmp_path, real):

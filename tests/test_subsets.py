@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidpipe.config import Arm, ConfigError, expand_experiments, validate_config
+from sidpipe.config import ConfigError, validate_config
+from sidpipe.grid import Arm, expand_experiments
 from sidpipe.io import SidpipeError
 from sidpipe.subsets import select_references, split_name, subset_name
 

@@ -1,4 +1,5 @@
-"""Experiment configuration: schema validation, the subjects table, prompts and arms.
+"""Experiment configuration: schema validation, the subjects table and the model folders (the
+arms it runs: `grid`).
 
 Every error names the file, the key path (or table row and column) and what was expected, so a
 researcher can fix a config without reading this code.
@@ -8,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import jsonschema
 import yaml
 
 from sidpipe.io import SidpipeError, expand_home, looks_local, read_yaml
-from sidpipe.subsets import SEPARATOR, split_name, subset_name
+from sidpipe.subsets import SEPARATOR
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rules" / "schemas"
 TINY_MODELS_DIR = "results/models/tiny"
@@ -26,19 +27,6 @@ TINY_MODELS_DIR = "results/models/tiny"
 
 class ConfigError(SidpipeError):
     """The config or a table it points to is invalid."""
-
-
-@dataclass(frozen=True, order=True)
-class Arm:
-    """One trained-and-evaluated configuration: method x description set x inference setting."""
-
-    method: str
-    descriptions: str
-    inference: str = "standard"
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}/{self.descriptions}/{self.inference}"
 
 
 def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict:
@@ -94,146 +82,6 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
 
 # Subjects of these kinds run only in grids that ask for them (`kinds`, or by name): the other
 # kinds' prompts and methods make no sense on a concept's carrier subject.
-OPT_IN_KINDS = frozenset({"concept"})
-
-
-def expand_experiments(
-    config: dict, subjects: list[str], kinds: dict[str, str] | None = None
-) -> dict[str, list[tuple[Arm, str]]]:
-    """Each experiment's grids expanded to (arm, subject) pairs, in config order, deduplicated.
-
-    A grid runs on its `subjects`, or else on every subject of its `kinds` (`kinds` maps a
-    subject to its kind; default every kind but concept); a grid with `references` runs its
-    methods on a subset of the references (`sidpipe.subsets`: `dreambooth--first1`).
-    """
-    kinds = kinds or {}
-    experiments: dict[str, list[tuple[Arm, str]]] = {}
-    for name, grids in config["experiments"].items():
-        pairs: list[tuple[Arm, str]] = []
-        for index, grid in enumerate(grids):
-            unknown = sorted(set(grid.get("subjects", [])) - set(subjects))
-            if unknown:
-                raise ConfigError(
-                    f"experiments.{name}[{index}].subjects: unknown subject(s) "
-                    f"{', '.join(unknown)} (not in the subjects table)"
-                )
-            if "subjects" in grid:
-                chosen = grid["subjects"]
-            elif "kinds" in grid:
-                chosen = [s for s in subjects if kinds.get(s) in grid["kinds"]]
-            else:
-                chosen = [s for s in subjects if kinds.get(s) not in OPT_IN_KINDS]
-            for method in grid["methods"]:
-                for descriptions in grid["descriptions"]:
-                    for inference in grid.get("inference", ["standard"]):
-                        for subject in chosen:
-                            arm_method = method
-                            if "references" in grid:
-                                arm_method = subset_name(method, grid["references"])
-                            pair = (Arm(arm_method, descriptions, inference), subject)
-                            if pair not in pairs:
-                                pairs.append(pair)
-        experiments[name] = pairs
-    return experiments
-
-
-def check_concept_pairs(
-    config: dict,
-    experiments: dict[str, list[tuple[Arm, str]]],
-    kinds: dict[str, str],
-    encoder_algorithms: frozenset[str] | set[str],
-    source: str = "config",
-) -> None:
-    """Encoder methods (no training) cannot learn a concept: a grid that puts one on a concept
-    subject is a ConfigError naming the experiment, the method and the subject."""
-    for name, pairs in experiments.items():
-        for arm, subject in pairs:
-            base = split_name(arm.method)[0]
-            algorithm = (config["methods"].get(base) or {}).get("algorithm")
-            if kinds.get(subject) == "concept" and algorithm in encoder_algorithms:
-                raise ConfigError(
-                    f"{source}: experiments.{name}: method {base!r} is an encoder (no training) "
-                    f"and cannot learn the concept of subject {subject!r}; run it on other "
-                    "subjects (`subjects:` or `kinds:` in its grid)"
-                )
-
-
-def subjects_by_arm(arm_subjects: list[tuple[Arm, str]]) -> dict[str, set[str]]:
-    """Arm name (method/descriptions/inference) -> the subjects it runs on."""
-    ran: dict[str, set[str]] = {}
-    for arm, subject in arm_subjects:
-        ran.setdefault(arm.name, set()).add(subject)
-    return ran
-
-
-def check_comparisons(
-    comparisons: list[list[str]], arm_subjects: list[tuple[Arm, str]], source: str = "config"
-) -> tuple[list[list[str]], list[str]]:
-    """`metrics.comparisons` against the grid: the pairs whose two arms both run on at least one
-    subject in common (their images are paired there), and a warning for each other entry,
-    naming it and the arms that run (a typo, or an experiment this run leaves out: a shipped
-    config's comparisons must not stop a run of fewer experiments). A pair listed twice, in
-    either order, is a ConfigError."""
-    ran = subjects_by_arm(arm_subjects)
-    seen: dict[frozenset[str], int] = {}
-    kept, warnings = [], []
-    for i, (arm_a, arm_b) in enumerate(comparisons):
-        where = f"{source}: metrics.comparisons[{i}]"
-        first = seen.setdefault(frozenset((arm_a, arm_b)), i)
-        if first != i:
-            raise ConfigError(
-                f"{where}: {arm_a} and {arm_b} are already compared in entry {first} (the order "
-                "of a pair is only the sign of A - B); list each pair once"
-            )
-        missing = [arm for arm in (arm_a, arm_b) if arm not in ran]
-        if missing:
-            warnings.append(
-                f"{where}: arm {missing[0]!r} is in no experiment of this run, so the pair is not "
-                f"compared (the arms that run: {', '.join(sorted(ran))})"
-            )
-        elif not ran[arm_a] & ran[arm_b]:
-            warnings.append(
-                f"{where}: {arm_a} runs on {', '.join(sorted(ran[arm_a]))} and {arm_b} on "
-                f"{', '.join(sorted(ran[arm_b]))}: no subject in common, so the pair is not "
-                "compared"
-            )
-        else:
-            kept.append([arm_a, arm_b])
-    return kept, warnings
-
-
-def concept_context_words(
-    settings: dict, concept: str | None, concept_words: dict[str, dict] | None
-) -> dict:
-    """A method's settings for one subject: for a Lego method with a context loss on a concept
-    subject whose concept has an entry in `concept_words` (config key), that entry's
-    `positive`/`negative` words in place of the method's `positive_words`/`negative_words` (the
-    context loss is about the concept, so each concept needs its own synonyms and antonyms);
-    else `settings` unchanged, so a method without the loss (context_weight 0, e.g.
-    textual_inversion_multi) keeps its params and its trained results."""
-    words = (concept_words or {}).get(concept or "")
-    # context_weight 0 is the only way to turn the loss off (the trainer rejects < 0)
-    no_context = settings.get("context_weight") == 0
-    if settings.get("algorithm") != "lego" or no_context or not words:
-        return settings
-    return {**settings, "positive_words": words["positive"], "negative_words": words["negative"]}
-
-
-def unmatched_concept_words(config: dict, subjects: dict[str, dict]) -> list[str]:
-    """`concept_words` entries that no subject's `concept` column spells (never used)."""
-    concepts = {row.get("concept") for row in subjects.values()}
-    return sorted(set(config.get("concept_words") or {}) - concepts)
-
-
-def all_arm_subjects(
-    config: dict, subjects: list[str], kinds: dict[str, str] | None = None
-) -> list[tuple[Arm, str]]:
-    """Every (arm, subject) job of all experiments, each once: shared arms run once."""
-    return sorted(
-        {pair for pairs in expand_experiments(config, subjects, kinds).values() for pair in pairs}
-    )
-
-
 def _check_references(config: dict, source: str) -> None:
     """Names used in experiments, description sets and inference settings must be defined."""
     problems = []
@@ -361,23 +209,38 @@ def load_subjects(
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         # restkey None collects surplus fields (tabs inside a value): reported below
-        rows = [
-            {k: v if k is None else (v or "").strip() for k, v in row.items()} for row in reader
-        ]
+        raw = list(reader)
         header = reader.fieldnames or []
+    # restval None marks fields a short row lacks (reported below, before they read as "")
+    short = [sum(v is not None for k, v in row.items() if k is not None) for row in raw]
+    rows = [{k: v if k is None else (v or "").strip() for k, v in row.items()} for row in raw]
     missing_cols = [c for c in schema["required"] if c not in header]
     if missing_cols:
         raise ConfigError(
             f"{path}: missing column(s) {', '.join(missing_cols)}; the header must be "
             f"tab-separated: {chr(9).join(schema['required'])}"
         )
-    problems, seen = [], {}
+    problems, seen, folders = [], {}, {}
+    # An unknown column is named once, against the header, not on every row.
+    unknown = [c for c in header if c not in schema["properties"]]
+    if unknown:
+        problems.append(
+            f"line 1: unknown column(s) {', '.join(map(repr, unknown))} (columns: "
+            f"{', '.join(schema['properties'])})"
+        )
     datasets = config.get("datasets") or {}
-    for line, row in enumerate(rows, start=2):
+    for line, (row, fields) in enumerate(zip(rows, short, strict=True), start=2):
         if None in row:
             problems.append(f"line {line}: more fields than columns (tabs inside a value?)")
             continue
-        for error in jsonschema.Draft202012Validator(schema).iter_errors(row):
+        if fields < len(header):
+            problems.append(
+                f"line {line}: {fields} tab-separated field(s), the header has {len(header)} "
+                "(a space instead of a tab?)"
+            )
+            continue
+        known = {k: v for k, v in row.items() if k not in unknown}
+        for error in jsonschema.Draft202012Validator(schema).iter_errors(known):
             problems.append(f"line {line}: " + _describe(error))
         name = row.get("subject", "")
         if row.get("kind") == "concept" and not row.get("concept"):
@@ -393,6 +256,16 @@ def load_subjects(
         if name in seen:
             problems.append(f"line {line}: duplicate subject {name!r} (first on line {seen[name]})")
         seen.setdefault(name, line)
+        # One folder for two subjects is a copy-paste slip: one of them trains on the other's
+        # photos.
+        where = (row.get("source", ""), os.path.normpath(row.get("images", "")))
+        if where in folders:
+            other, other_line = folders[where]
+            problems.append(
+                f"line {line}: subject {name!r}: image folder {row.get('images')!r} is also "
+                f"subject {other!r}'s (line {other_line}); give each subject its own photos"
+            )
+        folders.setdefault(where, (name, line))
         if row.get("source") == "local":
             folder = Path(base_dir) / row.get("images", "")
             if not folder.is_dir():
