@@ -673,3 +673,26 @@ def test_attention_maps_only_of_sampled_prompts_and_seeds(real):
     config["attention"]["prompt_ids"] = [count - 1]
     config["attention"]["seeds"] = [config["sampling"]["seeds"] - 1]
     validate_config(config)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "where", "message"),
+    [
+        # PyYAML's floats need a dot and a signed exponent: 1e-4 is text
+        ("x: 1e-4", ("methods", "dreambooth", "learning_rate"), "write 1.0e-4)"),
+        ("x: 2.5e4", ("methods", "svdiff", "learning_rate"), "write 2.5e+4)"),
+        # bare no is false, not the setting 'no'
+        ("x: no", ("training", "mixed_precision"), "YAML reads a bare no as False: quote it, 'no'"),
+        ("x: -3", ("methods", "svdiff", "steps"), "expected a whole number >= 1"),
+    ],
+)
+def test_yaml_traps_and_bounds_are_named_in_words(real, yaml_text, where, message):
+    config = copy.deepcopy(real)
+    entry = config
+    for key in where[:-1]:
+        entry = entry[key]
+    entry[where[-1]] = yaml.safe_load(yaml_text)["x"]
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    assert message in str(info.value)
+    assert '{"type"' not in str(info.value)

@@ -54,13 +54,49 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{where}: {error.message}"
     if error.validator == "propertyNames":
         return f"{where}: name {error.instance!r} is not allowed: {error.message}"
-    expected = schema.get("description") or json.dumps(
-        {k: v for k, v in schema.items() if k != "description"}
-    )
+    expected = schema.get("description") or _in_words(schema)
     if _may_hold_a_secret(error.absolute_path):
         # A key pasted where its variable's name belongs must not reach the terminal or a log.
         return f"{where}: invalid value (not shown: it may be a secret); expected {expected}"
-    return f"{where}: {error.instance!r} is invalid ({error.message}); expected {expected}"
+    return (
+        f"{where}: {error.instance!r} is invalid ({error.message}); expected {expected}"
+        + _yaml_hint(error.instance, schema)
+    )
+
+
+_WORDS = {"number": "a number", "integer": "a whole number", "string": "text"}
+_WORDS |= {"boolean": "true or false", "array": "a list", "object": "a mapping"}
+_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+
+
+def _in_words(schema: dict) -> str:
+    """What a schema without a description asks for, e.g. "a number > 0" (else its JSON)."""
+    rest = {k: v for k, v in schema.items() if k not in {"description", "type", *_BOUNDS}}
+    kind = schema.get("type")
+    if rest or not isinstance(kind, str) or kind not in _WORDS:
+        return json.dumps({k: v for k, v in schema.items() if k != "description"})
+    bounds = [f"{sign} {schema[key]}" for key, sign in _BOUNDS.items() if key in schema]
+    return " ".join([_WORDS[kind], " and ".join(bounds)]).strip()
+
+
+_YAML_FLOAT = re.compile(r"[+-]?(\d+|\d*\.\d+)[eE][+-]?\d+")
+_YAML_BOOLS = {"no", "yes", "on", "off", "n", "y", "true", "false"}
+
+
+def _yaml_hint(value: Any, schema: dict) -> str:
+    """The two YAML traps behind most type errors: PyYAML reads 1e-4 (no dot) as text, and
+    bare no/yes/on/off as booleans."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if isinstance(value, str) and _YAML_FLOAT.fullmatch(value) and {"number", "integer"} & {*types}:
+        mantissa, _, exponent = value.lower().partition("e")
+        exponent = exponent if exponent[0] in "+-" else f"+{exponent}"
+        return f" (YAML reads {value} as text: write {float(mantissa)}e{exponent})"
+    strings = [v for v in schema.get("enum", []) if isinstance(v, str)]
+    if isinstance(value, bool) and ("string" in types or strings):
+        words = [v for v in strings if v.lower() in _YAML_BOOLS] or ["no"]
+        return f" (YAML reads a bare {words[0]} as {value}: quote it, '{words[0]}')"
+    return ""
 
 
 _SECRET_WORDS = re.compile(r"(^|_)(key|token)(_|$)|secret|password", re.IGNORECASE)
@@ -80,8 +116,6 @@ def validate_against_schema(data: Any, schema: dict, source: str) -> None:
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
 
 
-# Subjects of these kinds run only in grids that ask for them (`kinds`, or by name): the other
-# kinds' prompts and methods make no sense on a concept's carrier subject.
 def _check_references(config: dict, source: str) -> None:
     """Names used in experiments, description sets and inference settings must be defined."""
     problems = []

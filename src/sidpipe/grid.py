@@ -23,6 +23,8 @@ class Arm:
         return f"{self.method}/{self.descriptions}/{self.inference}"
 
 
+# Subjects of these kinds run only in grids that ask for them (`kinds`, or by name): the other
+# kinds' prompts and methods make no sense on a concept's carrier subject.
 OPT_IN_KINDS = frozenset({"concept"})
 
 
