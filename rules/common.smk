@@ -766,3 +766,34 @@ def metric_csvs():
     return [
         f"results/metrics/{arm.name}/{subject}.csv" for arm, subject in ARM_SUBJECTS
     ]
+
+
+def missing_manual_descriptions():
+    """Hand-written description files (the `manual` backend) the arms need but that are not
+    there, path -> (subject, its description sets that read it): named at load, not as a
+    missing input."""
+    missing = {}
+    for subject in sorted({s for _, s in ARM_SUBJECTS}):
+        for descriptions in description_sets_of(subject):
+            path = manual_descriptions_file(subject, descriptions)
+            if (
+                vlm_backend(descriptions) == "manual"
+                and path
+                and not Path(path).exists()
+            ):
+                missing.setdefault(path, (subject, []))[1].append(descriptions)
+    return missing
+
+
+_missing_manual = missing_manual_descriptions()
+if _missing_manual:
+    raise ConfigError(
+        f"{CONFIG_SOURCE}: description sets of the manual backend read hand-written "
+        "descriptions next to the images, and "
+        + "; ".join(
+            f"{path} (subject {subject}, sets {', '.join(sets)}) does not exist"
+            for path, (subject, sets) in _missing_manual.items()
+        )
+        + ": write it (image stem -> case -> text, as demo/subjects/blue_mug/descriptions.yaml)"
+        " or run the subject without those sets"
+    )

@@ -136,3 +136,18 @@ def test_unquoted_templates_are_named_and_the_fix_given(tmp_path, real):
     assert "object[1]: {'a {token} {class}': 'with a hat'} is not a string" in message
     assert "object[2]: 42 is not a string" in message
     assert "quote it" in message and "lacks" not in message
+
+
+def test_a_misspelt_kind_is_named(tmp_path, real):
+    """`lives:` only showed as kind 'live' having 0 prompts; an unused unknown kind was
+    ignored."""
+    path = tmp_path / "p.yaml"
+    templates = ["a {token} {class}"] * 25
+    path.write_text(yaml.safe_dump({"object": templates, "lives": templates}))
+    with pytest.raises(ConfigError) as info:
+        load_prompts(path, real, {"object"})
+    assert "unknown kind 'lives' (the file's keys are subject kinds: object, live," in str(
+        info.value
+    )
+    path.write_text(yaml.safe_dump({"object": templates, "live": templates}))
+    assert load_prompts(path, real, {"object"})["object"] == templates

@@ -769,6 +769,19 @@ def test_attention_without_its_mask_models_is_a_load_error(tmp_path):
     assert not (workdir / "results").exists()
 
 
+def test_missing_hand_written_descriptions_are_a_load_error(tmp_path):
+    """A manual description set without its descriptions.yaml was a bare MissingInputException;
+    the start-up names the file, the subject, the sets that read it and the fix."""
+    workdir = copy_demo(tmp_path / "w")
+    (workdir / "subjects/blue_mug/descriptions.yaml").unlink()
+    result = snakemake(workdir, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert (
+        "subjects/blue_mug/descriptions.yaml (subject blue_mug, sets case2, case4, sid) does "
+        "not exist: write it" in result.stdout + result.stderr
+    )
+
+
 def test_experiments_that_run_on_no_subject_are_a_load_error(tmp_path):
     """Otherwise the arms table's job would fail on an empty grid, after the references ran."""
     workdir = copy_demo(tmp_path / "w")

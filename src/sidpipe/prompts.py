@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sidpipe.config import ConfigError
+from sidpipe.config import ConfigError, load_schema
 from sidpipe.io import SidpipeError, read_yaml
 from sidpipe.sampling import expand_prompts
 
@@ -52,6 +52,13 @@ def load_prompts(
     for concept in sorted(concepts & set(own)):
         lists[CONCEPT_PROMPTS + concept] = (f"concepts.{concept}", own[concept])
     problems = []
+    known = [*load_schema("subjects")["properties"]["kind"]["enum"], "concepts"]
+    for key in prompts:
+        if key not in known:
+            # A typo (`lives:`) would otherwise only show as the real kind's missing list.
+            problems.append(
+                f"unknown kind {key!r} (the file's keys are subject kinds: {', '.join(known)})"
+            )
     for label, templates in sorted(lists.values(), key=lambda item: item[0]):
         problems += _template_problems(label, templates, need)
     if problems:
