@@ -357,6 +357,19 @@ def test_broken_subject_tables_are_rejected(tmp_path, real, body, message):
     assert "subjects.tsv: invalid subjects table" in str(info.value)
 
 
+def test_a_trimmed_tab_before_an_empty_last_column_is_no_error(tmp_path, real):
+    """Editors strip the tab before an empty optional last column (the demo's `concept`)."""
+    header = HEADER.rstrip("\n") + "\tconcept\n"
+    rows = load_subjects(_table(tmp_path, "a\tdog\tlive\timgs\tlocal\n", header), real, tmp_path)
+    assert rows[0]["concept"] == "" and rows[0]["images"] == "imgs"
+
+
+def test_one_folder_for_two_subjects_is_named_however_it_is_written(tmp_path, real):
+    body = f"a\tdog\tlive\timgs\tlocal\nb\tcat\tlive\t{tmp_path / 'imgs'}\tlocal\n"
+    with pytest.raises(ConfigError, match=r"line 3: subject 'b': image folder .* is also subject"):
+        load_subjects(_table(tmp_path, body), real, base_dir=tmp_path)
+
+
 def test_an_unknown_column_is_named_once_against_the_header(tmp_path, real):
     body = "a\tdog\tlive\timgs\tlocal\tx\nb\tcat\tlive\timgs2\tlocal\tx\n"
     (tmp_path / "imgs2").mkdir()
@@ -515,11 +528,17 @@ def test_config_checker_command(tmp_path, capsys):
     assert f"{good}: valid" in capsys.readouterr().out
     assert main([*demo, str(bad)]) == 1
     assert f"{bad}, line 2, column 1" in capsys.readouterr().err
-    # a layer alone is no config; over the demo's, merged as Snakemake merges them, it is one
+    # a layer goes over the demo's config, merged as Snakemake merges them; the working
+    # directory's config.yaml comes first (the Snakefile's configfile) when not named
     layer = REPO / "demo" / "biases.yaml"
-    assert main([*demo, str(layer)]) == 1
-    assert "'models' is a required property" in capsys.readouterr().err
     assert main([*demo, str(good), str(layer)]) == 0
+    assert main([*demo, str(layer)]) == 0
+    out = capsys.readouterr().out
+    assert f"{REPO / 'demo' / 'config.yaml'} first, as the Snakefile's configfile" in out
+    assert f"{REPO / 'demo' / 'config.yaml'}, {layer}: valid" in out
+    # where there is no config.yaml, a layer alone is no config
+    assert main(["--directory", str(tmp_path), str(layer)]) == 1
+    assert "'models' is a required property" in capsys.readouterr().err
     # the layer's value wins, and a mistake in it is named with both files
     wrong = tmp_path / "layer.yaml"
     wrong.write_text("sampling: {seeds: zero}\n")
@@ -533,11 +552,18 @@ def test_config_checker_command(tmp_path, capsys):
 
 
 def test_merged_configs_replace_values_and_merge_mappings():
+    """As Snakemake merges --configfile layers (its own update_config)."""
+    from snakemake.utils import update_config
+
     from sidpipe.config import merge_configs
 
+    layer = {"a": {"y": {"q": 2}, "z": 0}, "b": [3], "c": {"new": 1}}
     base = {"a": {"x": 1, "y": {"p": 1}}, "b": [1, 2], "c": 3}
-    merge_configs(base, {"a": {"y": {"q": 2}, "z": 0}, "b": [3], "c": {"new": 1}})
+    theirs = copy.deepcopy(base)
+    update_config(theirs, copy.deepcopy(layer))
+    merge_configs(base, layer)
     assert base == {"a": {"x": 1, "y": {"p": 1, "q": 2}, "z": 0}, "b": [3], "c": {"new": 1}}
+    assert base == theirs
 
 
 def test_encoder_methods_need_their_checkpoints_and_no_training_settings(real):
@@ -684,6 +710,10 @@ def test_attention_maps_only_of_sampled_prompts_and_seeds(real):
         # bare no is false, not the setting 'no'
         ("x: no", ("training", "mixed_precision"), "YAML reads a bare no as False: quote it, 'no'"),
         ("x: -3", ("methods", "svdiff", "steps"), "expected a whole number >= 1"),
+        # a whole number: 1e3 is text, and 1.0e+3 a float that range() refuses in the job
+        ("x: 1e3", ("methods", "svdiff", "steps"), "YAML reads 1e3 as text: write 1000)"),
+        ("x: 1.0e+3", ("methods", "svdiff", "steps"), "(write 1000, without a decimal point)"),
+        ("x: yes", ("identifier",), "YAML reads a bare yes as True: quote it, 'yes'"),
     ],
 )
 def test_yaml_traps_and_bounds_are_named_in_words(real, yaml_text, where, message):

@@ -228,14 +228,20 @@ error = {"user": SidpipeError("refs/02.png: truncated; re-export it"), "bug": Ke
 with job_log(sys.argv[1]):
     if sys.argv[2] == "interrupt":
         raise KeyboardInterrupt
+    if sys.argv[2] == "wrapped":
+        try:
+            {}["weights"]
+        except KeyError as err:
+            raise SidpipeError("cannot load the model from m; fix m") from err
     raise error[sys.argv[2]]
 """
 
 
-@pytest.mark.parametrize("kind", ["user", "bug", "interrupt"])
+@pytest.mark.parametrize("kind", ["user", "wrapped", "bug", "interrupt"])
 def test_a_failing_job_says_why_in_its_log(tmp_path: Path, kind: str) -> None:
     """A user's error (SidpipeError) ends the job with its message as one line, no traceback
-    to bury it; a bug keeps its traceback; a Ctrl-C is named in the log too."""
+    to bury it (a library error it wraps keeps that one's); a bug keeps its traceback; a
+    Ctrl-C is named in the log too."""
     import subprocess
     import sys
 
@@ -249,7 +255,19 @@ def test_a_failing_job_says_why_in_its_log(tmp_path: Path, kind: str) -> None:
         assert result.returncode == 1 and not result.stderr
         assert "ERROR sidpipe: job failed: refs/02.png: truncated; re-export it" in text
         assert "Traceback" not in text
+    elif kind == "wrapped":  # a library error behind the user's line keeps its traceback
+        assert result.returncode == 1 and not result.stderr
+        assert "ERROR sidpipe: job failed: cannot load the model from m; fix m\n" in text
+        assert "Traceback" in text and "KeyError: 'weights'" in text
     elif kind == "bug":
         assert "job failed" in text and "Traceback" in text and "KeyError: 'k'" in text
     else:
         assert "ERROR sidpipe: job interrupted (SIGINT, e.g. Ctrl-C)" in text
+
+
+def test_a_path_under_an_existing_folder_is_local_not_a_hub_id(tmp_path: Path) -> None:
+    (tmp_path / "world").mkdir()
+    assert looks_local("world/sdx", tmp_path)  # a typo of world/sd
+    assert not looks_local("openai/clip-vit-base-patch32", tmp_path)
+    assert not looks_local("gpt2", tmp_path)
+    assert looks_local("./sd", tmp_path) and looks_local("a/b/c", tmp_path)

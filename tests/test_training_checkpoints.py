@@ -115,3 +115,29 @@ def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
     stale.write_bytes(b"half a checkpoint")
     remove_checkpoints(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_catches_sigint_unless_it_is_ignored() -> None:
+    """Ctrl-C checkpoints like SIGTERM; a process started to ignore SIGINT (run in the
+    background) keeps ignoring it. Both handlers come back afterwards."""
+    import signal
+
+    from sidpipe.training.checkpoints import sigterm_flag
+
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        for start in (signal.default_int_handler, signal.SIG_IGN):
+            signal.signal(signal.SIGINT, start)
+            term = signal.getsignal(signal.SIGTERM)
+            with sigterm_flag() as flag:
+                caught = signal.getsignal(signal.SIGINT)
+                if start is signal.SIG_IGN:
+                    assert caught is signal.SIG_IGN
+                else:
+                    assert caught not in (start, signal.SIG_IGN)
+                    signal.raise_signal(signal.SIGINT)
+                    assert flag["signal"] == signal.SIGINT
+            assert signal.getsignal(signal.SIGINT) is start
+            assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -341,8 +341,10 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resumes(
 
 
 CHILD = """
-import json, logging, sys
+import json, logging, signal, sys
 from sidpipe.training.loop import train_subject
+# as from a terminal: a test run in the background inherits an ignored SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 logging.basicConfig(stream=sys.stderr, level=logging.INFO)
 train_subject(**json.loads(sys.argv[1]))
 """

@@ -84,17 +84,24 @@ _YAML_BOOLS = {"no", "yes", "on", "off", "n", "y", "true", "false"}
 
 
 def _yaml_hint(value: Any, schema: dict) -> str:
-    """The two YAML traps behind most type errors: PyYAML reads 1e-4 (no dot) as text, and
-    bare no/yes/on/off as booleans."""
+    """The YAML traps behind most type errors: PyYAML reads 1e-4 (no dot) as text, 1e3 written
+    as 1.0e+3 is a float where a whole number belongs, and bare no/yes/on/off are booleans."""
     types = schema.get("type", [])
-    types = [types] if isinstance(types, str) else types
-    if isinstance(value, str) and _YAML_FLOAT.fullmatch(value) and {"number", "integer"} & {*types}:
+    types = {types} if isinstance(types, str) else set(types)
+    whole = "integer" in types and "number" not in types
+    if isinstance(value, str) and _YAML_FLOAT.fullmatch(value) and {"number", "integer"} & types:
         mantissa, _, exponent = value.lower().partition("e")
         exponent = exponent if exponent[0] in "+-" else f"+{exponent}"
+        number = float(f"{mantissa}e{exponent}")
+        if whole and number.is_integer():
+            return f" (YAML reads {value} as text: write {int(number)})"
         return f" (YAML reads {value} as text: write {float(mantissa)}e{exponent})"
+    if isinstance(value, float) and whole and value.is_integer():
+        return f" (write {int(value)}, without a decimal point)"
     strings = [v for v in schema.get("enum", []) if isinstance(v, str)]
     if isinstance(value, bool) and ("string" in types or strings):
-        words = [v for v in strings if v.lower() in _YAML_BOOLS] or ["no"]
+        spelled = {True: ("yes", "on", "true", "y"), False: ("no", "off", "false", "n")}[value]
+        words = [v for v in strings if v.lower() in spelled] or [spelled[0]]
         return f" (YAML reads a bare {words[0]} as {value}: quote it, '{words[0]}')"
     return ""
 
@@ -108,8 +115,17 @@ def _may_hold_a_secret(path) -> bool:
     return bool(keys) and bool(_SECRET_WORDS.search(keys[-1]))
 
 
+# A whole number is an int: JSON Schema also takes 1000.0, which then fails in range() in a job.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
+
+
 def validate_against_schema(data: Any, schema: dict, source: str) -> None:
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _Validator(schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = "\n  ".join(_describe(e) for e in errors)
@@ -245,8 +261,10 @@ def load_subjects(
         # restkey None collects surplus fields (tabs inside a value): reported below
         raw = list(reader)
         header = reader.fieldnames or []
-    # restval None marks fields a short row lacks (reported below, before they read as "")
-    short = [sum(v is not None for k, v in row.items() if k is not None) for row in raw]
+    # restval None marks the fields a short row lacks: a missing required one is reported
+    # below; trailing optional ones (an editor trims the tab before an empty last column)
+    # read as ""
+    lacking = [[k for k, v in row.items() if k is not None and v is None] for row in raw]
     rows = [{k: v if k is None else (v or "").strip() for k, v in row.items()} for row in raw]
     missing_cols = [c for c in schema["required"] if c not in header]
     if missing_cols:
@@ -263,18 +281,18 @@ def load_subjects(
             f"{', '.join(schema['properties'])})"
         )
     datasets = config.get("datasets") or {}
-    for line, (row, fields) in enumerate(zip(rows, short, strict=True), start=2):
+    for line, (row, absent) in enumerate(zip(rows, lacking, strict=True), start=2):
         if None in row:
             problems.append(f"line {line}: more fields than columns (tabs inside a value?)")
             continue
-        if fields < len(header):
+        if set(absent) & set(schema["required"]):
             problems.append(
-                f"line {line}: {fields} tab-separated field(s), the header has {len(header)} "
-                "(a space instead of a tab?)"
+                f"line {line}: {len(header) - len(absent)} tab-separated field(s), the header "
+                f"has {len(header)} (a space instead of a tab?)"
             )
             continue
         known = {k: v for k, v in row.items() if k not in unknown}
-        for error in jsonschema.Draft202012Validator(schema).iter_errors(known):
+        for error in _Validator(schema).iter_errors(known):
             problems.append(f"line {line}: " + _describe(error))
         name = row.get("subject", "")
         if row.get("kind") == "concept" and not row.get("concept"):
@@ -292,7 +310,10 @@ def load_subjects(
         seen.setdefault(name, line)
         # One folder for two subjects is a copy-paste slip: one of them trains on the other's
         # photos.
-        where = (row.get("source", ""), os.path.normpath(row.get("images", "")))
+        images = row.get("images", "")
+        if row.get("source") == "local":
+            images = str((Path(base_dir) / images).resolve())
+        where = (row.get("source", ""), os.path.normpath(images))
         if where in folders:
             other, other_line = folders[where]
             problems.append(
@@ -456,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=["config.yaml"],
         metavar="CONFIG",
-        help="config files, later ones over earlier ones as Snakemake merges them "
-        "(default: config.yaml); e.g. demo/config.yaml demo/biases.yaml",
+        help="config files, later ones over earlier ones as Snakemake merges them, after "
+        "DIR/config.yaml where there is one (the Snakefile's configfile; default: config.yaml); "
+        "e.g. demo/config.yaml demo/biases.yaml",
     )
     parser.add_argument(
         "-d",
@@ -468,11 +490,18 @@ def main(argv: list[str] | None = None) -> int:
         "default: the current one",
     )
     args = parser.parse_args(argv)
+    configs = list(args.configs)
+    # The Snakefile's `configfile: "config.yaml"`: Snakemake loads the working directory's
+    # config.yaml (where there is one) before the --configfile files.
+    base = Path(args.directory) / "config.yaml"
+    if base.is_file() and base.resolve() not in {Path(c).resolve() for c in configs}:
+        configs.insert(0, str(base))
+        print(f"{base} first, as the Snakefile's configfile (Snakemake loads it before these)")
     try:
-        check_files(args.configs, args.directory)
+        check_files(configs, args.directory)
     except SidpipeError as err:
         print(err, file=sys.stderr)
-        elsewhere = {Path(c).resolve().parent for c in args.configs}
+        elsewhere = {Path(c).resolve().parent for c in configs}
         if elsewhere != {Path(args.directory).resolve()}:
             print(
                 f"(the config's relative paths were read from {Path(args.directory).resolve()}; "
@@ -480,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
-    print(f"{', '.join(args.configs)}: valid")
+    print(f"{', '.join(configs)}: valid")
     return 0
 
 

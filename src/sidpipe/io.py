@@ -297,9 +297,10 @@ def job_log(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
         try:
             yield log
         except SidpipeError as err:
-            # The user's error is one line naming the file, the field and the fix; its
-            # traceback (printed again by show-failed-logs) would only bury it.
-            log.error("job failed: %s", err)
+            # The user's error is one line naming the file, the field and the fix; its own
+            # traceback (printed again by show-failed-logs) would only bury it. A library error
+            # it wraps keeps its traceback, after that line, for a bug report.
+            log.error("job failed: %s", err, exc_info=err.__cause__)
             raise SystemExit(1) from None
         except KeyboardInterrupt:
             log.error("job interrupted (SIGINT, e.g. Ctrl-C)")

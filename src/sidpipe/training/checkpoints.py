@@ -151,7 +151,11 @@ def sigterm_flag() -> Iterator[dict[str, int | None]]:
             raise KeyboardInterrupt
         flag["signal"] = signum
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A SIGINT the process was started to ignore (a job run in the background) stays ignored.
+    caught = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        caught.append(signal.SIGINT)
+    previous = {sig: signal.signal(sig, handler) for sig in caught}
     try:
         yield flag
     finally:
