@@ -681,6 +681,7 @@ def test_concept_subject_runs_lego_on_transfer_prompts(tmp_path):
     config["experiments"]["lego"][0]["kinds"] = ["concept"]
     config["attention"]["experiments"] = ["lego"]
     config["sampling"]["seeds"] = 1
+    config["attention"]["seeds"] = [0]  # the one seed sampled
     del config["human_study"]
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = scheduled_jobs(workdir)
