@@ -80,7 +80,6 @@ def _in_words(schema: dict) -> str:
 
 
 _YAML_FLOAT = re.compile(r"[+-]?(\d+|\d*\.\d+)[eE][+-]?\d+")
-_YAML_BOOLS = {"no", "yes", "on", "off", "n", "y", "true", "false"}
 
 
 def _yaml_hint(value: Any, schema: dict) -> str:
@@ -310,9 +309,8 @@ def load_subjects(
         seen.setdefault(name, line)
         # One folder for two subjects is a copy-paste slip: one of them trains on the other's
         # photos.
-        images = row.get("images", "")
-        if row.get("source") == "local":
-            images = str((Path(base_dir) / images).resolve())
+        folder = Path(base_dir) / row.get("images", "")
+        images = str(folder.resolve()) if row.get("source") == "local" else row.get("images", "")
         where = (row.get("source", ""), os.path.normpath(images))
         if where in folders:
             other, other_line = folders[where]
@@ -322,7 +320,6 @@ def load_subjects(
             )
         folders.setdefault(where, (name, line))
         if row.get("source") == "local":
-            folder = Path(base_dir) / row.get("images", "")
             if not folder.is_dir():
                 problems.append(
                     f"line {line}: subject {name!r}: image folder {folder} does not exist "
@@ -349,15 +346,12 @@ def check_model_folders(config: dict, source: str, base_dir: str | Path = ".") -
         model = expand_home(value)
         if model.startswith("results/") or not looks_local(model, base_dir):
             continue
-        path = Path(model) if Path(model).is_absolute() else Path(base_dir) / model
-        if path.is_dir():
+        if (Path(base_dir) / model).is_dir():  # an absolute `model` replaces base_dir
             continue
-        first = model.split("/")[0]
+        # Local yet shaped like 'org/name': looks_local saw the folder `org` (or a file).
         why = (
-            f" ({first}/ is, so it reads as a local path, not a hub id)"
-            if model.count("/") == 1
-            and not model.startswith((".", "~", "/"))
-            and (Path(base_dir) / first).is_dir()
+            f" ({model.split('/')[0]}/ is, so it reads as a local path, not a hub id)"
+            if model.count("/") == 1 and not model.startswith((".", "~", "/"))
             else ""
         )
         raise ConfigError(

@@ -41,13 +41,13 @@ def looks_local(model: str, base_dir: str | os.PathLike = ".") -> bool:
     """Hub ids are 'name' or 'org/name'; anything else path-like is meant as a local folder, and
     so is 'a/b' where a folder `a` exists (`world/sdx` is a typo of `world/sd`, not a hub id).
     Relative paths are read from `base_dir`."""
-    first = model.split("/")[0]
+    org = model.split("/")[0]
     return (
         Path(model).is_absolute()
         or model.startswith((".", "~"))
         or model.count("/") > 1
         or (Path(base_dir) / model).exists()
-        or (model.count("/") == 1 and bool(first) and (Path(base_dir) / first).is_dir())
+        or (model.count("/") == 1 and org != "" and (Path(base_dir) / org).is_dir())
     )
 
 
