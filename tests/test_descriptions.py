@@ -230,6 +230,24 @@ def test_manual_entry_is_validated(tmp_path: Path, base: str, text: str, reason:
     assert reason in str(err.value) and "image 01" in str(err.value)
 
 
+def test_manual_entry_without_the_placeholder_is_placed_and_logged(
+    tmp_path: Path, base: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    manual_file = tmp_path / "descriptions.yaml"
+    texts = {"01": "a red mug beside a plant", **{f"{n:02d}": "a [V] mug" for n in (2, 3, 4)}}
+    manual_file.write_text(yaml.safe_dump({stem: {"case2": t} for stem, t in texts.items()}))
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with caplog.at_level("INFO", logger="sidpipe"):
+        rows = run(
+            tmp_path, base, make_references(tmp_path), case=2, vlm=vlm, manual_file=manual_file
+        )
+    assert rows[0]["description"] == "a red [V] mug beside a plant"
+    assert rows[0]["raw_response"] == "a red mug beside a plant"
+    placed = [r.getMessage() for r in caplog.records if 'no "[V]" written' in r.getMessage()]
+    assert len(placed) == 1, "only the entry without [V] is named"
+    assert "image 01" in placed[0] and '"a red [V] mug beside a plant"' in placed[0]
+
+
 def test_case_above_one_needs_a_vlm(tmp_path: Path, base: str) -> None:
     with pytest.raises(SidpipeError, match=r"descriptions\.set: case 3 needs a `vlm`"):
         run(tmp_path, base, make_references(tmp_path), case=3)

@@ -422,7 +422,7 @@ def test_demo_outputs(demo_run):
     for name in ("pareto", "pareto_single_reference", "subjects", "improvements", "agreement"):
         assert (demo_run / f"results/metrics/plots/{name}.svg").stat().st_size > 1000
     agreement = pd.read_csv(demo_run / "results/metrics/agreement.csv")
-    assert {"SA", "NSD", "TA"} <= set(agreement["proxy"])
+    assert {"SA", "NSD", "TA", "CLIP-I", "DINO"} <= set(agreement["proxy"])
     for subject in subjects:
         masks = list(csv.DictReader(open(demo_run / f"results/masks/{subject}/manifest.csv")))
         assert [r["backend"] for r in masks] == ["provided"] * 4

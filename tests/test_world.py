@@ -380,6 +380,39 @@ def test_agreement_finds_a_proxy_that_tracks_the_truth():
     assert agreement(pd.DataFrame(rows)[lambda d: d.metric != "leak_background"]).empty
 
 
+def test_identity_metrics_follow_the_paper_proxies_and_leave_their_intervals():
+    """CLIP-I and DINO join the agreement after SA / NSD / TA: a table with them gives the
+    paper's rows (and their bootstrap intervals) exactly as a table without them, and a
+    whole-image metric that rises with the leak is reported with that sign."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for subject in ("a", "b", "c", "d"):
+        for prompt in range(8):
+            leak, kept = float(prompt % 2), float(rng.random() < 0.5)
+            key = {"method": "dreambooth", "descriptions": "case1", "inference": "standard"}
+            key |= {"subject": subject, "prompt_id": prompt, "seed": 0}
+            values = {
+                "leak_background": leak,
+                "subject_kept": kept,
+                "SA": 0.2 * kept + rng.normal(0, 0.05),
+                "NSD": 0.5 - 0.2 * leak + rng.normal(0, 0.05),
+                "CLIP-I": 0.6 + 0.2 * leak + rng.normal(0, 0.05),
+                "DINO": 0.4 + 0.1 * kept + rng.normal(0, 0.05),
+            }
+            rows += [key | {"metric": m, "value": v} for m, v in values.items()]
+    full = pd.DataFrame(rows)
+    table = agreement(full, n_boot=30)
+    paper = agreement(full[~full.metric.isin(["CLIP-I", "DINO"])], n_boot=30)
+    assert len(paper) == 8 and len(table) == 16
+    pd.testing.assert_frame_equal(table.iloc[: len(paper)], paper)
+    assert set(table.iloc[len(paper) :].proxy) == {"CLIP-I", "DINO"}
+    images = table[table.level == "images"].set_index(["proxy", "truth"])
+    assert images.loc[("CLIP-I", "leak_background")].spearman > 0.8
+    assert images.loc[("CLIP-I", "leak_background")].expected_sign == 0
+    assert images.loc[("DINO", "subject_kept")].spearman > 0.5
+    assert images.loc[("DINO", "subject_kept")].expected_sign == 1
+
+
 def test_sa_should_rise_with_the_carrier_leaking_into_a_concept():
     """On a concept's transfer prompts SA is the carrier's look in the image: a faithful SA
     rises with leak_subject (the cell the agreement plot outlines)."""

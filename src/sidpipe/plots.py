@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from sidpipe.agreement import IDENTITY_PROXIES
 from sidpipe.io import SidpipeError, atomic_file
 from sidpipe.stats import arm_name, pareto_front
 
@@ -346,7 +347,10 @@ def plot_agreement(agreement: pd.DataFrame, out: Path) -> list[Path]:
     levels = [lv for lv in ("images", "arms") if lv in set(agreement["level"])]
     proxies = list(dict.fromkeys(agreement["proxy"]))
     truths = list(dict.fromkeys(agreement["truth"]))
-    fig = Figure(figsize=(1.6 + 1.3 * len(truths) * len(levels), 0.9 + 0.6 * len(proxies)))
+    # Square cells of a fixed size: the panels' width follows the measures, the height the
+    # proxies, with no blank band between the panels.
+    cell = 0.8
+    fig = Figure(figsize=(3.2 + cell * len(truths) * len(levels), 1.6 + cell * len(proxies)))
     fig.set_layout_engine("constrained")
     axes = fig.subplots(1, len(levels), squeeze=False)[0]
     for ax, level in zip(axes, levels, strict=True):
@@ -365,6 +369,7 @@ def plot_agreement(agreement: pd.DataFrame, out: Path) -> list[Path]:
                     ha="center",
                     va="center",
                     fontsize="x-small",
+                    color="white" if abs(r.spearman) > 0.7 else "black",  # legible on dark
                 )
             agrees = np.isfinite(r.spearman) and np.sign(r.spearman) == r.expected_sign
             if r.expected_sign and agrees:
@@ -373,6 +378,9 @@ def plot_agreement(agreement: pd.DataFrame, out: Path) -> list[Path]:
                         (j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"
                     )
                 )
+        paper = [i for i, p in enumerate(proxies) if p not in IDENTITY_PROXIES]
+        if paper and len(paper) < len(proxies):  # the paper's proxies above, CLIP-I/DINO below
+            ax.axhline(max(paper) + 0.5, color="grey", lw=1, ls="--")
         ax.set_xticks(range(len(truths)), truths, rotation=30, ha="right", fontsize="small")
         ax.set_yticks(range(len(proxies)), proxies)
         ax.set_title(f"across {level}", fontsize="medium")

@@ -142,6 +142,8 @@ def describe_references(
                 problem = f"{n_tokens} tokens, over the text encoder's {max_text_tokens}"
             if problem:
                 raise SidpipeError(f"{where}: {problem}: {quote(text)}")
+            if PLACEHOLDER.lower() not in text.lower():
+                log.info('%s: no "%s" written; trained as %s', where, PLACEHOLDER, quote(fixed))
             rows[ref.image_id] = _row(common, ref, fixed, text, "manual", str(manual_file), "")
             rows[ref.image_id].update(token_count=n_tokens, source="manual")
         elif backend_kind == "manual":
