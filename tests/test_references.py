@@ -466,6 +466,24 @@ def test_wrong_size_mask_is_an_error(src: Path, out: Path) -> None:
     assert_clean(out)
 
 
+def test_all_black_mask_is_named_at_preparation(src: Path, out: Path) -> None:
+    solid(src / "a.png", size=(20, 20))
+    solid(src / "a.mask.png", 0, size=(20, 20), mode="L")
+    with pytest.raises(SidpipeError, match=r"a\.mask\.png: the mask is all black.*grounded_sam"):
+        run(src, out)
+    assert_clean(out)
+
+
+def test_a_subject_the_centre_crop_cuts_away_is_an_error(src: Path, out: Path) -> None:
+    solid(src / "a.png", size=(40, 10))
+    mask = np.zeros((10, 40), np.uint8)
+    mask[:, :5] = 255  # the subject at the left edge; the crop keeps columns 15-24
+    Image.fromarray(mask).save(src / "a.mask.png")
+    with pytest.raises(SidpipeError, match=r"a\.mask\.png: the subject lies outside the square"):
+        run(src, out, resolution=10)
+    assert_clean(out)
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
