@@ -1,5 +1,6 @@
 # Validation, tables, wildcard constraints and input functions shared by every stage.
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from sidpipe.config import (
     load_subjects,
     tiny_model_keys,
     validate_config,
+    warn_over_cap,
 )
 from sidpipe.grid import (
     OPT_IN_KINDS,
@@ -29,9 +31,19 @@ from sidpipe.human_study.design import (
     plan_settings,
     resolve_settings,
 )
+from sidpipe.hub import (
+    encoder_hub_ids,
+    hub_models,
+    is_hub_id,
+    record_name,
+    record_path,
+    repo_id_of,
+)
 from sidpipe.io import SidpipeError, expand_home
 from sidpipe.encoders import (
     BASE_MODEL_ALGORITHM,
+    ELITE_MAPPER_KEYS,
+    ELITE_MAPPERS_SOURCE,
     ENCODER_ALGORITHMS,
     UNTRAINED_ALGORITHMS,
 )
@@ -88,14 +100,42 @@ for _warning in _skipped:
     logger.warning(_warning)
 DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
+# hub id -> the config keys that name it (rule fetch_model)
+HUB_MODELS = hub_models(config)
+# Files a user downloads by hand (ELITE's mappers) -> the config key that names each
+MANUAL_FILES = {
+    str(method[key]): f"methods.{name}.{key}"
+    for name, method in config["methods"].items()
+    if method.get("algorithm") == "elite"
+    for key in ELITE_MAPPER_KEYS
+    if method.get(key)
+    and not str(method[key]).startswith("results/models/tiny_encoders/")
+}
+# Cluster jobs load hub models from the cache fetch_model filled on the submitting host and do
+# not ask the hub (compute nodes often have no internet; each question is a timeout there).
+if workflow.remote_exec:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
 NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative
 
 
 def job_memory(rule_name, default_mb):
-    """A job's mem_mb, config `job_resources` first; a retry asks for more."""
-    return attempt_scaled(config, rule_name, "mem_mb", default_mb)
+    """A job's mem_mb, config `job_resources` first; a retry asks for more. Named when the
+    run's global mem_mb would lower it."""
+    return warn_over_cap(
+        attempt_scaled(config, rule_name, "mem_mb", default_mb),
+        rule_name,
+        "mem_mb",
+        global_resource("mem_mb"),
+        logger.warning,
+    )
+
+
+def global_resource(name):
+    """The run's global `resources:` value of `name` (profile or --resources), or None."""
+    value = getattr(workflow.global_resources.get(name), "value", None)
+    return value if isinstance(value, int) else None
 
 
 def job_runtime(rule_name, default_minutes):
@@ -180,6 +220,8 @@ wildcard_constraints:
     descriptions=NAME,
     inference=NAME,
     class_slug="|".join(CLASSES),
+    repo="|".join(re.escape(record_name(repo_id)) for repo_id in HUB_MODELS) or NEVER,
+    manual_file="|".join(map(re.escape, MANUAL_FILES)) or NEVER,
     study=re.escape(HUMAN_STUDY["name"]) if HUMAN_STUDY else NEVER,
 
 
@@ -194,8 +236,31 @@ def subject_images(wildcards):
 
 
 def model_input(key):
-    """The folder of a model the workflow builds (tiny demo models), else nothing to wait for."""
-    return "results/models/tiny" if key in TINY_MODELS else []
+    """What a job loading `models.<key>` waits for: the tiny models' folder the workflow builds,
+    or a hub model's fetch record, else nothing (a local folder)."""
+    return (
+        "results/models/tiny"
+        if key in TINY_MODELS
+        else hub_input(config["models"].get(key))
+    )
+
+
+def hub_input(model):
+    """The fetch record of a hub id (ancient: fetching again reruns no job), else nothing."""
+    return ancient(record_path(model)) if is_hub_id(model) else []
+
+
+def hub_model_users(wildcards):
+    return HUB_MODELS[repo_id_of(wildcards.repo)]
+
+
+def manual_download_instructions(wildcards):
+    return (
+        f"{wildcards.manual_file} ({MANUAL_FILES[wildcards.manual_file]}) does not exist: "
+        "ELITE's mappers are not on the hub; download global_mapper.pt and local_mapper.pt "
+        f"from {ELITE_MAPPERS_SOURCE} to the paths methods.elite names, or leave its arms out "
+        "of `experiments`"
+    )
 
 
 def mask_backend(subject):
@@ -275,6 +340,7 @@ def vlm_model_input(wildcards):
         folder = expand_home(entry["model"])
         if Path(folder).exists():
             return [folder]
+        return hub_input(entry["model"])
     return []
 
 
@@ -554,6 +620,16 @@ def sample_encoder_inputs(wildcards):
         }
     if settings["algorithm"] == "elite":
         inputs["masks"] = f"results/masks/{wildcards.subject}/manifest.csv"
+        # downloaded by hand (not on the hub): a missing one is named before any job runs
+        inputs["mappers"] = [
+            str(settings[key])
+            for key in ELITE_MAPPER_KEYS
+            if str(settings.get(key)) in MANUAL_FILES
+        ]
+    inputs["hub"] = [
+        hub_input(repo_id)
+        for repo_id in encoder_hub_ids(settings["algorithm"], settings).values()
+    ]
     return {key: value for key, value in inputs.items() if value}
 
 

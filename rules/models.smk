@@ -39,3 +39,48 @@ rule build_tiny_encoders:
         seed=config.get("tiny_models", {}).get("seed", 0),
     script:
         "../workflow_scripts/build_tiny_encoders.py"
+
+
+# Hub models a run loads, fetched once on the submitting host (compute nodes often have no
+# internet) into the Hugging Face cache the nodes share; their jobs wait for the record.
+localrules:
+    fetch_model,
+    manual_download,
+
+
+rule fetch_model:
+    output:
+        "results/models/hub/{repo}.json",
+    log:
+        "results/logs/fetch_model/{repo}.log",
+    benchmark:
+        "results/benchmarks/fetch_model/{repo}.tsv"
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=job_memory("fetch_model", 2000),
+        runtime=job_runtime("fetch_model", 240),
+    params:
+        used_by=hub_model_users,
+    script:
+        "../workflow_scripts/fetch_model.py"
+
+
+# Files no rule can fetch (ELITE's mappers): the job, run first on the submitting host, says
+# where to get a missing one, while the rest of the run goes on (and a dry run still plans).
+rule manual_download:
+    output:
+        "{manual_file}",
+    log:
+        "results/logs/manual_download/{manual_file}.log",
+    conda:
+        "../envs/cpu.yaml"
+    resources:
+        gpu=0,
+        mem_mb=1000,
+        runtime=5,
+    params:
+        instructions=manual_download_instructions,
+    script:
+        "../workflow_scripts/manual_download.py"

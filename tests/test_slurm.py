@@ -105,11 +105,13 @@ def _results(workdir: Path) -> dict[str, bytes]:
     return out
 
 
-def _job_ids(workdir: Path, rule: str) -> dict[str, tuple[str, str]]:
-    """log file -> (the SLURM job that wrote it, the GPUs it saw)."""
+def _job_ids(workdir: Path, rule: str) -> dict[str, tuple[str, str, str]]:
+    """log file -> (the SLURM job that wrote it, the GPUs it saw, its HF_HUB_OFFLINE)."""
     found = {}
     for log in (workdir / "results/logs" / rule).rglob("*.log"):
-        match = re.search(r"SLURM_JOB_ID=(\d+) CUDA_VISIBLE_DEVICES=(\S+)", log.read_text())
+        match = re.search(
+            r"SLURM_JOB_ID=(\d+) CUDA_VISIBLE_DEVICES=(\S+) HF_HUB_OFFLINE=(\S+)", log.read_text()
+        )
         assert match, f"{log} was not written inside a SLURM job"
         found[str(log.relative_to(workdir))] = match.groups()
     assert found, f"no logs of rule {rule}"
@@ -154,16 +156,23 @@ def test_demo_slice_runs_through_slurm_like_locally(cluster, demo_run, tmp_path)
     for pattern in SLICE:  # a demo change must not shrink the slice unnoticed
         assert any(re.search(pattern, d) for d in dropped), f"{pattern} matched nothing"
     assert any(d.startswith("train/dreambooth/sid/spotted_dog") for d in dropped), dropped
-    result = _run(_snakemake(workdir, SLURM, []), 3600, cwd=REPO, env=cluster)  # hang guard
+    # Submitted from a shell that may reach the hub: the jobs on the nodes still must not ask it
+    online = {
+        k: v for k, v in cluster.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    result = _run(_snakemake(workdir, SLURM, []), 3600, cwd=REPO, env=online)  # hang guard
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     submitted = _submitted(output)
     jobs = int(re.findall(r"(\d+) of (\d+) steps \(100%\) done", output)[-1][1])
     for rule in GPU_RULES:
-        for log, (_, gpu) in _job_ids(workdir, rule).items():
+        for log, (_, gpu, offline) in _job_ids(workdir, rule).items():
             assert re.fullmatch(r"\d+", gpu), f"{log}: no GPU (CUDA_VISIBLE_DEVICES={gpu})"
+            assert offline == "1", (
+                f"{log}: a cluster job may ask the hub (HF_HUB_OFFLINE={offline})"
+            )
     redone = [rule for rule in SMALL_CPU if (workdir / "results/logs" / rule).is_dir()]
-    small = {log: job for rule in redone for log, (job, _) in _job_ids(workdir, rule).items()}
+    small = {log: job for rule in redone for log, (job, *_) in _job_ids(workdir, rule).items()}
     assert len(small) >= 10, f"too few small CPU jobs to see grouping: {small}"
     assert len(set(small.values())) < len(small) / 2, f"small CPU jobs not grouped: {small}"
     assert len(submitted) < jobs - len(small) / 2  # grouping saved submissions

@@ -62,13 +62,11 @@ def finished_demo(demo_run, tmp_path) -> Path:
     return Path(shutil.copytree(demo_run, tmp_path / "demo", symlinks=True))
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "profiles/local"]], ids=["", "workstation"])
-def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
-    """The paper's grid, also through the one-GPU workstation's profile, whose jobs run in this
-    virtualenv: no conda needed on the PATH."""
+def paper_grid_dry_run(*args: str) -> subprocess.CompletedProcess:
+    """A dry run of the paper's config in the repository."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.defpath}"
     result = subprocess.run(
-        [*SNAKEMAKE, *profile, "--directory", str(REPO), "--dry-run", "--quiet", "rules"],
+        [*SNAKEMAKE, "--directory", str(REPO), "--dry-run", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **ENV, "PATH": path},
@@ -76,6 +74,14 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "profiles/local"]], ids=["", "workstation"])
+def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
+    """The paper's grid, also through the one-GPU workstation's profile, whose jobs run in this
+    virtualenv: no conda needed on the PATH."""
+    result = paper_grid_dry_run(*profile, "--quiet", "rules")
     assert "Experiment grid: 375 arm x subject pairs, 25 arms, 15 subjects" in result.stdout
     counts = {
         m.group(1): int(m.group(2))
@@ -83,6 +89,12 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
     }
     assert counts == {
         "download_dataset": 3,
+        # every hub model the jobs load, once, on the submitting host: SD-2.1-base, CLIP,
+        # DINO, GroundingDINO, SAM, LLaVA, BLIP-2, BLIP-Diffusion and its BERT tokenizer,
+        # ELITE's SD-1.4 and CLIP ViT-L
+        "fetch_model": 11,
+        # ELITE's two mappers, downloaded by hand: the job says where from (not here yet)
+        "manual_download": 2,
         "prepare_references": 15,
         "segment_references": 15,
         "describe_references": 15 * 6,  # case1, case2, sid, case4, sid_llava, sid_blip2
@@ -108,8 +120,68 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
         # the human study's site (App. B); its analysis waits for participants' responses
         "human_study": 1,
         "all": 1,
-        "total": 1340,
+        "total": 1353,
     }
+
+
+def test_every_job_loading_a_hub_model_waits_for_its_fetch_on_the_submitting_host():
+    """Through the SLURM profile (conda swapped for env-modules: none here): every job loading
+    a hub model waits for its fetch (a local rule: where snakemake runs), and the profile's
+    node size holds every rule's memory (no job is lowered to it)."""
+    run = paper_grid_dry_run("--profile", "slurm", "--sdm=env-modules", "all")
+    out = run.stdout
+    assert "asks for mem_mb" not in run.stdout + run.stderr
+    waits: dict[str, set[str]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
+        head = re.match(r"(local)?rule (\w+):", block)
+        if head and (inputs := re.search(r"^\s+input: (.*)$", block, re.MULTILINE)):
+            hub = set(re.findall(r"results/models/hub/([\w.-]+)\.json", inputs.group(1)))
+            waits.setdefault(head.group(2), set()).update(hub)
+    sd, clip, dino = (
+        "stabilityai--stable-diffusion-2-1-base",
+        "openai--clip-vit-base-patch32",
+        "facebook--dino-vits16",
+    )
+    for rule in ("class_images", "train", "train_full_finetune", "describe_references"):
+        assert sd in waits[rule], (rule, waits.get(rule))
+    assert waits["score"] == {clip, dino}
+    assert waits["segment_references"] == {
+        "IDEA-Research--grounding-dino-base",
+        "facebook--sam-vit-huge",
+    }
+    assert {"llava-hf--llava-1.5-13b-hf", "Salesforce--blip2-opt-2.7b"} <= waits[
+        "describe_references"
+    ]
+    assert {"Salesforce--blipdiffusion", "bert-base-uncased", "CompVis--stable-diffusion-v1-4"} <= (
+        waits["sample_encoder"]
+    )
+    elite = [
+        block
+        for block in re.split(r"\n(?=rule )", out)
+        if block.startswith("rule sample_encoder:") and "method=elite--first1" in block
+    ]
+    assert elite and all("resources/elite/global_mapper.pt" in b for b in elite), "an input"
+
+
+def test_a_file_downloaded_by_hand_that_is_missing_is_named_with_where_to_get_it(tmp_path):
+    for name in ("config.yaml", "subjects.tsv", "prompts"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, tmp_path / name)
+    result = snakemake(tmp_path, "--cores", "1", "resources/elite/global_mapper.pt", check=False)
+    assert result.returncode != 0
+    log = tmp_path / "results/logs/manual_download/resources/elite/global_mapper.pt.log"
+    assert "resources/elite/global_mapper.pt (methods.elite.global_mapper) does not exist" in (
+        log.read_text()
+    )
+    assert "github.com/csyxwei/ELITE" in log.read_text()
+    assert not (tmp_path / "resources/elite/global_mapper.pt").exists()
+
+
+def test_a_memory_cap_below_a_rule_s_request_is_named():
+    run = paper_grid_dry_run("--quiet", "rules", "--resources", "mem_mb=8000")
+    said = run.stdout + run.stderr
+    assert "rule train asks for mem_mb=32000, but the run's `resources: mem_mb: 8000`" in said
+    assert said.count("rule train asks for") == 1, "once per rule, not per job"
 
 
 def layer_dry_run(*layers: str) -> subprocess.CompletedProcess:

@@ -414,6 +414,32 @@ def attempt_scaled(
     return resource
 
 
+def warn_over_cap(
+    resource: Callable[[Any, int], int],
+    rule: str,
+    key: str,
+    cap: int | None,
+    warn: Callable[[str], Any],
+) -> Callable[[Any, int], int]:
+    """`resource`, calling `warn` once per rule when a job asks for more `key` than the run's
+    global `resources:` (a profile's, or --resources) allows: Snakemake lowers every job to that
+    cap, and on SLURM the lowered value is the job's --mem, which no retry raises."""
+    warned: list[bool] = []
+
+    def checked(wildcards: Any, attempt: int) -> int:
+        value = resource(wildcards, attempt)
+        if cap is not None and value > cap and not warned:
+            warned.append(True)
+            warn(
+                f"rule {rule} asks for {key}={value}, but the run's `resources: {key}: {cap}` "
+                f"(the profile's, or --resources) lowers every job to {cap} (on SLURM, its "
+                "--mem, on every retry); raise it to what one node has"
+            )
+        return value
+
+    return checked
+
+
 def merge_configs(config: dict, layer: dict) -> dict:
     """`layer` over `config`, key by key into nested mappings, as Snakemake merges the files
     of `--configfile a.yaml b.yaml` (the later wins); returns `config`, updated in place."""

@@ -287,12 +287,14 @@ def job_log(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
         logging.captureWarnings(True)
         old_out, old_err = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = handle
-        # Where the job ran: on a cluster this ties the log to the scheduler's job and GPU.
+        # Where the job ran: on a cluster this ties the log to the scheduler's job and GPU (and
+        # says whether it may ask the hub for models).
         log.info(
-            "host=%s SLURM_JOB_ID=%s CUDA_VISIBLE_DEVICES=%s",
+            "host=%s SLURM_JOB_ID=%s CUDA_VISIBLE_DEVICES=%s HF_HUB_OFFLINE=%s",
             os.uname().nodename,
             os.environ.get("SLURM_JOB_ID", "-"),
             os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
+            os.environ.get("HF_HUB_OFFLINE", "-"),
         )
         try:
             yield log

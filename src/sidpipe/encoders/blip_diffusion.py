@@ -81,6 +81,7 @@ from transformers.modeling_outputs import (
 from transformers.models.blip_2.configuration_blip_2 import Blip2Config
 from transformers.models.blip_2.modeling_blip_2 import Blip2PreTrainedModel, Blip2QFormerEncoder
 
+from sidpipe.encoders import QFORMER_DEFAULT_TOKENIZER
 from sidpipe.io import SidpipeError, expand_home, log
 from sidpipe.models import pick_device, torch_dtype
 
@@ -101,7 +102,6 @@ REAL_MODEL_INDEX: dict[str, Any] = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 COMPONENTS = tuple(k for k, v in REAL_MODEL_INDEX.items() if isinstance(v, list) and len(v) == 2)
-QFORMER_DEFAULT_TOKENIZER = "bert-base-uncased"  # what diffusers' Q-Former loads without one
 
 
 # --- transformers-5 shims ------------------------------------------------------------------

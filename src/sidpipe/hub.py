@@ -1,0 +1,199 @@
+"""Hub models fetched before the jobs that load them (rule `fetch_model`).
+
+On a cluster the compute nodes often have no internet, and a hundred jobs starting at once
+would each download the same weights. So every Hugging Face hub id a run loads is fetched
+once, by a local rule on the submitting host, into the Hugging Face cache (`HF_HOME`, which the
+nodes must share), and the jobs that load it wait for its record
+(`results/models/hub/<org>--<name>.json`: the revision, the files and their size). Jobs on
+cluster nodes then load from that cache without asking the hub (`HF_HUB_OFFLINE=1`).
+
+Only what `from_pretrained` reads is fetched: a diffusers pipeline's component folders and
+`model_index.json` (not the single-file checkpoints at its root), safetensors where a folder
+has them (not the same weights again as PyTorch pickles), no fp16/EMA variants and no other
+frameworks' weights. Stable Diffusion 2.1-base is ~5 GB this way against ~25 GB for the
+whole repository.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from sidpipe.io import SidpipeError, atomic_file, log, looks_local
+
+HUB_RECORDS = "results/models/hub"
+# Other frameworks' weights and single-file checkpoints, which from_pretrained never reads.
+_OTHER_FORMATS = re.compile(
+    r"(^|/)(flax_model|tf_model|rust_model)[^/]*$"
+    r"|\.(msgpack|h5|ot|tflite|onnx|onnx_data|ckpt|gguf)$"
+    r"|(^|/)(onnx|coreml|openvino)/"
+)
+# Precision and EMA variants beside the default weights (`variant=` is never asked for).
+_VARIANT = re.compile(r"\.(fp16|bf16|ema|non_ema|non-ema)[.-][^/]*$")
+# Parts of a pipeline that sidpipe's loaders never load.
+_UNUSED_PIPELINE_PARTS = ("safety_checker/",)
+
+
+def record_name(repo_id: str) -> str:
+    """`org/name` -> `org--name` (the hub forbids "--" in ids, so this is reversible)."""
+    return repo_id.replace("/", "--")
+
+
+def repo_id_of(name: str) -> str:
+    return name.replace("--", "/")
+
+
+def record_path(repo_id: str) -> str:
+    return f"{HUB_RECORDS}/{record_name(repo_id)}.json"
+
+
+def is_hub_id(model: str | None, base_dir: str | Path = ".") -> bool:
+    """A hub id ('name' or 'org/name') rather than a local folder or nothing."""
+    return bool(model) and not looks_local(str(model), base_dir)
+
+
+def select_files(files: list[str]) -> list[str]:
+    """Of a repository's files, those `from_pretrained` reads (see the module docstring)."""
+    pipeline = "model_index.json" in files
+    keep = []
+    for name in files:
+        if _OTHER_FORMATS.search(name) or _VARIANT.search(name):
+            continue
+        if pipeline and ("/" not in name and name != "model_index.json"):
+            continue
+        if pipeline and name.startswith(_UNUSED_PIPELINE_PARTS):
+            continue
+        keep.append(name)
+    with_safetensors = {name.rpartition("/")[0] for name in keep if name.endswith(".safetensors")}
+    return [
+        name
+        for name in keep
+        if not (
+            name.endswith((".bin", ".pt", ".pth")) and name.rpartition("/")[0] in with_safetensors
+        )
+    ]
+
+
+def _hint(repo_id: str, used_by: str, err: Exception, cache: str, offline: bool) -> str:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    if isinstance(err, GatedRepoError):
+        return (
+            f"{repo_id} is gated: accept its terms at https://huggingface.co/{repo_id} and put "
+            "a token in the environment (HF_TOKEN; never in the config)"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        return (
+            f"the hub has no model {repo_id!r} (or it is private): check {used_by}; a private "
+            "one needs HF_TOKEN in the environment"
+        )
+    if isinstance(err, LocalEntryNotFoundError):
+        why = "HF_HUB_OFFLINE=1 is set" if offline else "the hub cannot be reached"
+        return (
+            f"{repo_id} is not in the Hugging Face cache {cache} and {why}: run the workflow "
+            f"where the internet is reachable (unset HF_HUB_OFFLINE), or download it there "
+            f"with `hf download {repo_id}` into the same HF_HOME, or point {used_by} at a local "
+            "folder written by save_pretrained"
+        )
+    return "the hub answered with an error; run it again later"
+
+
+def _list_files(repo_id: str) -> list[str] | None:
+    """The repository's files, or None when the hub cannot be reached (an HTTP answer, such as
+    a missing or gated repository, is raised)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return HfApi().list_repo_files(repo_id)
+    except HfHubHTTPError:
+        raise
+    except Exception as err:  # no connection (httpx's errors): fall back on the cache
+        log.warning("%s: the hub cannot be reached (%s); looking in the cache", repo_id, err)
+        return None
+
+
+def fetch_model(repo_id: str, out: Path, used_by: list[str]) -> dict[str, Any]:
+    """Download what `from_pretrained` reads of `repo_id` into the Hugging Face cache (or find
+    it there when offline) and write its record to `out`. `used_by` names the config keys that
+    load it, for the messages."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    where = ", ".join(used_by) or "the config"
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        listed = None if offline else _list_files(repo_id)
+        if listed is None:  # offline, or the hub unreachable: what the cache holds
+            folder = snapshot_download(repo_id, local_files_only=True)
+        else:
+            wanted = select_files(listed)
+            log.info("%s: fetching %d files into %s", repo_id, len(wanted), constants.HF_HUB_CACHE)
+            folder = snapshot_download(repo_id, allow_patterns=wanted)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
+        raise SidpipeError(
+            f"cannot fetch {repo_id} ({where}): "
+            + _hint(repo_id, where, err, constants.HF_HUB_CACHE, offline)
+        ) from err
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    record = {
+        "repo_id": repo_id,
+        "revision": folder.name,
+        "snapshot": str(folder),
+        "files": [p.relative_to(folder).as_posix() for p in files],
+        "bytes": sum(p.stat().st_size for p in files),
+        "used_by": used_by,
+        "fetched_offline": offline,
+    }
+    log.info(
+        "%s: revision %s, %d files, %.2f GB in %s",
+        repo_id,
+        record["revision"],
+        len(files),
+        record["bytes"] / 1e9,
+        folder,
+    )
+    with atomic_file(out) as handle:
+        json.dump(record, handle, indent=1)
+    return record
+
+
+def encoder_hub_ids(algorithm: str, settings: dict, base_dir: str | Path = ".") -> dict[str, str]:
+    """The hub ids an encoder arm (`methods.*` of an encoder algorithm) loads, by the setting
+    that names each."""
+    from sidpipe.encoders import ENCODER_MODEL_KEYS, QFORMER_DEFAULT_TOKENIZER
+
+    ids = {
+        key: str(settings[key])
+        for key in ENCODER_MODEL_KEYS.get(algorithm, ())
+        if is_hub_id(settings.get(key), base_dir)
+    }
+    if algorithm == "blip_diffusion" and ids:  # the hub checkpoint names no Q-Former tokenizer
+        ids["model (its Q-Former tokenizer)"] = QFORMER_DEFAULT_TOKENIZER
+    return ids
+
+
+def hub_models(config: dict, base_dir: str | Path = ".") -> dict[str, list[str]]:
+    """Every hub id the config names a model by -> the config keys that name it."""
+    users: dict[str, list[str]] = {}
+
+    def add(model: Any, key: str) -> None:
+        if is_hub_id(model, base_dir):
+            users.setdefault(str(model), []).append(key)
+
+    for key, model in config.get("models", {}).items():
+        add(model, f"models.{key}")
+    for name, vlm in config.get("vlms", {}).items():
+        if vlm.get("backend") == "transformers":  # an API backend's model is not downloaded
+            add(vlm.get("model"), f"vlms.{name}.model")
+    for name, method in config.get("methods", {}).items():
+        for key, repo_id in encoder_hub_ids(method.get("algorithm", ""), method, base_dir).items():
+            add(repo_id, f"methods.{name}.{key}")
+    return users

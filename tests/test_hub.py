@@ -1,0 +1,185 @@
+"""Hub models fetched before their jobs (sidpipe.hub, rule fetch_model): what is fetched of a
+repository, which hub ids a config loads, and the fetch itself against a Hugging Face cache
+(offline here: no hub is reachable, so the cache is built by hand in the hub's layout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from sidpipe.hub import hub_models, is_hub_id, record_name, record_path, repo_id_of, select_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A diffusers pipeline repository laid out as stabilityai/stable-diffusion-2-1-base is.
+PIPELINE_FILES = [
+    ".gitattributes",
+    "README.md",
+    "feature_extractor/preprocessor_config.json",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "text_encoder/pytorch_model.fp16.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "v2-1_512-ema-pruned.ckpt",
+    "v2-1_512-ema-pruned.safetensors",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.bin",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def test_a_pipeline_fetches_its_components_once_in_safetensors() -> None:
+    assert select_files(PIPELINE_FILES) == [
+        "feature_extractor/preprocessor_config.json",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+
+
+def test_a_transformers_model_keeps_its_root_files_but_other_frameworks() -> None:
+    files = [
+        "config.json",
+        "flax_model.msgpack",
+        "merges.txt",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "pytorch_model.bin",
+        "tf_model.h5",
+        "tokenizer.json",
+        "onnx/model.onnx",
+    ]
+    assert select_files(files) == [
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer.json",
+    ]
+    # PyTorch weights are kept where they are the only ones (sharded too)
+    only_bin = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]
+    assert select_files(only_bin) == only_bin
+
+
+def test_record_names_round_trip() -> None:
+    for repo_id in ("stabilityai/stable-diffusion-2-1-base", "bert-base-uncased"):
+        assert repo_id_of(record_name(repo_id)) == repo_id
+    assert record_path("org/m") == "results/models/hub/org--m.json"
+    assert is_hub_id("org/m") and is_hub_id("bert-base-uncased")
+    assert not is_hub_id("./m") and not is_hub_id("/abs/m") and not is_hub_id(None)
+
+
+def test_the_paper_config_fetches_every_hub_model_its_jobs_load() -> None:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    users = hub_models(config, REPO)
+    assert users["stabilityai/stable-diffusion-2-1-base"] == ["models.base"]
+    assert users["llava-hf/llava-1.5-13b-hf"] == ["vlms.llava.model"]
+    assert users["CompVis/stable-diffusion-v1-4"] == ["methods.elite.base_model"]
+    # BLIP-Diffusion's hub checkpoint loads a BERT tokenizer it does not ship
+    assert users["bert-base-uncased"] == ["methods.blip_diffusion.model (its Q-Former tokenizer)"]
+    assert "gpt-4o" not in users, "an API model is not downloaded"
+    assert len(users) == 11
+    # the demo loads only folders it holds or builds
+    assert hub_models(yaml.safe_load((REPO / "demo/config.yaml").read_text()), REPO / "demo") == {}
+
+
+def _fetch(tmp_path: Path, repo_id: str, **env: str) -> subprocess.CompletedProcess:
+    """fetch_model in a fresh process: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when
+    it is imported."""
+    code = (
+        "import sys; from pathlib import Path; from sidpipe.hub import fetch_model; "
+        "from sidpipe.io import SidpipeError\n"
+        "try:\n"
+        f"    fetch_model({repo_id!r}, Path(sys.argv[1]), ['models.base'])\n"
+        "except SidpipeError as err:\n"
+        "    print(err); sys.exit(3)\n"
+    )
+    variables = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    variables |= {"HF_HOME": str(tmp_path / "hf"), **env}
+    return subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out" / "record.json")],
+        capture_output=True,
+        text=True,
+        env=variables,
+        timeout=300,  # hang guard
+    )
+
+
+def _cache(tmp_path: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> None:
+    """A model in the Hugging Face cache's layout (refs/main -> snapshots/<commit>/...)."""
+    storage = tmp_path / "hf" / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        path = storage / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def test_fetch_offline_records_what_the_cache_holds(tmp_path: Path) -> None:
+    files = {"model_index.json": b"{}", "unet/config.json": b"{}", "unet/w.safetensors": b"x" * 10}
+    _cache(tmp_path, "org/sd", "abc123", files)
+    done = _fetch(tmp_path, "org/sd", HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert record["repo_id"] == "org/sd" and record["revision"] == "abc123"
+    assert record["files"] == sorted(files) and record["bytes"] == 14
+    assert record["used_by"] == ["models.base"] and record["fetched_offline"] is True
+    assert (tmp_path / "out" / "record.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_fetch_of_a_model_missing_offline_says_how_to_get_it(tmp_path: Path) -> None:
+    done = _fetch(tmp_path, "org/missing", HF_HUB_OFFLINE="1")
+    assert done.returncode == 3, done.stdout + done.stderr
+    message = done.stdout
+    assert "cannot fetch org/missing (models.base)" in message
+    assert "HF_HUB_OFFLINE=1 is set" in message and "hf download org/missing" in message
+    assert not (tmp_path / "out" / "record.json").exists()
+
+
+def test_an_unreachable_hub_falls_back_on_the_cache(tmp_path: Path) -> None:
+    """Online, but the hub refuses the connection: a cached model is recorded, a missing one is
+    named as unreachable."""
+    _cache(tmp_path, "org/clip", "def456", {"config.json": b"{}"})
+    nowhere = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # the discard port: connection refused
+    done = _fetch(tmp_path, "org/clip", **nowhere)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert record["revision"] == "def456" and record["fetched_offline"] is False
+    missing = _fetch(tmp_path, "org/missing", **nowhere)
+    assert missing.returncode == 3, missing.stdout + missing.stderr
+    assert "the hub cannot be reached" in missing.stdout
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
