@@ -6,14 +6,13 @@ from pathlib import Path
 
 from sidpipe.config import (
     ConfigError,
-    attempt_scaled,
     check_mask_models,
     check_model_folders,
     load_subjects,
     tiny_model_keys,
     validate_config,
-    warn_over_cap,
 )
+from sidpipe.job_resources import attempt_scaled, warn_over_cap
 from sidpipe.grid import (
     OPT_IN_KINDS,
     all_arm_subjects,
@@ -102,9 +101,9 @@ DATASETS = sorted({row["source"] for row in SUBJECTS.values()} - {"local"})
 TINY_MODELS = tiny_model_keys(config)
 # hub id -> the config keys that name it (rule fetch_model)
 HUB_MODELS = hub_models(config)
-# Files a user downloads by hand (ELITE's mappers) -> the config key that names each
+# Files a user downloads by hand (ELITE's mappers): the config key that names each -> its path
 MANUAL_FILES = {
-    str(method[key]): f"methods.{name}.{key}"
+    f"methods.{name}.{key}": expand_home(str(method[key]))
     for name, method in config["methods"].items()
     if method.get("algorithm") == "elite"
     for key in ELITE_MAPPER_KEYS
@@ -221,7 +220,7 @@ wildcard_constraints:
     inference=NAME,
     class_slug="|".join(CLASSES),
     repo="|".join(re.escape(record_name(repo_id)) for repo_id in HUB_MODELS) or NEVER,
-    manual_file="|".join(map(re.escape, MANUAL_FILES)) or NEVER,
+    manual_key="|".join(map(re.escape, MANUAL_FILES)) or NEVER,
     study=re.escape(HUMAN_STUDY["name"]) if HUMAN_STUDY else NEVER,
 
 
@@ -254,13 +253,13 @@ def hub_model_users(wildcards):
     return HUB_MODELS[repo_id_of(wildcards.repo)]
 
 
-def manual_download_instructions(wildcards):
-    return (
-        f"{wildcards.manual_file} ({MANUAL_FILES[wildcards.manual_file]}) does not exist: "
-        "ELITE's mappers are not on the hub; download global_mapper.pt and local_mapper.pt "
-        f"from {ELITE_MAPPERS_SOURCE} to the paths methods.elite names, or leave its arms out "
-        "of `experiments`"
-    )
+def manual_file_settings(wildcards):
+    """Arguments of sidpipe.hub.check_manual_file besides the record's path."""
+    return {
+        "path": MANUAL_FILES[wildcards.manual_key],
+        "key": wildcards.manual_key,
+        "source": ELITE_MAPPERS_SOURCE,
+    }
 
 
 def mask_backend(subject):
@@ -594,7 +593,14 @@ def sample_and_attention_resource(key, sample_default, attention_default, combin
         attempt_scaled(config, "sample", key, sample_default),
         attempt_scaled(config, "attention_maps", key, attention_default),
     ]
-    return lambda wildcards, attempt: combine(s(wildcards, attempt) for s in stages)
+
+    def resource(wildcards, attempt):
+        return combine(stage(wildcards, attempt) for stage in stages)
+
+    if key != "mem_mb":
+        return resource
+    cap = global_resource("mem_mb")
+    return warn_over_cap(resource, "sample_and_attention", key, cap, logger.warning)
 
 
 def tiny_encoder_input(settings):
@@ -622,9 +628,9 @@ def sample_encoder_inputs(wildcards):
         inputs["masks"] = f"results/masks/{wildcards.subject}/manifest.csv"
         # downloaded by hand (not on the hub): a missing one is named before any job runs
         inputs["mappers"] = [
-            str(settings[key])
-            for key in ELITE_MAPPER_KEYS
-            if str(settings.get(key)) in MANUAL_FILES
+            ancient(f"results/models/manual/{key}.json")
+            for key in MANUAL_FILES
+            if key.startswith(f"methods.{split_name(wildcards.method)[0]}.")
         ]
     inputs["hub"] = [
         hub_input(repo_id)

@@ -45,7 +45,7 @@ rule build_tiny_encoders:
 # internet) into the Hugging Face cache the nodes share; their jobs wait for the record.
 localrules:
     fetch_model,
-    manual_download,
+    check_manual_file,
 
 
 rule fetch_model:
@@ -67,20 +67,21 @@ rule fetch_model:
         "../workflow_scripts/fetch_model.py"
 
 
-# Files no rule can fetch (ELITE's mappers): the job, run first on the submitting host, says
-# where to get a missing one, while the rest of the run goes on (and a dry run still plans).
-rule manual_download:
+# Files no rule can fetch (ELITE's mappers): checked on the submitting host before the jobs
+# that load them, with the size and sha256 recorded; a missing one is named with its config key
+# and where to get it, and only the jobs that need it wait (a dry run still plans the grid).
+rule check_manual_file:
     output:
-        "{manual_file}",
+        "results/models/manual/{manual_key}.json",
     log:
-        "results/logs/manual_download/{manual_file}.log",
+        "results/logs/check_manual_file/{manual_key}.log",
     conda:
         "../envs/cpu.yaml"
     resources:
         gpu=0,
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=job_memory("check_manual_file", 1000),
+        runtime=job_runtime("check_manual_file", 10),
     params:
-        instructions=manual_download_instructions,
+        settings=manual_file_settings,
     script:
-        "../workflow_scripts/manual_download.py"
+        "../workflow_scripts/check_manual_file.py"

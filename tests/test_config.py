@@ -9,7 +9,6 @@ import yaml
 
 from sidpipe.config import (
     ConfigError,
-    attempt_scaled,
     check_mask_models,
     load_config,
     load_subjects,
@@ -25,6 +24,7 @@ from sidpipe.grid import (
     expand_experiments,
     unmatched_concept_words,
 )
+from sidpipe.job_resources import attempt_scaled, warn_over_cap
 from sidpipe.prompts import load_prompts, repeated_prompts, subject_templates
 
 REPO = Path(__file__).resolve().parents[1]
@@ -424,6 +424,24 @@ def test_job_resources_override_the_rule_and_grow_with_the_attempt():
     assert [runtime({}, 1), runtime({}, 2)] == [240, 480]
     per_wildcards = attempt_scaled({}, "sample", "mem_mb", lambda wc: 100 * wc["n"])
     assert per_wildcards({"n": 3}, 2) == 600
+
+
+def test_a_job_asking_more_than_the_global_cap_is_named_once_per_rule():
+    said: list[str] = []
+    memory = warn_over_cap(
+        attempt_scaled({}, "train", "mem_mb", 32000), "train", "mem_mb", 40000, said.append
+    )
+    assert memory({}, 1) == 32000 and said == []  # under the cap
+    assert memory({}, 2) == 64000 and memory({}, 3) == 96000  # a retry over it
+    assert said == [
+        "rule train asks for mem_mb=64000, but the run's `resources: mem_mb: 40000` (the "
+        "profile's, or --resources) lowers every job to 40000 (on SLURM, its --mem, on every "
+        "retry); raise it to what one node has"
+    ]
+    uncapped = warn_over_cap(
+        attempt_scaled({}, "train", "mem_mb", 32000), "train", "mem_mb", None, said.append
+    )
+    assert uncapped({}, 3) == 96000 and len(said) == 1
 
 
 def test_job_resources_names_are_the_workflow_rules():

@@ -234,7 +234,12 @@ def test_manual_entry_without_the_placeholder_is_placed_and_logged(
     tmp_path: Path, base: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     manual_file = tmp_path / "descriptions.yaml"
-    texts = {"01": "a red mug beside a plant", **{f"{n:02d}": "a [V] mug" for n in (2, 3, 4)}}
+    texts = {
+        "01": "a red mug beside a plant",
+        "02": "a [ v ] mug",
+        "03": "a [V] mug",
+        "04": "a [V] mug",
+    }
     manual_file.write_text(yaml.safe_dump({stem: {"case2": t} for stem, t in texts.items()}))
     vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
     with caplog.at_level("INFO", logger="sidpipe"):

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import yaml
 
-from sidpipe.hub import hub_models, is_hub_id, record_name, record_path, repo_id_of, select_files
+from sidpipe.hub import (
+    hub_models,
+    is_hub_id,
+    pipeline_components,
+    record_name,
+    record_path,
+    repo_id_of,
+    select_files,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +71,32 @@ def test_a_pipeline_fetches_its_components_once_in_safetensors() -> None:
         "vae/config.json",
         "vae/diffusion_pytorch_model.safetensors",
     ]
+
+
+def test_a_pipeline_fetches_only_the_components_its_model_index_names() -> None:
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.8.0",
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    components = pipeline_components(index)
+    assert components == [
+        "feature_extractor",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
+    extra = [*PIPELINE_FILES, "controlnet/config.json", "controlnet/model.safetensors"]
+    assert select_files(extra, components) == select_files(PIPELINE_FILES)
 
 
 def test_a_transformers_model_keeps_its_root_files_but_other_frameworks() -> None:
@@ -133,8 +167,13 @@ def _fetch(tmp_path: Path, repo_id: str, **env: str) -> subprocess.CompletedProc
     )
 
 
-def _cache(tmp_path: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> None:
-    """A model in the Hugging Face cache's layout (refs/main -> snapshots/<commit>/...)."""
+def _cache(
+    tmp_path: Path, repo_id: str, commit: str, files: dict[str, bytes], listed: list[str] = ()
+) -> None:
+    """A model in the Hugging Face cache's layout (refs/main -> snapshots/<commit>/...), and,
+    with `listed`, the repository's file list as snapshot_download caches it (trees/)."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
     storage = tmp_path / "hf" / "hub" / f"models--{repo_id.replace('/', '--')}"
     (storage / "refs").mkdir(parents=True)
     (storage / "refs" / "main").write_text(commit)
@@ -142,6 +181,9 @@ def _cache(tmp_path: Path, repo_id: str, commit: str, files: dict[str, bytes]) -
         path = storage / "snapshots" / commit / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+    if listed:
+        entries = {name: TreeCacheEntry(size=1, blob_id=f"b{i}") for i, name in enumerate(listed)}
+        write_tree_cache(str(storage), commit, entries)
 
 
 def test_fetch_offline_records_what_the_cache_holds(tmp_path: Path) -> None:
@@ -152,8 +194,21 @@ def test_fetch_offline_records_what_the_cache_holds(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "out" / "record.json").read_text())
     assert record["repo_id"] == "org/sd" and record["revision"] == "abc123"
     assert record["files"] == sorted(files) and record["bytes"] == 14
-    assert record["used_by"] == ["models.base"] and record["fetched_offline"] is True
+    assert record["used_by"] == ["models.base"] and record["from_cache_only"] is True
     assert (tmp_path / "out" / "record.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_fetch_offline_accepts_a_cache_holding_only_what_was_chosen(tmp_path: Path) -> None:
+    """A model fetched online leaves the repository's whole file list in the cache; offline,
+    the files it chose then (not the fp16 copies or the root checkpoint) are all there is."""
+    index = json.dumps({"_class_name": "X", "unet": ["diffusers", "UNet2DConditionModel"]})
+    files = {"model_index.json": index.encode(), "unet/w.safetensors": b"x"}
+    listed = [*files, "unet/w.fp16.safetensors", "sd.ckpt", "text_encoder/model.safetensors"]
+    _cache(tmp_path, "org/sd", "abc123", files, listed)
+    done = _fetch(tmp_path, "org/sd", HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert record["files"] == sorted(files)
 
 
 def test_fetch_of_a_model_missing_offline_says_how_to_get_it(tmp_path: Path) -> None:
@@ -173,7 +228,8 @@ def test_an_unreachable_hub_falls_back_on_the_cache(tmp_path: Path) -> None:
     done = _fetch(tmp_path, "org/clip", **nowhere)
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads((tmp_path / "out" / "record.json").read_text())
-    assert record["revision"] == "def456" and record["fetched_offline"] is False
+    assert record["revision"] == "def456" and record["from_cache_only"] is True
+    assert "org/clip: the hub cannot be reached" in done.stderr
     missing = _fetch(tmp_path, "org/missing", **nowhere)
     assert missing.returncode == 3, missing.stdout + missing.stderr
     assert "the hub cannot be reached" in missing.stdout

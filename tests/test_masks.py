@@ -265,14 +265,14 @@ def test_tampered_prepared_mask_is_refused(tmp_path: Path) -> None:
     assert_clean(out)
 
 
-def test_empty_prepared_mask_is_an_error(tmp_path: Path) -> None:
-    """prepare_references refuses an all-black mask (test_references); one blacked out after
-    preparation is still caught here, with the user's mask named."""
-    refs = make_refs(tmp_path, {"a": rect_mask(SIZE, SIZE, 0, 0, 9, 9)})
-    Image.new("L", (SIZE, SIZE), 0).save(refs / "masks" / "a.png")
+def test_empty_provided_mask_is_an_error_naming_the_users_file(tmp_path: Path) -> None:
+    refs = make_refs(tmp_path, {"a": np.zeros((SIZE, SIZE), bool)})
     out = tmp_path / "masks" / "dog"
-    with pytest.raises(SidpipeError, match=r"all black.*a\.mask\.png"):
+    with pytest.raises(SidpipeError) as info:
         segment_references(refs, out, "dog", "dog", backend="provided")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'src' / 'a.mask.png'}: the provided mask of a")
+    assert "all black" in message and "grounded_sam" in message
     assert_clean(out)
 
 

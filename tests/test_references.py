@@ -466,22 +466,25 @@ def test_wrong_size_mask_is_an_error(src: Path, out: Path) -> None:
     assert_clean(out)
 
 
-def test_all_black_mask_is_named_at_preparation(src: Path, out: Path) -> None:
-    solid(src / "a.png", size=(20, 20))
-    solid(src / "a.mask.png", 0, size=(20, 20), mode="L")
-    with pytest.raises(SidpipeError, match=r"a\.mask\.png: the mask is all black.*grounded_sam"):
-        run(src, out)
-    assert_clean(out)
-
-
-def test_a_subject_the_centre_crop_cuts_away_is_an_error(src: Path, out: Path) -> None:
+def test_an_unusable_mask_is_named_by_the_users_file_at_preparation(
+    src: Path, out: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """All black, or its subject cut away by the square centre crop: a warning naming the
+    user's mask (an error only where the masks are used: test_masks)."""
     solid(src / "a.png", size=(40, 10))
+    solid(src / "a.mask.png", 0, size=(40, 10), mode="L")
+    solid(src / "b.png", (0, 0, 255), size=(40, 10))
     mask = np.zeros((10, 40), np.uint8)
     mask[:, :5] = 255  # the subject at the left edge; the crop keeps columns 15-24
-    Image.fromarray(mask).save(src / "a.mask.png")
-    with pytest.raises(SidpipeError, match=r"a\.mask\.png: the subject lies outside the square"):
+    Image.fromarray(mask).save(src / "b.mask.png")
+    with caplog.at_level("WARNING", logger="sidpipe"):
         run(src, out, resolution=10)
-    assert_clean(out)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{src / 'a.mask.png'}: the mask is all black" in m for m in said), said
+    assert any(
+        f"{src / 'b.mask.png'}: the subject lies outside the square centre crop" in m for m in said
+    ), said
+    assert (out / "manifest.csv").exists()
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 from collections import Counter
+from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,8 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
         # DINO, GroundingDINO, SAM, LLaVA, BLIP-2, BLIP-Diffusion and its BERT tokenizer,
         # ELITE's SD-1.4 and CLIP ViT-L
         "fetch_model": 11,
-        # ELITE's two mappers, downloaded by hand: the job says where from (not here yet)
-        "manual_download": 2,
+        # ELITE's two mappers, downloaded by hand: checked (here: named as missing) first
+        "check_manual_file": 2,
         "prepare_references": 15,
         "segment_references": 15,
         "describe_references": 15 * 6,  # case1, case2, sid, case4, sid_llava, sid_blip2
@@ -126,8 +127,8 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
 
 def test_every_job_loading_a_hub_model_waits_for_its_fetch_on_the_submitting_host():
     """Through the SLURM profile (conda swapped for env-modules: none here): every job loading
-    a hub model waits for its fetch (a local rule: where snakemake runs), and the profile's
-    node size holds every rule's memory (no job is lowered to it)."""
+    a hub model waits for its fetch, and the profile's node size holds every rule's memory (no
+    job is lowered to it)."""
     run = paper_grid_dry_run("--profile", "slurm", "--sdm=env-modules", "all")
     out = run.stdout
     assert "asks for mem_mb" not in run.stdout + run.stderr
@@ -160,21 +161,28 @@ def test_every_job_loading_a_hub_model_waits_for_its_fetch_on_the_submitting_hos
         for block in re.split(r"\n(?=rule )", out)
         if block.startswith("rule sample_encoder:") and "method=elite--first1" in block
     ]
-    assert elite and all("resources/elite/global_mapper.pt" in b for b in elite), "an input"
+    mapper = "results/models/manual/methods.elite.global_mapper.json"
+    assert elite and all(mapper in block for block in elite), "the mappers' check is an input"
 
 
-def test_a_file_downloaded_by_hand_that_is_missing_is_named_with_where_to_get_it(tmp_path):
+def test_a_file_downloaded_by_hand_is_checked_and_named_with_where_to_get_it(tmp_path):
     for name in ("config.yaml", "subjects.tsv", "prompts"):
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
         copy(REPO / name, tmp_path / name)
-    result = snakemake(tmp_path, "--cores", "1", "resources/elite/global_mapper.pt", check=False)
-    assert result.returncode != 0
-    log = tmp_path / "results/logs/manual_download/resources/elite/global_mapper.pt.log"
-    assert "resources/elite/global_mapper.pt (methods.elite.global_mapper) does not exist" in (
-        log.read_text()
-    )
-    assert "github.com/csyxwei/ELITE" in log.read_text()
-    assert not (tmp_path / "resources/elite/global_mapper.pt").exists()
+    target = "results/models/manual/methods.elite.global_mapper.json"
+    missing = snakemake(tmp_path, "--cores", "1", target, check=False)
+    assert missing.returncode != 0
+    log = tmp_path / "results/logs/check_manual_file/methods.elite.global_mapper.log"
+    said = log.read_text()
+    assert "resources/elite/global_mapper.pt (methods.elite.global_mapper) does not exist" in said
+    assert "github.com/csyxwei/ELITE" in said and not (tmp_path / target).exists()
+    mapper = tmp_path / "resources/elite/global_mapper.pt"
+    mapper.parent.mkdir(parents=True)
+    mapper.write_bytes(b"weights")
+    snakemake(tmp_path, "--cores", "1", target)
+    record = json.loads((tmp_path / target).read_text())
+    assert record["bytes"] == 7 and record["sha256"] == sha256(b"weights").hexdigest()
+    assert mapper.read_bytes() == b"weights", "the user's file is never an output"
 
 
 def test_a_memory_cap_below_a_rule_s_request_is_named():

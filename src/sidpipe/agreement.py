@@ -19,9 +19,9 @@ IDENTITY_PROXIES = ("CLIP-I", "DINO")
 PROXIES = (*PAPER_PROXIES, *IDENTITY_PROXIES)
 # The world's measures but subject_kept's parts (which subject_kept already sums up).
 TRUTHS = tuple(m for m in MEASURES if m not in IDENTITY_PARTS)
-# What a faithful proxy should do: NSD falls when things leak, SA rises when the subject is
-# kept (and, on a concept's transfer prompts, when the carrier leaks into them), TA rises when
-# the prompt is followed.
+# What a faithful proxy should do: NSD falls when things leak, SA, CLIP-I and DINO rise when
+# the subject is kept (SA also, on a concept's transfer prompts, when the carrier leaks into
+# them), TA rises when the prompt is followed.
 EXPECTED_SIGN = {
     ("NSD", "leak_background"): -1,
     ("NSD", "leak_object"): -1,

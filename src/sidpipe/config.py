@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -398,46 +397,6 @@ def tokenizer_corpus(files: list[str | Path], classes: list[str], identifier: st
             with open(file, newline="", encoding="utf-8-sig") as handle:
                 texts.update(" ".join(row) for row in csv.reader(handle, delimiter="\t"))
     return sorted(texts)
-
-
-def attempt_scaled(
-    config: dict, rule: str, key: str, default: int | Callable[[Any], int]
-) -> Callable[[Any, int], int]:
-    """A Snakemake resource function for `rule`'s `key` (mem_mb, runtime): the config's
-    `job_resources.<rule>.<key>` or else `default` (a number, or a function of the wildcards),
-    times the attempt number, so a job killed for memory or time is retried with more."""
-    base = config.get("job_resources", {}).get(rule, {}).get(key, default)
-
-    def resource(wildcards: Any, attempt: int) -> int:
-        return (base(wildcards) if callable(base) else int(base)) * attempt
-
-    return resource
-
-
-def warn_over_cap(
-    resource: Callable[[Any, int], int],
-    rule: str,
-    key: str,
-    cap: int | None,
-    warn: Callable[[str], Any],
-) -> Callable[[Any, int], int]:
-    """`resource`, calling `warn` once per rule when a job asks for more `key` than the run's
-    global `resources:` (a profile's, or --resources) allows: Snakemake lowers every job to that
-    cap, and on SLURM the lowered value is the job's --mem, which no retry raises."""
-    warned: list[bool] = []
-
-    def checked(wildcards: Any, attempt: int) -> int:
-        value = resource(wildcards, attempt)
-        if cap is not None and value > cap and not warned:
-            warned.append(True)
-            warn(
-                f"rule {rule} asks for {key}={value}, but the run's `resources: {key}: {cap}` "
-                f"(the profile's, or --resources) lowers every job to {cap} (on SLURM, its "
-                "--mem, on every retry); raise it to what one node has"
-            )
-        return value
-
-    return checked
 
 
 def merge_configs(config: dict, layer: dict) -> dict:

@@ -7,11 +7,11 @@ nodes must share), and the jobs that load it wait for its record
 (`results/models/hub/<org>--<name>.json`: the revision, the files and their size). Jobs on
 cluster nodes then load from that cache without asking the hub (`HF_HUB_OFFLINE=1`).
 
-Only what `from_pretrained` reads is fetched: a diffusers pipeline's component folders and
-`model_index.json` (not the single-file checkpoints at its root), safetensors where a folder
-has them (not the same weights again as PyTorch pickles), no fp16/EMA variants and no other
-frameworks' weights. Stable Diffusion 2.1-base is ~5 GB this way against ~25 GB for the
-whole repository.
+Only what `from_pretrained` reads is fetched: of a diffusers pipeline, `model_index.json` and
+the component folders it names (not the single-file checkpoints at its root); safetensors where
+a folder has them (not the same weights again as PyTorch pickles); no fp16/EMA variants and no
+other frameworks' weights. A file that no rule can fetch (ELITE's mappers) is checked instead
+(`check_manual_file`).
 """
 
 from __future__ import annotations
@@ -54,17 +54,20 @@ def is_hub_id(model: str | None, base_dir: str | Path = ".") -> bool:
     return bool(model) and not looks_local(str(model), base_dir)
 
 
-def select_files(files: list[str]) -> list[str]:
-    """Of a repository's files, those `from_pretrained` reads (see the module docstring)."""
+def select_files(files: list[str], components: list[str] | None = None) -> list[str]:
+    """Of a repository's files, those `from_pretrained` reads (see the module docstring); of a
+    pipeline, only its `components`' folders when given (those model_index.json names)."""
     pipeline = "model_index.json" in files
     keep = []
     for name in files:
         if _OTHER_FORMATS.search(name) or _VARIANT.search(name):
             continue
-        if pipeline and ("/" not in name and name != "model_index.json"):
-            continue
-        if pipeline and name.startswith(_UNUSED_PIPELINE_PARTS):
-            continue
+        if pipeline and name != "model_index.json":
+            folder = name.partition("/")[0] if "/" in name else None
+            if folder is None or (components is not None and folder not in components):
+                continue
+            if name.startswith(_UNUSED_PIPELINE_PARTS):
+                continue
         keep.append(name)
     with_safetensors = {name.rpartition("/")[0] for name in keep if name.endswith(".safetensors")}
     return [
@@ -76,9 +79,20 @@ def select_files(files: list[str]) -> list[str]:
     ]
 
 
+def pipeline_components(model_index: dict) -> list[str]:
+    """The component folders a diffusers `model_index.json` names (a `[null, null]` entry, such
+    as a pipeline saved without its safety checker, has none)."""
+    return [
+        key
+        for key, value in model_index.items()
+        if isinstance(value, list) and len(value) == 2 and all(value)
+    ]
+
+
 def _hint(repo_id: str, used_by: str, err: Exception, cache: str, offline: bool) -> str:
     from huggingface_hub.errors import (
         GatedRepoError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -101,62 +115,94 @@ def _hint(repo_id: str, used_by: str, err: Exception, cache: str, offline: bool)
             f"with `hf download {repo_id}` into the same HF_HOME, or point {used_by} at a local "
             "folder written by save_pretrained"
         )
-    return "the hub answered with an error; run it again later"
+    if isinstance(err, HFValidationError):
+        return f"{repo_id!r} is not a hub id nor a local folder: check {used_by}"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"the hub refused the token (HTTP {status}): check HF_TOKEN in the environment"
+    return f"the hub answered with an error ({err}); run it again later"
 
 
-def _list_files(repo_id: str) -> list[str] | None:
-    """The repository's files, or None when the hub cannot be reached (an HTTP answer, such as
-    a missing or gated repository, is raised)."""
+def _hub_listing(repo_id: str) -> tuple[list[str], str] | None:
+    """The repository's files and commit on the hub, or None when the hub cannot be reached (an
+    HTTP answer, such as a missing or gated repository, is raised)."""
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        return HfApi().list_repo_files(repo_id)
-    except HfHubHTTPError:
-        raise
-    except Exception as err:  # no connection (httpx's errors): fall back on the cache
+        info = HfApi().model_info(repo_id)
+    except httpx2.TransportError as err:  # no connection, a timeout, a proxy refusing
         log.warning("%s: the hub cannot be reached (%s); looking in the cache", repo_id, err)
         return None
+    return [sibling.rfilename for sibling in info.siblings or []], str(info.sha)
+
+
+def _cached_listing(repo_id: str) -> list[str] | None:
+    """The file list snapshot_download cached for the repository, or None (never listed)."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        return [entry.path for entry in get_cached_repo_tree(repo_id)]
+    except CachedRepoTreeNotFoundError:
+        return None
+
+
+def _wanted(repo_id: str, files: list[str], revision: str | None, local: bool) -> list[str]:
+    """select_files, a pipeline's limited to the components its model_index.json names."""
+    from huggingface_hub import hf_hub_download
+
+    components = None
+    if "model_index.json" in files:
+        index = hf_hub_download(
+            repo_id, "model_index.json", revision=revision, local_files_only=local
+        )
+        components = pipeline_components(json.loads(Path(index).read_text()))
+    return select_files(files, components)
 
 
 def fetch_model(repo_id: str, out: Path, used_by: list[str]) -> dict[str, Any]:
     """Download what `from_pretrained` reads of `repo_id` into the Hugging Face cache (or find
-    it there when offline) and write its record to `out`. `used_by` names the config keys that
-    load it, for the messages."""
+    it there when offline or the hub is unreachable) and write its record to `out`. `used_by`
+    names the config keys that load it, for the messages."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     where = ", ".join(used_by) or "the config"
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
-        listed = None if offline else _list_files(repo_id)
-        if listed is None:  # offline, or the hub unreachable: what the cache holds
-            folder = snapshot_download(repo_id, local_files_only=True)
+        listing = None if offline else _hub_listing(repo_id)
+        if listing is None:  # what the cache holds, checked against the files chosen then
+            files, revision, local = _cached_listing(repo_id), None, True
         else:
-            wanted = select_files(listed)
+            (files, revision), local = listing, False
+        wanted = None if files is None else _wanted(repo_id, files, revision, local)
+        if not local:
             log.info("%s: fetching %d files into %s", repo_id, len(wanted), constants.HF_HUB_CACHE)
-            folder = snapshot_download(repo_id, allow_patterns=wanted)
-    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=wanted, local_files_only=local
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError) as err:
         raise SidpipeError(
             f"cannot fetch {repo_id} ({where}): "
             + _hint(repo_id, where, err, constants.HF_HUB_CACHE, offline)
         ) from err
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files_here = sorted(p for p in folder.rglob("*") if p.is_file())
     record = {
         "repo_id": repo_id,
         "revision": folder.name,
         "snapshot": str(folder),
-        "files": [p.relative_to(folder).as_posix() for p in files],
-        "bytes": sum(p.stat().st_size for p in files),
+        "files": [p.relative_to(folder).as_posix() for p in files_here],
+        "bytes": sum(p.stat().st_size for p in files_here),
         "used_by": used_by,
-        "fetched_offline": offline,
+        "from_cache_only": local,  # offline, or the hub unreachable
     }
     log.info(
         "%s: revision %s, %d files, %.2f GB in %s",
         repo_id,
         record["revision"],
-        len(files),
+        len(files_here),
         record["bytes"] / 1e9,
         folder,
     )
@@ -197,3 +243,22 @@ def hub_models(config: dict, base_dir: str | Path = ".") -> dict[str, list[str]]
         for key, repo_id in encoder_hub_ids(method.get("algorithm", ""), method, base_dir).items():
             add(repo_id, f"methods.{name}.{key}")
     return users
+
+
+def check_manual_file(path: str, key: str, source: str, out: Path) -> dict[str, Any]:
+    """A file the user downloads by hand (no rule can fetch it): its size and sha256 to `out`,
+    or, when it is missing, an error naming it, the config key and where to get it."""
+    from sidpipe.io import sha256_file
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SidpipeError(
+            f"{path} ({key}) does not exist: it is not on the hub; download it from {source} to "
+            f"that path (or point {key} at it), or leave its arms out of `experiments`"
+        )
+    record = {"path": str(file), "key": key, "bytes": file.stat().st_size}
+    record["sha256"] = sha256_file(file)
+    log.info("%s (%s): %d bytes, sha256 %s", file, key, record["bytes"], record["sha256"])
+    with atomic_file(out) as handle:
+        json.dump(record, handle, indent=1)
+    return record

@@ -234,10 +234,13 @@ def _provided(
             )
         mask = values == 255
         if not mask.any():
+            source = Path(row["source_path"])
             raise SidpipeError(
-                f"{path}: the provided mask of {row['image_id']} is all black (no subject "
-                f"pixels); paint the subject white in {Path(row['source_path']).stem}"
-                f"{MASK_SUFFIX}, or use the grounded_sam backend"
+                f"{source.with_name(source.stem + MASK_SUFFIX)}: the provided mask of "
+                f"{row['image_id']} has no subject pixels once prepared ({path}): it is all "
+                "black, or its subject lies outside the square centre crop of the image; paint "
+                "the subject white (or crop the image and its mask around the subject), or use "
+                "the grounded_sam backend"
             )
         results.append(_Segmentation(mask))
     return results

@@ -206,18 +206,20 @@ def _prepare_mask(
         )
     # Checking first means an error names the user's file, and resize never sees exotic modes;
     # NEAREST only picks pixels, so the resized mask stays 0/255.
+    # Named here, by the user's file; an error only where the masks are used (segment_references
+    # with the provided backend), as grounded_sam subjects ignore them.
     binary = to_binary_mask(mask, mask_path)
-    if binary.getbbox() is None:
-        raise SidpipeError(
-            f"{mask_path}: the mask is all black (no subject pixels); paint the subject white, "
-            "or delete the mask and segment the subject with the grounded_sam backend"
-        )
     prepared = center_crop_resize(binary, resolution, Image.Resampling.NEAREST)
-    if prepared.getbbox() is None:
-        raise SidpipeError(
-            f"{mask_path}: the subject lies outside the square centre crop of {source} (or is "
-            f"under one pixel at {resolution} px), so its prepared image would not show it; "
-            "crop the image (and its mask) around the subject"
+    if binary.getbbox() is None:
+        log.warning("%s: the mask is all black (no subject pixels)", mask_path)
+    elif prepared.getbbox() is None:
+        log.warning(
+            "%s: the subject lies outside the square centre crop of %s (or is under one pixel "
+            "at %d px), so its prepared image does not show it; crop the image (and its mask) "
+            "around the subject",
+            mask_path,
+            source,
+            resolution,
         )
     return prepared
 

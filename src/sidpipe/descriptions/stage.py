@@ -22,6 +22,7 @@ from .text import (
     count_tokens,
     judge_answer,
     load_base_tokenizer,
+    normalise_text,
     quote,
     template_description,
 )
@@ -142,7 +143,7 @@ def describe_references(
                 problem = f"{n_tokens} tokens, over the text encoder's {max_text_tokens}"
             if problem:
                 raise SidpipeError(f"{where}: {problem}: {quote(text)}")
-            if PLACEHOLDER.lower() not in text.lower():
+            if PLACEHOLDER not in normalise_text(text)[0]:  # "[ v ]" and the like are [V]
                 log.info('%s: no "%s" written; trained as %s', where, PLACEHOLDER, quote(fixed))
             rows[ref.image_id] = _row(common, ref, fixed, text, "manual", str(manual_file), "")
             rows[ref.image_id].update(token_count=n_tokens, source="manual")
