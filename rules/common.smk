@@ -34,6 +34,7 @@ from sidpipe.hub import (
     encoder_hub_ids,
     hub_models,
     is_hub_id,
+    manual_files,
     record_name,
     record_path,
     repo_id_of,
@@ -41,7 +42,6 @@ from sidpipe.hub import (
 from sidpipe.io import SidpipeError, expand_home
 from sidpipe.encoders import (
     BASE_MODEL_ALGORITHM,
-    ELITE_MAPPER_KEYS,
     ELITE_MAPPERS_SOURCE,
     ENCODER_ALGORITHMS,
     UNTRAINED_ALGORITHMS,
@@ -102,14 +102,7 @@ TINY_MODELS = tiny_model_keys(config)
 # hub id -> the config keys that name it (rule fetch_model)
 HUB_MODELS = hub_models(config)
 # Files a user downloads by hand (ELITE's mappers): the config key that names each -> its path
-MANUAL_FILES = {
-    f"methods.{name}.{key}": expand_home(str(method[key]))
-    for name, method in config["methods"].items()
-    if method.get("algorithm") == "elite"
-    for key in ELITE_MAPPER_KEYS
-    if method.get(key)
-    and not str(method[key]).startswith("results/models/tiny_encoders/")
-}
+MANUAL_FILES = manual_files(config)
 # Cluster jobs load hub models from the cache fetch_model filled on the submitting host and do
 # not ask the hub (compute nodes often have no internet; each question is a timeout there).
 if workflow.remote_exec:
@@ -122,19 +115,17 @@ NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative
 def job_memory(rule_name, default_mb):
     """A job's mem_mb, config `job_resources` first; a retry asks for more. Named when the
     run's global mem_mb would lower it."""
-    return warn_over_cap(
-        attempt_scaled(config, rule_name, "mem_mb", default_mb),
-        rule_name,
-        "mem_mb",
-        global_resource("mem_mb"),
-        logger.warning,
+    return memory_checked(
+        attempt_scaled(config, rule_name, "mem_mb", default_mb), rule_name
     )
 
 
-def global_resource(name):
-    """The run's global `resources:` value of `name` (profile or --resources), or None."""
-    value = getattr(workflow.global_resources.get(name), "value", None)
-    return value if isinstance(value, int) else None
+def memory_checked(resource, rule_name):
+    """`resource`, warning once when it asks for more than the run's global mem_mb (profile or
+    --resources), to which Snakemake would lower it."""
+    cap = getattr(workflow.global_resources.get("mem_mb"), "value", None)
+    cap = cap if isinstance(cap, int) else None
+    return warn_over_cap(resource, rule_name, "mem_mb", cap, logger.warning)
 
 
 def job_runtime(rule_name, default_minutes):
@@ -597,10 +588,11 @@ def sample_and_attention_resource(key, sample_default, attention_default, combin
     def resource(wildcards, attempt):
         return combine(stage(wildcards, attempt) for stage in stages)
 
-    if key != "mem_mb":
-        return resource
-    cap = global_resource("mem_mb")
-    return warn_over_cap(resource, "sample_and_attention", key, cap, logger.warning)
+    return (
+        memory_checked(resource, "sample_and_attention")
+        if key == "mem_mb"
+        else resource
+    )
 
 
 def tiny_encoder_input(settings):

@@ -21,6 +21,7 @@ from sidpipe.hub import (
     repo_id_of,
     select_files,
 )
+from sidpipe.io import current_umask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,7 +196,7 @@ def test_fetch_offline_records_what_the_cache_holds(tmp_path: Path) -> None:
     assert record["repo_id"] == "org/sd" and record["revision"] == "abc123"
     assert record["files"] == sorted(files) and record["bytes"] == 14
     assert record["used_by"] == ["models.base"] and record["from_cache_only"] is True
-    assert (tmp_path / "out" / "record.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert (tmp_path / "out" / "record.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()
 
 
 def test_fetch_offline_accepts_a_cache_holding_only_what_was_chosen(tmp_path: Path) -> None:
@@ -233,9 +234,3 @@ def test_an_unreachable_hub_falls_back_on_the_cache(tmp_path: Path) -> None:
     missing = _fetch(tmp_path, "org/missing", **nowhere)
     assert missing.returncode == 3, missing.stdout + missing.stderr
     assert "the hub cannot be reached" in missing.stdout
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

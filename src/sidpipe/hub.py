@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sidpipe.io import SidpipeError, atomic_file, log, looks_local
+from sidpipe.io import SidpipeError, atomic_file, log, looks_local, sha256_file
 
 HUB_RECORDS = "results/models/hub"
 # Other frameworks' weights and single-file checkpoints, which from_pretrained never reads.
@@ -63,10 +63,10 @@ def select_files(files: list[str], components: list[str] | None = None) -> list[
         if _OTHER_FORMATS.search(name) or _VARIANT.search(name):
             continue
         if pipeline and name != "model_index.json":
-            folder = name.partition("/")[0] if "/" in name else None
-            if folder is None or (components is not None and folder not in components):
-                continue
-            if name.startswith(_UNUSED_PIPELINE_PARTS):
+            folder, nested, _ = name.partition("/")
+            if not nested or name.startswith(_UNUSED_PIPELINE_PARTS):
+                continue  # a root file (a single-file checkpoint), or an unused part
+            if components is not None and folder not in components:
                 continue
         keep.append(name)
     with_safetensors = {name.rpartition("/")[0] for name in keep if name.endswith(".safetensors")}
@@ -245,11 +245,23 @@ def hub_models(config: dict, base_dir: str | Path = ".") -> dict[str, list[str]]
     return users
 
 
+def manual_files(config: dict) -> dict[str, str]:
+    """Files the user downloads by hand (ELITE's mappers): the config key naming each -> its
+    path. Paths under results/ are the workflow's own (the tiny demo's)."""
+    from sidpipe.encoders import ELITE_MAPPER_KEYS
+
+    return {
+        f"methods.{name}.{key}": str(method[key])
+        for name, method in config.get("methods", {}).items()
+        if method.get("algorithm") == "elite"
+        for key in ELITE_MAPPER_KEYS
+        if method.get(key) and not str(method[key]).startswith("results/")
+    }
+
+
 def check_manual_file(path: str, key: str, source: str, out: Path) -> dict[str, Any]:
     """A file the user downloads by hand (no rule can fetch it): its size and sha256 to `out`,
     or, when it is missing, an error naming it, the config key and where to get it."""
-    from sidpipe.io import sha256_file
-
     file = Path(path).expanduser()
     if not file.is_file():
         raise SidpipeError(

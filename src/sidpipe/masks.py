@@ -24,6 +24,7 @@ from sidpipe.grounded_sam import (
     segment_detections,
 )
 from sidpipe.io import SidpipeError, atomic_dir, atomic_file, log, read_csv, write_csv
+from sidpipe.references import MASK_SUFFIX, mask_path_for
 
 MANIFEST_FIELDS = [
     "subject",
@@ -47,7 +48,6 @@ MANIFEST_FIELDS = [
 ]
 BACKENDS = ("grounded_sam", "provided")
 BOX_MODES = ("best", "union")
-MASK_SUFFIX = ".mask.png"  # as in sidpipe.references
 
 OVERLAY_COLOR = (255, 0, 255)  # magenta: rare in photos, visible on any background
 OVERLAY_ALPHA = 0.5
@@ -206,10 +206,7 @@ def _provided(
     """The user's masks exactly as `prepare_references` cropped and resized them."""
     missing = [row for row in rows if not row.get("mask_path")]
     if missing:
-        expected = ", ".join(
-            str(Path(row["source_path"]).with_name(Path(row["source_path"]).stem + MASK_SUFFIX))
-            for row in missing
-        )
+        expected = ", ".join(str(mask_path_for(Path(row["source_path"]))) for row in missing)
         raise SidpipeError(
             f"subject {subject!r}: the `provided` mask backend needs a mask for every reference "
             f"image, but {', '.join(row['image_id'] for row in missing)} ha"
@@ -234,9 +231,8 @@ def _provided(
             )
         mask = values == 255
         if not mask.any():
-            source = Path(row["source_path"])
             raise SidpipeError(
-                f"{source.with_name(source.stem + MASK_SUFFIX)}: the provided mask of "
+                f"{mask_path_for(Path(row['source_path']))}: the provided mask of "
                 f"{row['image_id']} has no subject pixels once prepared ({path}): it is all "
                 "black, or its subject lies outside the square centre crop of the image; paint "
                 "the subject white (or crop the image and its mask around the subject), or use "
