@@ -146,16 +146,19 @@ def test_the_paper_config_fetches_every_hub_model_its_jobs_load() -> None:
     assert hub_models(yaml.safe_load((REPO / "demo/config.yaml").read_text()), REPO / "demo") == {}
 
 
-def _fetch(tmp_path: Path, repo_id: str, **env: str) -> subprocess.CompletedProcess:
-    """fetch_model in a fresh process: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when
-    it is imported."""
+def _fetch(
+    tmp_path: Path, repo_id: str, used_by: tuple[str, ...] = ("models.base",), then: str = "", **env
+) -> subprocess.CompletedProcess:
+    """fetch_model in a fresh process (huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when
+    it is imported), then the code `then`."""
     code = (
         "import sys; from pathlib import Path; from sidpipe.hub import fetch_model; "
         "from sidpipe.io import SidpipeError\n"
         "try:\n"
-        f"    fetch_model({repo_id!r}, Path(sys.argv[1]), ['models.base'])\n"
+        f"    fetch_model({repo_id!r}, Path(sys.argv[1]), {list(used_by)!r})\n"
         "except SidpipeError as err:\n"
         "    print(err); sys.exit(3)\n"
+        f"{then}\n"
     )
     variables = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     variables |= {"HF_HOME": str(tmp_path / "hf"), **env}
@@ -234,3 +237,63 @@ def test_an_unreachable_hub_falls_back_on_the_cache(tmp_path: Path) -> None:
     missing = _fetch(tmp_path, "org/missing", **nowhere)
     assert missing.returncode == 3, missing.stdout + missing.stderr
     assert "the hub cannot be reached" in missing.stdout
+
+
+# bert-base-uncased as the hub lists it.
+BERT_FILES = [
+    ".gitattributes",
+    "LICENSE",
+    "README.md",
+    "config.json",
+    "coreml/fill-mask/float32_model.mlpackage/Manifest.json",
+    "flax_model.msgpack",
+    "model.onnx",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "rust_model.ot",
+    "tf_model.h5",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+]
+
+
+def test_a_model_loaded_for_its_tokenizer_fetches_only_the_tokenizer() -> None:
+    """BLIP-Diffusion reads only BERT's tokenizer: not its 440 MB of weights."""
+    assert select_files(BERT_FILES, tokenizer_only=True) == [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]
+    assert "model.safetensors" in select_files(BERT_FILES)
+
+
+def test_the_q_former_tokenizer_is_fetched_alone_and_loads_offline(tmp_path: Path) -> None:
+    """Offline, a cache holding BERT's tokenizer but not its weights (as the fetch leaves it) is
+    recorded as complete, and BLIP-Diffusion's tokenizer loads from it; a key that loads the
+    model itself asks for the weights too."""
+    from transformers import BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "mug"]) + "\n")
+    saved = tmp_path / "saved"
+    BertTokenizer(str(vocab)).save_pretrained(saved)
+    files = {p.name: p.read_bytes() for p in saved.iterdir()}
+    files |= {"config.json": b"{}", "vocab.txt": vocab.read_bytes()}
+    _cache(tmp_path, "bert-base-uncased", "e5f6", files, [*BERT_FILES, *files])
+    (key,) = hub_models(yaml.safe_load((REPO / "config.yaml").read_text()), REPO)[
+        "bert-base-uncased"
+    ]
+    load = (
+        "from transformers import BertTokenizer\n"
+        "print(BertTokenizer.from_pretrained('bert-base-uncased')('a mug').input_ids)"
+    )
+    done = _fetch(tmp_path, "bert-base-uncased", (key,), load, HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert record["tokenizer_only"] is True and record["files"] == sorted(files)
+    assert "model.safetensors" not in record["files"]
+    assert done.stdout.strip() == "[2, 5, 6, 3]"  # [CLS] a mug [SEP]
+    whole = _fetch(tmp_path, "bert-base-uncased", (key, "models.clip"), HF_HUB_OFFLINE="1")
+    assert whole.returncode == 3, whole.stdout + whole.stderr  # its weights are not cached

@@ -10,7 +10,8 @@ cluster nodes then load from that cache without asking the hub (`HF_HUB_OFFLINE=
 Only what `from_pretrained` reads is fetched: of a diffusers pipeline, `model_index.json` and
 the component folders it names (not the single-file checkpoints at its root); safetensors where
 a folder has them (not the same weights again as PyTorch pickles); no fp16/EMA variants and no
-other frameworks' weights. A file that no rule can fetch (ELITE's mappers) is checked instead
+other frameworks' weights; of a model read only for its tokenizer (BLIP-Diffusion's BERT), only
+the tokenizer's files. A file that no rule can fetch (ELITE's mappers) is checked instead
 (`check_manual_file`).
 """
 
@@ -34,6 +35,13 @@ _OTHER_FORMATS = re.compile(
 _VARIANT = re.compile(r"\.(fp16|bf16|ema|non_ema|non-ema)[.-][^/]*$")
 # Parts of a pipeline that sidpipe's loaders never load.
 _UNUSED_PIPELINE_PARTS = ("safety_checker/",)
+# A config key whose model is loaded only for its tokenizer: its weights are never read.
+TOKENIZER_ONLY = " (its Q-Former tokenizer)"
+# What a tokenizer's from_pretrained reads (config.json: the model type, for AutoTokenizer).
+_TOKENIZER_FILES = re.compile(
+    r"^(tokenizer[^/]*\.json|special_tokens_map\.json|added_tokens\.json|config\.json"
+    r"|vocab\.(txt|json)|merges\.txt|[^/]*\.model)$"
+)
 
 
 def record_name(repo_id: str) -> str:
@@ -54,9 +62,14 @@ def is_hub_id(model: str | None, base_dir: str | Path = ".") -> bool:
     return bool(model) and not looks_local(str(model), base_dir)
 
 
-def select_files(files: list[str], components: list[str] | None = None) -> list[str]:
+def select_files(
+    files: list[str], components: list[str] | None = None, tokenizer_only: bool = False
+) -> list[str]:
     """Of a repository's files, those `from_pretrained` reads (see the module docstring); of a
-    pipeline, only its `components`' folders when given (those model_index.json names)."""
+    pipeline, only its `components`' folders when given (those model_index.json names); with
+    `tokenizer_only`, the tokenizer's files at the root."""
+    if tokenizer_only:
+        return [name for name in files if _TOKENIZER_FILES.match(name)]
     pipeline = "model_index.json" in files
     keep = []
     for name in files:
@@ -148,35 +161,39 @@ def _cached_listing(repo_id: str) -> list[str] | None:
         return None
 
 
-def _wanted(repo_id: str, files: list[str], revision: str | None, local: bool) -> list[str]:
+def _wanted(
+    repo_id: str, files: list[str], revision: str | None, local: bool, tokenizer_only: bool
+) -> list[str]:
     """select_files, a pipeline's limited to the components its model_index.json names."""
     from huggingface_hub import hf_hub_download
 
     components = None
-    if "model_index.json" in files:
+    if "model_index.json" in files and not tokenizer_only:
         index = hf_hub_download(
             repo_id, "model_index.json", revision=revision, local_files_only=local
         )
         components = pipeline_components(json.loads(Path(index).read_text()))
-    return select_files(files, components)
+    return select_files(files, components, tokenizer_only)
 
 
 def fetch_model(repo_id: str, out: Path, used_by: list[str]) -> dict[str, Any]:
     """Download what `from_pretrained` reads of `repo_id` into the Hugging Face cache (or find
     it there when offline or the hub is unreachable) and write its record to `out`. `used_by`
-    names the config keys that load it, for the messages."""
+    names the config keys that load it, for the messages; where each loads only its tokenizer
+    (TOKENIZER_ONLY), only the tokenizer's files are fetched."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     where = ", ".join(used_by) or "the config"
     offline = bool(constants.HF_HUB_OFFLINE)
+    tokenizer_only = bool(used_by) and all(key.endswith(TOKENIZER_ONLY) for key in used_by)
     try:
         listing = None if offline else _hub_listing(repo_id)
         if listing is None:  # what the cache holds, checked against the files chosen then
             files, revision, local = _cached_listing(repo_id), None, True
         else:
             (files, revision), local = listing, False
-        wanted = None if files is None else _wanted(repo_id, files, revision, local)
+        wanted = None if files is None else _wanted(repo_id, files, revision, local, tokenizer_only)
         if not local:
             log.info("%s: fetching %d files into %s", repo_id, len(wanted), constants.HF_HUB_CACHE)
         folder = snapshot_download(
@@ -196,6 +213,7 @@ def fetch_model(repo_id: str, out: Path, used_by: list[str]) -> dict[str, Any]:
         "files": [p.relative_to(folder).as_posix() for p in files_here],
         "bytes": sum(p.stat().st_size for p in files_here),
         "used_by": used_by,
+        "tokenizer_only": tokenizer_only,
         "from_cache_only": local,  # offline, or the hub unreachable
     }
     log.info(
@@ -222,7 +240,7 @@ def encoder_hub_ids(algorithm: str, settings: dict, base_dir: str | Path = ".") 
         if is_hub_id(settings.get(key), base_dir)
     }
     if algorithm == "blip_diffusion" and ids:  # the hub checkpoint names no Q-Former tokenizer
-        ids["model (its Q-Former tokenizer)"] = QFORMER_DEFAULT_TOKENIZER
+        ids["model" + TOKENIZER_ONLY] = QFORMER_DEFAULT_TOKENIZER
     return ids
 
 
