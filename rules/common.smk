@@ -19,6 +19,7 @@ from sidpipe.grid import (
     check_comparisons,
     check_concept_pairs,
     concept_context_words,
+    lego_without_context_words,
     unmatched_concept_words,
     subjects_by_arm,
     expand_experiments,
@@ -82,6 +83,8 @@ if _unmatched:
         f"concept_words for no subject's concept: {', '.join(_unmatched)} (the subjects "
         "table's `concept` column must spell the concept the same way)"
     )
+for _warning in lego_without_context_words(config, SUBJECTS, ARM_SUBJECTS):
+    logger.warning(_warning)
 for _warning in repeated_prompt_warnings(
     PROMPTS, SUBJECTS, {subject for _, subject in ARM_SUBJECTS}, config["prompts"]
 ):

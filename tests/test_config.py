@@ -22,6 +22,7 @@ from sidpipe.grid import (
     check_concept_pairs,
     concept_context_words,
     expand_experiments,
+    lego_without_context_words,
     unmatched_concept_words,
 )
 from sidpipe.job_resources import attempt_scaled, warn_over_cap
@@ -623,6 +624,33 @@ def test_each_concept_gets_its_own_context_words(real):
     validate_config(real | {"concept_words": words}, "c.yaml")
     with pytest.raises(ConfigError, match=r"concept_words\.frozen: 'negative' is a required"):
         validate_config(real | {"concept_words": {"frozen": {"positive": ["icy"]}}}, "c.yaml")
+
+
+def test_lego_on_a_concept_without_context_words_is_named(real):
+    """Lego's context loss needs words for the concept; without any it trains with two of its
+    three parts, so the start-up names the method and the concept, once."""
+    subjects = {
+        "hat_dog": {"kind": "concept", "concept": "wearing a red hat"},
+        "hat_car": {"kind": "concept", "concept": "wearing a red hat"},
+        "ice_mug": {"kind": "concept", "concept": "frozen"},
+        "mug": {"kind": "object", "concept": ""},
+    }
+    grid = [(Arm(method, "case1"), subject) for subject in subjects for method in real["methods"]]
+    grid = [pair for pair in grid if real["methods"][pair[0].method]["algorithm"] != "elite"]
+    words = {"frozen": {"positive": ["icy"], "negative": ["warm"]}}
+    warnings = lego_without_context_words(real | {"concept_words": words}, subjects, grid)
+    assert len(warnings) == 1, warnings  # lego only: not textual_inversion_multi, not the mug
+    assert warnings[0].startswith(
+        "method lego trains on concept subject(s) hat_dog, hat_car ('wearing a red hat') "
+        "without Lego's context loss"
+    )
+    assert "`concept_words: {'wearing a red hat': {positive: [...]" in warnings[0]
+    words["wearing a red hat"] = words["frozen"]
+    assert lego_without_context_words(real | {"concept_words": words}, subjects, grid) == []
+    # words on the method itself count too
+    lego = real["methods"]["lego"] | {"positive_words": ["a"], "negative_words": ["b"]}
+    methods = real["methods"] | {"lego": lego}
+    assert lego_without_context_words(real | {"methods": methods}, subjects, grid) == []
 
 
 def test_concept_words_no_subject_spells_are_named():

@@ -150,6 +150,35 @@ def concept_context_words(
     return {**settings, "positive_words": words["positive"], "negative_words": words["negative"]}
 
 
+def lego_without_context_words(
+    config: dict, subjects: dict[str, dict], arm_subjects: list[tuple[Arm, str]]
+) -> list[str]:
+    """Warnings for Lego methods that would train on a concept subject without their context
+    loss (one of Lego's three parts) only because neither the method's `positive_words`/
+    `negative_words` nor `concept_words` gives the concept any words: one per method and
+    concept. A method with context_weight 0 means it (textual_inversion_multi)."""
+    missing: dict[tuple[str, str], list[str]] = {}
+    for arm, subject in arm_subjects:
+        row = subjects[subject]
+        settings = config["methods"].get(split_name(arm.method)[0], {})
+        if row.get("kind") != "concept" or settings.get("algorithm") != "lego":
+            continue
+        if settings.get("context_weight") == 0:
+            continue
+        words = concept_context_words(settings, row.get("concept"), config.get("concept_words"))
+        if not (words.get("positive_words") and words.get("negative_words")):
+            names = missing.setdefault((arm.method, row.get("concept") or ""), [])
+            names += [subject] if subject not in names else []
+    return [
+        f"method {method} trains on concept subject(s) {', '.join(names)} ({concept!r}) "
+        "without Lego's context loss: no positive/negative words; add "
+        f"`concept_words: {{{concept!r}: {{positive: [...], negative: [...]}}}}` to the config "
+        f"(synonyms and antonyms of the concept), or set methods.{method}.context_weight: 0 "
+        "if that is meant"
+        for (method, concept), names in sorted(missing.items())
+    ]
+
+
 def unmatched_concept_words(config: dict, subjects: dict[str, dict]) -> list[str]:
     """`concept_words` entries that no subject's `concept` column spells (never used)."""
     concepts = {row.get("concept") for row in subjects.values()}
