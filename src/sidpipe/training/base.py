@@ -155,6 +155,11 @@ class Trainer(ABC):
         """The text the model sees for a description holding the `[V]` placeholder."""
         return description.replace(PLACEHOLDER, self.identifier)
 
+    def prompt_token(self) -> str:
+        """What `[V]` becomes in the prompts the trained arm is sampled and mapped with
+        (train_info.json `token`): by default what it became in training."""
+        return self.caption(PLACEHOLDER)
+
     @abstractmethod
     def prepare(self) -> list[dict]:
         """Freeze the base model, make this method's parameters trainable (adding tokens or

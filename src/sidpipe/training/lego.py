@@ -23,7 +23,8 @@ Our readings of them:
   embedding) is learned first, alone, for `subject_steps` [half of `steps`] steps on the subject
   region (masked MSE under the caption without the concept tokens); then it is frozen and the
   concept tokens learn the whole image under the full caption, where `[V]` is
-  "<sub> <tokens>"; the context loss only runs in this second phase;
+  "<sub> <tokens>"; the context loss only runs in this second phase; prompts are sampled with
+  the concept tokens alone (`prompt_token`);
 - the context loss: each step a random class of `context_classes`; z = the mean last hidden
   state over the concept tokens in "a <tokens> {class}", p_j / n_j = the same over word j in
   "a {word} {class}" for `positive_words` / `negative_words` [none: the term is skipped];
@@ -198,6 +199,12 @@ class LegoTrainer(Trainer):
 
     def caption(self, description: str) -> str:
         return description.replace(PLACEHOLDER, " ".join(self.all_tokens))
+
+    def prompt_token(self) -> str:
+        """The concept tokens alone: the subject token (subject_token) only absorbs the
+        carrier's appearance in training, as the frozen subject prompt does in mask mode; in
+        a prompt it would draw the carrier into every class the concept is carried to."""
+        return " ".join(self.tokens)
 
     @property
     def in_subject_phase(self) -> bool:

@@ -340,7 +340,7 @@ def train_subject(
         "algorithm": algorithm,
         "settings": settings,
         "identifier": identifier,
-        "token": trainer.caption(PLACEHOLDER),
+        "token": trainer.prompt_token(),
         "class_name": class_name,
         "base_model": str(base_model),
         "seed": seed,
