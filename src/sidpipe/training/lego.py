@@ -30,7 +30,9 @@ Our readings of them:
   "a {word} {class}" for `positive_words` / `negative_words` [none: the term is skipped];
   InfoNCE on cosine similarities at `context_temperature` [0.07], weighted `context_weight`
   [0.01];
-- `learning_rate` [5e-4] and no gradient clipping, as diffusers' textual_inversion.py.
+- `learning_rate` [5e-4] and no gradient clipping: textual_inversion.py's own default, unscaled
+  (batch 1; the project's Textual Inversion follows its documented command instead, 2e-3
+  at 4 images a step: README).
 
 Prior-preservation class images keep the plain MSE, times prior_loss_weight. Saved as one
 diffusers textual-inversion file per token (`{identifier}_{i}.safetensors`, {token: (1, dim)})
@@ -324,6 +326,8 @@ class LegoTrainer(Trainer):
         timesteps: torch.Tensor,
         prior_loss_weight: float,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.subject_id is not None and self.in_subject_phase:
+            return self._subject_phase_loss(batch, noise, timesteps, prior_loss_weight)
         unet, scheduler = self.c.unet, self.c.noise_scheduler
         noisy = scheduler.add_noise(batch.latents, noise, timesteps)
         pred = unet(noisy, timesteps, encoder_hidden_states).sample
@@ -332,8 +336,6 @@ class LegoTrainer(Trainer):
         inst = ~batch.is_prior
         parts: dict[str, float] = {}
         loss = pred.new_zeros((), dtype=torch.float32)
-        if self.subject_id is not None and self.in_subject_phase:
-            return self._subject_phase_loss(batch, noise, timesteps, prior_loss_weight)
         if inst.any():
             if self.separation == "mask":
                 if batch.masks is None:
