@@ -637,6 +637,7 @@ def test_lego_on_a_concept_without_context_words_is_named(real):
     }
     grid = [(Arm(method, "case1"), subject) for subject in subjects for method in real["methods"]]
     grid = [pair for pair in grid if real["methods"][pair[0].method]["algorithm"] != "elite"]
+    grid += [(Arm("lego--first1", "case1"), "hat_car")]  # a subset arm: its method's warning
     words = {"frozen": {"positive": ["icy"], "negative": ["warm"]}}
     warnings = lego_without_context_words(real | {"concept_words": words}, subjects, grid)
     assert len(warnings) == 1, warnings  # lego only: not textual_inversion_multi, not the mug

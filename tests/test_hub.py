@@ -297,3 +297,18 @@ def test_the_q_former_tokenizer_is_fetched_alone_and_loads_offline(tmp_path: Pat
     assert done.stdout.strip() == "[2, 5, 6, 3]"  # [CLS] a mug [SEP]
     whole = _fetch(tmp_path, "bert-base-uncased", (key, "models.clip"), HF_HUB_OFFLINE="1")
     assert whole.returncode == 3, whole.stdout + whole.stderr  # its weights are not cached
+
+
+def test_a_tokenizer_repository_without_a_vocabulary_is_named(tmp_path: Path) -> None:
+    """Read only for its tokenizer, a repository whose tokenizer lies in a subfolder (or is
+    absent) would fetch nothing and fail later, offline, on the nodes: it is named now."""
+    files = {"model_index.json": b"{}", "tokenizer/vocab.txt": b"a"}
+    _cache(tmp_path, "org/pipe", "a1", files, [*files, "config.json"])
+    done = _fetch(
+        tmp_path, "org/pipe", ("methods.b.model (its Q-Former tokenizer)",), HF_HUB_OFFLINE="1"
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert (
+        "org/pipe (methods.b.model (its Q-Former tokenizer)) has no tokenizer files" in done.stdout
+    )
+    assert not (tmp_path / "out" / "record.json").exists()

@@ -160,14 +160,15 @@ def lego_without_context_words(
     missing: dict[tuple[str, str], list[str]] = {}
     for arm, subject in arm_subjects:
         row = subjects[subject]
-        settings = config["methods"].get(split_name(arm.method)[0], {})
+        method = split_name(arm.method)[0]  # a subset arm (lego--first1) is its method's
+        settings = config["methods"].get(method, {})
         if row.get("kind") != "concept" or settings.get("algorithm") != "lego":
             continue
         if settings.get("context_weight") == 0:
             continue
         words = concept_context_words(settings, row.get("concept"), config.get("concept_words"))
         if not (words.get("positive_words") and words.get("negative_words")):
-            names = missing.setdefault((arm.method, row.get("concept") or ""), [])
+            names = missing.setdefault((method, row.get("concept") or ""), [])
             names += [subject] if subject not in names else []
     return [
         f"method {method} trains on concept subject(s) {', '.join(names)} ({concept!r}) "

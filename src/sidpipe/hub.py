@@ -42,6 +42,8 @@ _TOKENIZER_FILES = re.compile(
     r"^(tokenizer[^/]*\.json|special_tokens_map\.json|added_tokens\.json|config\.json"
     r"|vocab\.(txt|json)|merges\.txt|[^/]*\.model)$"
 )
+# Of those, the files that hold a vocabulary (without one, no tokenizer loads).
+_VOCABULARY = re.compile(r"^(tokenizer\.json|vocab\.(txt|json)|[^/]*\.model)$")
 
 
 def record_name(repo_id: str) -> str:
@@ -194,6 +196,11 @@ def fetch_model(repo_id: str, out: Path, used_by: list[str]) -> dict[str, Any]:
         else:
             (files, revision), local = listing, False
         wanted = None if files is None else _wanted(repo_id, files, revision, local, tokenizer_only)
+        if tokenizer_only and wanted is not None and not any(map(_VOCABULARY.match, wanted)):
+            raise SidpipeError(
+                f"{repo_id} ({where}) has no tokenizer files at its top level (vocab.*, "
+                "tokenizer*.json, *.model): point the setting at a tokenizer's repository or folder"
+            )
         if not local:
             log.info("%s: fetching %d files into %s", repo_id, len(wanted), constants.HF_HUB_CACHE)
         folder = snapshot_download(

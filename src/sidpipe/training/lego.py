@@ -30,9 +30,9 @@ Our readings of them:
   "a {word} {class}" for `positive_words` / `negative_words` [none: the term is skipped];
   InfoNCE on cosine similarities at `context_temperature` [0.07], weighted `context_weight`
   [0.01];
-- `learning_rate` [5e-4] and no gradient clipping: textual_inversion.py's own default, unscaled
-  (batch 1; the project's Textual Inversion follows its documented command instead, 2e-3
-  at 4 images a step: README).
+- `learning_rate` [5e-4] and no gradient clipping: the rate of textual_inversion.py's
+  documented command before its `--scale_lr` (batch 1; the project's Textual Inversion takes
+  the whole command, 2e-3 at 4 images a step: README).
 
 Prior-preservation class images keep the plain MSE, times prior_loss_weight. Saved as one
 diffusers textual-inversion file per token (`{identifier}_{i}.safetensors`, {token: (1, dim)})

@@ -210,7 +210,7 @@ def train_subject(
 
     log.info(
         "%s on %d references (+%d class images), %d steps of batch %d on %s; "
-        "%d trainable parameters; token %r",
+        "%d trainable parameters; token %r in training, %r in prompts",
         algorithm,
         n_inst,
         n_class,
@@ -219,6 +219,7 @@ def train_subject(
         dev,
         n_trainable,
         trainer.caption(PLACEHOLDER),
+        trainer.prompt_token(),
     )
     if resize:
         log.info("resize augmentation on: references rescaled at every step (augment.py)")
