@@ -133,6 +133,12 @@ def check_comparisons(
     return kept, warnings
 
 
+def _has_context_loss(settings: dict) -> bool:
+    """A Lego method whose context loss is on when it has words: context_weight 0 is the only
+    way to turn it off (the trainer rejects < 0)."""
+    return settings.get("algorithm") == "lego" and settings.get("context_weight") != 0
+
+
 def concept_context_words(
     settings: dict, concept: str | None, concept_words: dict[str, dict] | None
 ) -> dict:
@@ -143,9 +149,7 @@ def concept_context_words(
     else `settings` unchanged, so a method without the loss (context_weight 0, e.g.
     textual_inversion_multi) keeps its params and its trained results."""
     words = (concept_words or {}).get(concept or "")
-    # context_weight 0 is the only way to turn the loss off (the trainer rejects < 0)
-    no_context = settings.get("context_weight") == 0
-    if settings.get("algorithm") != "lego" or no_context or not words:
+    if not _has_context_loss(settings) or not words:
         return settings
     return {**settings, "positive_words": words["positive"], "negative_words": words["negative"]}
 
@@ -162,9 +166,7 @@ def lego_without_context_words(
         row = subjects[subject]
         method = split_name(arm.method)[0]  # a subset arm (lego--first1) is its method's
         settings = config["methods"].get(method, {})
-        if row.get("kind") != "concept" or settings.get("algorithm") != "lego":
-            continue
-        if settings.get("context_weight") == 0:
+        if row.get("kind") != "concept" or not _has_context_loss(settings):
             continue
         words = concept_context_words(settings, row.get("concept"), config.get("concept_words"))
         if not (words.get("positive_words") and words.get("negative_words")):
