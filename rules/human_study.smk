@@ -30,8 +30,8 @@ rule human_study:
 
 
 # Needs the participants' responses, which only `sidpipe study serve` writes: it is in `all`
-# once the responses file exists; `snakemake results/human_study/<study>/table_b2.csv` asks
-# for it.
+# once the responses file exists; `snakemake --profile profiles/local
+# results/human_study/<study>/table_b2.csv` asks for it.
 rule analyze_human_study:
     input:
         responses=human_study_responses,
