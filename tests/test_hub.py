@@ -1,16 +1,19 @@
 """Hub models fetched before their jobs (sidpipe.hub, rule fetch_model): what is fetched of a
-repository, which hub ids a config loads, and the fetch itself against a Hugging Face cache
-(offline here: no hub is reachable, so the cache is built by hand in the hub's layout)."""
+repository, which hub ids a config loads, and the fetch itself: against a Hugging Face cache
+built by hand in the hub's layout (offline), or a hub served on localhost (hub_server.py; the
+real one cannot be reached here), through huggingface_hub's own download path."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from hub_server import LocalHub
 
 from sidpipe.hub import (
     hub_models,
@@ -22,6 +25,7 @@ from sidpipe.hub import (
     select_files,
 )
 from sidpipe.io import current_umask
+from sidpipe.tiny_models import build_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,3 +316,42 @@ def test_a_tokenizer_repository_without_a_vocabulary_is_named(tmp_path: Path) ->
         "org/pipe (methods.b.model (its Q-Former tokenizer)) has no tokenizer files" in done.stdout
     )
     assert not (tmp_path / "out" / "record.json").exists()
+
+
+def test_a_model_fetched_from_the_hub_loads_offline_on_the_nodes(tmp_path: Path) -> None:
+    """Online, from a hub serving a tiny SD pipeline laid out as the hub's (an fp16 copy, a root
+    checkpoint, a component its model_index.json does not name): only the pipeline's files come
+    down, and a fresh offline process, as a job on a node, loads the bare hub id from the cache
+    the fetch left (which finds the snapshot through refs/main; a download by commit hash
+    alone does not write it)."""
+    sd = Path(build_tiny_models(tmp_path / "tiny", ["a photo of a mug"])["sd"])
+    repo = Path(shutil.copytree(sd, tmp_path / "repo"))
+    (repo / "unet/diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not fetched")
+    (repo / "sd-v1.ckpt").write_bytes(b"not fetched")
+    (repo / "safety_checker").mkdir()
+    (repo / "safety_checker/config.json").write_text("{}")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    with LocalHub({"org/sd": repo}, commit) as hub:
+        done = _fetch(tmp_path, "org/sd", HF_ENDPOINT=hub.url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert record["revision"] == commit and record["from_cache_only"] is False
+    pipeline = sorted(p.relative_to(sd).as_posix() for p in sd.rglob("*") if p.is_file())
+    assert record["files"] == pipeline
+    downloads = [r for r in hub.requests if r.startswith("GET /org/sd/resolve/")]
+    assert len(downloads) == len(pipeline), downloads
+    again = _fetch(tmp_path, "org/sd", HF_HUB_OFFLINE="1")  # a rerun on the submitting host
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((tmp_path / "out" / "record.json").read_text())["files"] == pipeline
+    load = (
+        "from sidpipe.models import load_sd_pipeline\n"
+        "pipe = load_sd_pipeline('org/sd', device='cpu')\n"
+        "print(type(pipe).__name__, pipe.tokenizer('a mug').input_ids)"
+    )
+    variables = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    offline = variables | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    loaded = subprocess.run(
+        [sys.executable, "-c", load], capture_output=True, text=True, env=offline, timeout=300
+    )  # hang guard
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    assert loaded.stdout.startswith("StableDiffusionPipeline [")

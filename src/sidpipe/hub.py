@@ -178,6 +178,19 @@ def _wanted(
     return select_files(files, components, tokenizer_only)
 
 
+def _record_default_branch(snapshot: Path) -> None:
+    """Point the cache's refs/main at the snapshot's commit. The jobs load the bare hub id
+    offline, which finds its snapshot through that ref, and huggingface_hub writes refs only
+    for downloads by branch name, not by commit hash (as here: the listing and the files are
+    one commit)."""
+    from huggingface_hub import constants
+
+    ref = snapshot.parent.parent / "refs" / constants.DEFAULT_REVISION
+    if not ref.is_file() or ref.read_text().strip() != snapshot.name:
+        with atomic_file(ref) as handle:
+            handle.write(snapshot.name)
+
+
 def fetch_model(repo_id: str, out: Path, used_by: list[str]) -> dict[str, Any]:
     """Download what `from_pretrained` reads of `repo_id` into the Hugging Face cache (or find
     it there when offline or the hub is unreachable) and write its record to `out`. `used_by`
@@ -212,6 +225,8 @@ def fetch_model(repo_id: str, out: Path, used_by: list[str]) -> dict[str, Any]:
             + _hint(repo_id, where, err, constants.HF_HUB_CACHE, offline)
         ) from err
     folder = Path(folder)
+    if not local:
+        _record_default_branch(folder)
     files_here = sorted(p for p in folder.rglob("*") if p.is_file())
     record = {
         "repo_id": repo_id,
