@@ -1,7 +1,8 @@
 """A Hugging Face hub on localhost for the tests (the real one cannot be reached here): it serves
 folders as model repositories at one commit through the HTTP API that huggingface_hub calls
 (`model_info`, `list_repo_tree`, and the `resolve` URLs its downloads HEAD and GET), so the
-library's own download path runs, cache layout and all. Point HF_ENDPOINT at `url`."""
+library's own download path runs, cache layout and all. Point HF_ENDPOINT at `url`. A repository
+in `gated` answers as a gated one does to a token without access."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from urllib.parse import unquote, urlparse
 
 
 class LocalHub:
-    def __init__(self, repos: dict[str, Path], commit: str) -> None:
+    def __init__(self, repos: dict[str, Path], commit: str, gated: tuple[str, ...] = ()) -> None:
         self.repos = repos
         self.commit = commit
+        self.gated = gated
         self.requests: list[str] = []
         hub = self
 
@@ -54,7 +56,10 @@ class LocalHub:
         info = re.fullmatch(rf"/api/models/({repo})(?:/revision/[^/]+)?", path)
         tree = re.fullmatch(rf"/api/models/({repo})/tree/[^/]+(?:/.*)?", path)
         file = re.fullmatch(rf"/({repo})/resolve/[^/]+/(.+)", path)
-        if info:
+        gated = next((g for g in self.gated if f"/{g}/" in path + "/"), None)
+        if gated:
+            self._refuse(handler, 403, "GatedRepo", f"Access to model {gated} is restricted.")
+        elif info:
             files = self._files(info[1])
             siblings = [{"rfilename": name} for name in files]
             answer = {"id": info[1], "sha": self.commit, "siblings": siblings}
@@ -70,10 +75,15 @@ class LocalHub:
             headers = {"X-Repo-Commit": self.commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
             self._send(handler, data, headers, body, "application/octet-stream")
         else:
-            handler.send_response(404)
-            handler.send_header("X-Error-Code", "EntryNotFound" if file else "RepoNotFound")
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
+            self._refuse(handler, 404, "EntryNotFound" if file else "RepoNotFound", "Not found")
+
+    @staticmethod
+    def _refuse(handler: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
+        handler.send_response(status)
+        handler.send_header("X-Error-Code", code)
+        handler.send_header("X-Error-Message", message)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
 
     @staticmethod
     def _send(

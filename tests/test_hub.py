@@ -355,3 +355,26 @@ def test_a_model_fetched_from_the_hub_loads_offline_on_the_nodes(tmp_path: Path)
     )  # hang guard
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
     assert loaded.stdout.startswith("StableDiffusionPipeline [")
+
+
+def test_a_missing_or_gated_model_on_the_hub_is_named_with_its_fix(tmp_path: Path) -> None:
+    """The hub's own answers, through huggingface_hub: no such repository, or a gated one the
+    token cannot read; the token never reaches the message or the log."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text("{}")
+    token = "hf_" + "x" * 34
+    with LocalHub({"org/gated": repo}, "0" * 40, gated=("org/gated",)) as hub:
+        missing = _fetch(tmp_path, "org/absent", HF_ENDPOINT=hub.url, HF_TOKEN=token)
+        gated = _fetch(tmp_path, "org/gated", ("models.sam",), HF_ENDPOINT=hub.url, HF_TOKEN=token)
+    assert missing.returncode == 3, missing.stdout + missing.stderr
+    assert "the hub has no model 'org/absent' (or it is private): check models.base" in (
+        missing.stdout
+    )
+    assert gated.returncode == 3, gated.stdout + gated.stderr
+    assert "org/gated is gated: accept its terms at https://huggingface.co/org/gated" in (
+        gated.stdout
+    )
+    for done in (missing, gated):
+        assert token not in done.stdout + done.stderr
+    assert not (tmp_path / "out" / "record.json").exists()
