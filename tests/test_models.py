@@ -445,3 +445,24 @@ def test_jobs_drop_only_the_torchvision_fallback_warning() -> None:
     assert "`CLIPImageProcessor` requires torchvision" in plain.stderr
     assert "requires torchvision" not in quiet.stderr
     assert "another warning" in quiet.stderr
+
+
+def test_a_gpu_given_but_unusable_fails_instead_of_running_on_the_cpu(monkeypatch) -> None:
+    """With a CUDA build of torch, a job given a GPU (CUDA_VISIBLE_DEVICES, as SLURM sets it)
+    that CUDA cannot use (a driver older than the wheels) fails naming what to check, instead
+    of "auto" running it on the CPU until its time limit; a CPU build of torch (this machine's,
+    the demo's, the test cluster's fake GPU) runs on the CPU as before."""
+    assert not torch.cuda.is_available()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert pick_device("auto").type == "cpu"  # this machine's CPU build
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(SidpipeError) as err:
+        pick_device("auto")
+    message = str(err.value)
+    assert "CUDA_VISIBLE_DEVICES=0" in message and "built for CUDA 12.8" in message
+    assert "nvidia-smi" in message
+    for hidden in ("", "-1", "NoDevFiles"):  # no GPU given: the CPU, as asked
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert pick_device("auto").type == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pick_device("auto").type == "cpu"

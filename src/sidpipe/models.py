@@ -163,15 +163,38 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def pick_device(prefer: str = "auto") -> torch.device:
-    """'auto' gives cuda when available, else cpu; an explicit device must exist."""
+    """'auto' gives cuda when available, else cpu (`refuse_unusable_gpu` first); an explicit
+    device must exist."""
     import torch
 
     if prefer == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        refuse_unusable_gpu()
+        return torch.device("cpu")
     device = torch.device(prefer)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SidpipeError(f"device {prefer!r} requested but CUDA is not available; use 'auto'")
     return device
+
+
+def refuse_unusable_gpu() -> None:
+    """Raise where a GPU was given to this process (CUDA_VISIBLE_DEVICES names one, as SLURM
+    sets it for a job's --gpus) and torch is a CUDA build, yet CUDA does not work (a driver
+    older than the wheels' CUDA, a broken node): "auto" would run the job on the CPU, where a
+    real-size job ends only at its time limit, on every retry. A CPU build of torch (`make
+    install`'s default: the demo, the tests, the test cluster's fake GPU) runs on the CPU."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if torch.version.cuda is None or visible in ("", "-1", "NoDevFiles"):
+        return
+    raise SidpipeError(
+        f"a GPU was given to this job (CUDA_VISIBLE_DEVICES={visible}) and torch "
+        f"{torch.__version__} is built for CUDA {torch.version.cuda}, but CUDA does not work "
+        "here (a warning from torch above may say why): check `nvidia-smi` on the node against "
+        "the wheels' CUDA (envs/gpu.yaml); on the CPU the job would run until its time limit"
+    )
 
 
 # Where the base model's string comes from: the paper's arms and the encoder arms' own setting.
