@@ -299,6 +299,23 @@ def vlm_backend(descriptions):
     return entry["backend"] if entry else "template"
 
 
+# Description sets an API writes (the OpenAI backend) are described on the submitting host
+# (describe_references_api, a local rule): an HTTPS call per image, which compute nodes often
+# cannot make. The other sets' jobs go to the cluster (describe_references).
+API_DESCRIPTIONS = [
+    name for name in config["descriptions"] if vlm_backend(name) == "openai"
+]
+API_DESCRIPTION_SETS = "|".join(map(re.escape, API_DESCRIPTIONS)) or NEVER
+NODE_DESCRIPTION_SETS = (
+    "|".join(
+        re.escape(name)
+        for name in config["descriptions"]
+        if name not in API_DESCRIPTIONS
+    )
+    or NEVER
+)
+
+
 def local_vlm_memory(wildcards):
     """A VLM run on the node (LLaVA, BLIP-2) needs its weights in memory; an API call does not."""
     return 40000 if vlm_backend(wildcards.descriptions) == "transformers" else 2000

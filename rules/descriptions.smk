@@ -10,6 +10,8 @@ rule describe_references:
         "results/logs/describe_references/{descriptions}/{subject}.log",
     benchmark:
         "results/benchmarks/describe_references/{descriptions}/{subject}.tsv"
+    wildcard_constraints:
+        descriptions=NODE_DESCRIPTION_SETS,
     priority: 3  # short, and training waits for it (priorities: rules/training.smk)
     conda:
         "../envs/gpu.yaml"
@@ -21,6 +23,16 @@ rule describe_references:
         settings=description_settings,
     script:
         "../workflow_scripts/describe_references.py"
+
+
+localrules:
+    describe_references_api,
+
+
+# An API's description sets (rules/common.smk: API_DESCRIPTIONS), on the submitting host.
+use rule describe_references as describe_references_api with:
+    wildcard_constraints:
+        descriptions=API_DESCRIPTION_SETS,
 
 
 rule descriptions_report:

@@ -287,3 +287,44 @@ def test_training_signalled_by_slurm_checkpoints_and_resumes(cluster, tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     info = json.loads((workdir / target[0]).read_text())
     assert info["resumed_from_step"] == step and info["steps"] == step + 20
+
+
+def test_an_api_description_set_is_described_on_the_submitting_host(cluster, tmp_path):
+    """A description set an API writes (the OpenAI backend) calls it from its job, and compute
+    nodes often cannot reach the internet: its jobs run on the submitting host (a local rule),
+    while the other sets' still go through sbatch."""
+    from test_vlm_openai import KEY_ENV, SECRET, FakeServer
+
+    server = FakeServer(lambda body, n: ("text", "a [V] mug on a blue checkered tablecloth"))
+    try:
+        workdir = _workdir(tmp_path)
+        (workdir / "subjects/blue_mug/descriptions.yaml").unlink()  # it would override the API
+        (workdir / "subjects.tsv").write_text(
+            "subject\tclass\tkind\timages\tsource\tmask_backend\n"
+            "blue_mug\tmug\tobject\tsubjects/blue_mug\tlocal\tprovided\n"
+        )
+        config = yaml.safe_load((workdir / "config.yaml").read_text())
+        config["vlms"] = {
+            "api": {
+                "backend": "openai",
+                "model": "gpt-4o",
+                "base_url": server.url,
+                "api_key_env": KEY_ENV,
+            }
+        }
+        config["descriptions"] = {"case1": {"case": 1}, "sid": {"case": 3, "vlm": "api"}}
+        config["experiments"] = {"main": [{"methods": ["dreambooth"], "descriptions": ["sid"]}]}
+        del config["human_study"]  # its Case-1 arm is not in this grid
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        targets = [f"results/descriptions/{d}/blue_mug.csv" for d in ("sid", "case1")]
+        env = {**cluster, KEY_ENV: SECRET}
+        result = _run(_snakemake(workdir, SLURM, targets), 600, cwd=REPO, env=env)  # hang guard
+    finally:
+        server.close()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "localrule describe_references_api:" in output
+    assert len(server.requests) == 4  # one per reference image
+    logs = workdir / "results/logs/describe_references"
+    assert "SLURM_JOB_ID=- " in (logs / "sid/blue_mug.log").read_text()
+    assert re.search(r"SLURM_JOB_ID=\d+ ", (logs / "case1/blue_mug.log").read_text())
