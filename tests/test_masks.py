@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sidpipe.grounded_sam import _label, grounding_prompt, postprocess_mask
+from sidpipe.grounded_sam import _label, grounding_prompt, postprocess_mask, segment_boxes
 from sidpipe.io import SidpipeError, read_csv
 from sidpipe.masks import (
     BOX_COLOR,
@@ -417,3 +417,30 @@ def test_missing_detector_is_a_config_error(gsam_refs: Path, tmp_path: Path) -> 
             gsam_refs, out, "dog", "dog", detector=str(tmp_path / "no_detector"), device="cpu"
         )
     assert_clean(out)
+
+
+def test_sam_gives_one_mask_per_box_as_grounded_sams_demo(tiny: dict[str, str]) -> None:
+    """SAM is asked for one mask per box (multimask_output=False, as Grounded-SAM's demo asks
+    it), not the best of the three masks it proposes for an ambiguous point, which may be a part
+    of the object; two images in a batch of two, each mask and IoU its own single-image call's."""
+    import torch
+
+    from sidpipe.models import load_sam
+
+    images = [Image.fromarray(noise(40, 48, seed)) for seed in (1, 2)]
+    boxes = [(5.0, 4.0, 30.0, 36.0), (10.0, 2.0, 44.0, 20.0)]
+    found = segment_boxes(images, boxes, tiny["sam"], "cpu", batch_size=2, subject="dog")
+    sam, processor = load_sam(tiny["sam"], "cpu")
+    for image, box, (mask, iou) in zip(images, boxes, found, strict=True):
+        inputs = processor(images=[image], input_boxes=[[list(box)]], return_tensors="pt")
+        with torch.inference_mode():
+            output = sam(
+                pixel_values=inputs["pixel_values"],
+                input_boxes=inputs["input_boxes"].float(),
+                multimask_output=False,
+            )
+        single = processor.post_process_masks(
+            output.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+        )[0][0, 0].numpy()
+        assert mask.shape == (40, 48) and np.array_equal(mask, single)
+        assert iou == pytest.approx(float(output.iou_scores[0, 0, 0]), abs=1e-5)

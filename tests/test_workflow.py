@@ -139,7 +139,7 @@ def test_every_job_loading_a_hub_model_waits_for_its_fetch_on_the_submitting_hos
             hub = set(re.findall(r"results/models/hub/([\w.-]+)\.json", inputs.group(1)))
             waits.setdefault(head.group(2), set()).update(hub)
     sd, clip, dino = (
-        "stabilityai--stable-diffusion-2-1-base",
+        "sd2-community--stable-diffusion-2-1-base",
         "openai--clip-vit-base-patch32",
         "facebook--dino-vits16",
     )
@@ -147,7 +147,7 @@ def test_every_job_loading_a_hub_model_waits_for_its_fetch_on_the_submitting_hos
         assert sd in waits[rule], (rule, waits.get(rule))
     assert waits["score"] == {clip, dino}
     assert waits["segment_references"] == {
-        "IDEA-Research--grounding-dino-base",
+        "IDEA-Research--grounding-dino-tiny",
         "facebook--sam-vit-huge",
     }
     assert {"llava-hf--llava-1.5-13b-hf", "Salesforce--blip2-opt-2.7b"} <= waits[

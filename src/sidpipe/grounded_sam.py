@@ -13,7 +13,9 @@ from tqdm import tqdm
 
 from sidpipe.io import SidpipeError
 
-DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-base"
+# Grounded-SAM's demo (the paper's [14]): GroundingDINO Swin-T OGC, the model its 0.3 / 0.25
+# thresholds are set for, and SAM ViT-H.
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "facebook/sam-vit-huge"
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
@@ -106,7 +108,9 @@ def segment_boxes(
     batch_size: int,
     subject: str,
 ) -> list[tuple[np.ndarray, float]]:
-    """SAM mask (the best of its three by predicted IoU) and that IoU per image and box."""
+    """SAM's mask and its predicted IoU per image and box: one mask per box
+    (multimask_output=False), as Grounded-SAM's demo asks SAM; its three-mask output, meant for
+    an ambiguous point, leaves this one out and may return a part of the object."""
     import torch  # heavy imports, only for this backend
 
     from sidpipe.models import load_sam
@@ -124,17 +128,16 @@ def segment_boxes(
                 pixel_values=inputs["pixel_values"].to(sam.device, sam.dtype),
                 # The processor returns float64 boxes; the prompt encoder wants the model dtype.
                 input_boxes=inputs["input_boxes"].to(sam.device, sam.dtype),
-                multimask_output=True,
+                multimask_output=False,
             )
-        iou = outputs.iou_scores[:, 0].float().cpu()  # (batch, 3): one box per image
-        best = iou.argmax(dim=-1)
+        iou = outputs.iou_scores[:, 0, 0].float().cpu()  # (batch,): one box, one mask
         masks = processor.post_process_masks(
             outputs.pred_masks.float().cpu(),
             inputs["original_sizes"],
             inputs["reshaped_input_sizes"],
         )
         for k in range(len(chunk)):
-            out.append((masks[k][0, best[k]].numpy().astype(bool), float(iou[k, best[k]])))
+            out.append((masks[k][0, 0].numpy().astype(bool), float(iou[k])))
     return out
 
 
