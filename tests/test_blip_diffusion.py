@@ -16,6 +16,7 @@ from sidpipe.encoders.blip_diffusion import (
     fit_negative_prompt,
     generate,
     load_blip_diffusion,
+    subject_and_context,
 )
 from sidpipe.encoders.tiny import build_tiny_blip_diffusion
 from sidpipe.io import SidpipeError
@@ -217,3 +218,35 @@ def test_bad_arguments(pipe: Any, tmp_path: Path) -> None:
     assert generate(pipe, _reference(0), "dog", [], [], steps=1, resolution=RES) == []
     with pytest.raises(SidpipeError, match="does not exist"):
         load_blip_diffusion(str(tmp_path / "missing"))
+
+
+def test_a_plain_prompt_splits_into_the_target_subject_and_its_context() -> None:
+    """The pipeline writes "a {target} {context}": the DreamBooth prompts' property words go with
+    the subject, the rest is the context; a prompt without the class cannot be split."""
+    assert subject_and_context("a teapot in the jungle", "teapot") == ("teapot", "in the jungle")
+    assert subject_and_context("a red teapot", "teapot") == ("red teapot", "")
+    assert subject_and_context("a cube shaped teapot", "teapot") == ("cube shaped teapot", "")
+    assert subject_and_context("a dog wearing a red hat", "dog") == ("dog", "wearing a red hat")
+    assert subject_and_context("an old teapot on a table", "teapot") == ("old teapot", "on a table")
+    with pytest.raises(SidpipeError, match="does not name the subject's class 'teapot'"):
+        subject_and_context("a cup on the beach", "teapot")
+
+
+def test_per_prompt_target_subjects_reach_the_pipeline(pipe: Any) -> None:
+    spy = Spy(pipe)
+    prompts, targets = ["on the beach", "", "in the snow"], ["teapot", "red teapot", "teapot"]
+    generate(
+        spy,
+        _reference(0),
+        "teapot",
+        prompts,
+        [1, 2, 3],
+        steps=1,
+        resolution=RES,
+        batch_size=2,
+        targets=targets,
+    )
+    assert [c["target_subject_category"] for c in spy.calls] == [targets[:2], targets[2:]]
+    assert [c["source_subject_category"] for c in spy.calls] == [["teapot"] * 2, ["teapot"]]
+    with pytest.raises(SidpipeError, match="3 prompts but 2 target subjects"):
+        generate(spy, _reference(0), "teapot", prompts, [1, 2, 3], steps=1, targets=targets[:2])

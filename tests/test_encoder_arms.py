@@ -63,7 +63,8 @@ def test_an_encoder_arm_samples_the_grid_from_one_reference(world, tmp_path, alg
     assert list(on_disk[0]) == MANIFEST_FIELDS and len(on_disk) == len(rows) == 4
     assert [(r["prompt_id"], r["seed"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert [r["prompt_plain"] for r in rows[::2]] == ["a mug", "a mug on the beach"]
-    # what the model saw: BLIP-Diffusion the plain prompt, ELITE its word S for the subject
+    # what the model saw: BLIP-Diffusion the plain prompt ("a {target} {context}"), ELITE
+    # its word S for the subject
     seen = [r["prompt"] for r in rows[::2]]
     if algorithm == "elite":
         assert seen == ["a S", "a S on the beach"]
@@ -80,6 +81,31 @@ def test_an_encoder_arm_samples_the_grid_from_one_reference(world, tmp_path, alg
     )
     other = run(world, algorithm, tmp_path / "c", reference_subset="02")
     assert np.abs(images[0] - pixels(tmp_path / "c", other[0])).max() > 0
+
+
+def test_blip_diffusion_gets_its_target_subject_and_context_apart(
+    world, tmp_path, monkeypatch
+) -> None:
+    """BLIP-Diffusion writes "a {target} {context}" itself: the arm hands it "red mug" and
+    "on the beach" apart, not the plain prompt, which would read "a mug a mug on the beach"."""
+    import sidpipe.encoders.blip_diffusion as blip
+
+    calls, real = [], blip.generate
+
+    def spy(pipe, reference, class_name, prompts, seeds, *args, **kwargs):
+        calls.append(list(zip(prompts, kwargs["targets"], strict=True)))
+        return real(pipe, reference, class_name, prompts, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(blip, "generate", spy)
+    templates = ["a {token} {class} on the beach", "a red {token} {class}"]
+    rows = run(world, "blip_diffusion", tmp_path / "a", templates=templates)
+    assert [pair for call in calls for pair in call] == [
+        ("on the beach", "mug"),
+        ("on the beach", "mug"),
+        ("", "red mug"),
+        ("", "red mug"),
+    ]
+    assert [r["prompt"] for r in rows[::2]] == ["a mug on the beach", "a red mug"]
 
 
 def test_an_unknown_algorithm_or_reference_is_refused(world, tmp_path) -> None:

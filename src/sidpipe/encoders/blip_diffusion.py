@@ -52,6 +52,7 @@ Importing this module imports torch, transformers and diffusers: import it only 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -341,6 +342,22 @@ def fit_negative_prompt(pipe: BlipDiffusionPipeline, text: str) -> str:
     return kept
 
 
+def subject_and_context(prompt_plain: str, class_name: str) -> tuple[str, str]:
+    """A plain prompt as BLIP-Diffusion takes it: the target subject (the words up to the class
+    noun, less the article: "red mug") and the context after it ("on the beach"). The pipeline
+    writes "a {target subject} {context}" itself and puts the reference's subject embedding
+    after its "a"; the whole plain prompt would read "a mug a mug on the beach"."""
+    match = re.fullmatch(
+        rf"(?:an?\s+)?(.*?\b{re.escape(class_name)})\b\s*(.*)", prompt_plain.strip(), re.IGNORECASE
+    )
+    if match is None:
+        raise SidpipeError(
+            f"BLIP-Diffusion: the prompt {prompt_plain!r} does not name the subject's class "
+            f"{class_name!r}; its templates need `{{class}}`"
+        )
+    return match[1], match[2]
+
+
 def generate(
     pipe: BlipDiffusionPipeline,
     reference: Image.Image,
@@ -352,18 +369,23 @@ def generate(
     resolution: int = 512,
     negative_prompt: str = "",
     batch_size: int = 4,
+    targets: list[str] | None = None,
 ) -> list[Image.Image]:
     """One image per (prompts[i], seeds[i]), conditioned on `reference`.
 
-    `class_name` is both the source subject category (what the Q-Former looks for in the
-    reference) and the target one (the pipeline writes the prompt as "a {class_name} {prompt}");
-    `prompts` are the plain prompts, without an identifier. Up to `batch_size` images per
+    `class_name` is the source subject category (what the Q-Former looks for in the reference)
+    and, unless `targets` gives one per prompt ("red mug"), the target one; `prompts` are the
+    contexts after the subject ("on the beach": the pipeline writes "a {target} {prompt}"; see
+    `subject_and_context`). Up to `batch_size` images per
     pipeline call; each starts from its own seeded latents, so batching changes nothing.
     The pipeline's image processor converts the reference to RGB (transparency onto white),
     resizes it to the Q-Former's input size and normalizes it with the pipeline's mean/std.
     """
     if len(prompts) != len(seeds):
         raise SidpipeError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
+    targets = [class_name] * len(prompts) if targets is None else list(targets)
+    if len(targets) != len(prompts):
+        raise SidpipeError(f"{len(prompts)} prompts but {len(targets)} target subjects")
     if batch_size < 1:
         raise SidpipeError(f"batch_size must be at least 1, got {batch_size}")
     factor = vae_scale_factor(pipe)
@@ -373,13 +395,12 @@ def generate(
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        classes = [class_name] * len(chunk)
         with torch.no_grad():
             output = pipe(
                 prompt=chunk,
                 reference_image=reference,
-                source_subject_category=classes,
-                target_subject_category=classes,
+                source_subject_category=[class_name] * len(chunk),
+                target_subject_category=targets[start : start + batch_size],
                 latents=seed_latents(pipe, seeds[start : start + batch_size], resolution),
                 guidance_scale=guidance_scale,
                 height=resolution,

@@ -100,10 +100,15 @@ def sample_encoder_arm(
     )
     plain = expand_prompts(templates, class_name, "")
     if algorithm == "blip_diffusion":
-        from sidpipe.encoders.blip_diffusion import generate, load_blip_diffusion
+        from sidpipe.encoders.blip_diffusion import (
+            generate,
+            load_blip_diffusion,
+            subject_and_context,
+        )
 
         pipe = load_blip_diffusion(settings["model"], dtype, device)
         seen = [row["prompt_plain"] for row in plain]
+        parts = {p: subject_and_context(p, class_name) for p in seen}
 
         def make(prompts: list[str]) -> list[Image.Image]:
             # one (prompt, seed) pair per image, prompt-major
@@ -111,12 +116,13 @@ def sample_encoder_arm(
                 pipe,
                 reference,
                 class_name,
-                [p for p in prompts for _ in seeds],
+                [parts[p][1] for p in prompts for _ in seeds],
                 [s for _ in prompts for s in seeds],
                 steps,
                 guidance_scale,
                 resolution,
                 batch_size=batch_size,
+                targets=[parts[p][0] for p in prompts for _ in seeds],
             )
     else:
         from sidpipe.encoders.elite import load_elite
