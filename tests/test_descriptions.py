@@ -340,6 +340,28 @@ def test_caption_to_description() -> None:
     )
 
 
+def test_a_split_closed_compound_is_the_class_noun_as_the_table_writes_it() -> None:
+    """The datasets' class "teddybear": a VLM writes "teddy bear" (BLIP-2's captions nearly
+    always); the description names it as the Case-1 template and the prompts do, rather than
+    failing the check or prefixing the template to a caption with a second, unmarked subject."""
+    assert check_description("a [V] teddy bear on a red chair", "teddybear") == (
+        "a [V] teddybear on a red chair",
+        None,
+    )
+    assert check_description("A [V] Teddy-Bear beside two teddy bears", "teddybear") == (
+        "A [V] teddybear beside two teddybears",
+        None,
+    )
+    assert caption_to_description("a teddy bear sitting on a chair", "teddybear") == (
+        "a [V] teddybear sitting on a chair"
+    )
+    # short nouns are never split; separate words stay as they are
+    assert check_description("a [V] mug on a mu g", "mug") == ("a [V] mug on a mu g", None)
+    assert caption_to_description("a bear next to a teddy", "teddybear") == (
+        "a [V] teddybear, a bear next to a teddy"
+    )
+
+
 def test_count_tokens_uses_the_identifier(base: str) -> None:
     tokenizer = load_base_tokenizer(base)
     # BOS + "sks" + "mug"... with [V] replaced: the identifier, not the 3 symbols "[", "v", "]".

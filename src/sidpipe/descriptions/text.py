@@ -167,6 +167,25 @@ _AFTER_HEAD = frozenset(
 )
 
 
+def _split_noun_regex(noun: str) -> str | None:
+    """A one-word class noun written as two words or hyphenated ("teddy bear", "teddy-bear" for
+    the datasets' "teddybear"), plural allowed; None for nouns too short to be compounds."""
+    if len(noun.split()) != 1 or len(noun) < 6:
+        return None
+    forms = [rf"{re.escape(noun[:i])}[\s-]+{re.escape(noun[i:])}" for i in range(3, len(noun) - 2)]
+    return rf"(?<![\w\-])(?:{'|'.join(forms)})(?P<plural>e?s)?(?![\w\-])"
+
+
+def canonical_noun(text: str, noun: str) -> str:
+    """The class noun as the subjects table writes it: a VLM may split a closed compound ("a [V]
+    teddy bear" for the class "teddybear"), and the training captions must name the subject as
+    the Case-1 template and the prompts do."""
+    pattern = _split_noun_regex(noun)
+    if pattern is None:
+        return text
+    return re.sub(pattern, lambda m: noun + (m["plural"] or ""), text, flags=re.IGNORECASE)
+
+
 def _is_head(text: str, match: re.Match) -> bool:
     """Whether a mention of the noun is the head of its noun phrase (not a modifier)."""
     rest = text[match.end() :].lstrip()
@@ -208,6 +227,7 @@ def check_description(text: str, noun: str) -> tuple[str, str | None]:
         return text, problem
     if not text:
         return text, "the answer is empty"
+    text = canonical_noun(text, noun)
     count = text.count(PLACEHOLDER)
     if count == 0:
         return _place_placeholder(text, noun)
@@ -227,7 +247,7 @@ def check_description(text: str, noun: str) -> tuple[str, str | None]:
 def caption_to_description(caption: str, class_name: str, style: bool = False) -> str:
     """A plain caption (BLIP-2) as a description: "[V]" before the class noun when it occurs
     once as a head noun, else the template as a prefix."""
-    caption = clean_text(caption).rstrip(" .")
+    caption = canonical_noun(clean_text(caption).rstrip(" ."), class_name)
     if _unbalanced_quote(caption):  # a caption cannot be asked again: drop the stray quote
         caption = re.sub('["“”«»]', "", caption).strip(_QUOTES + " ")
     if style:  # "art" in a caption rarely names the style itself
