@@ -110,6 +110,9 @@ MANUAL_FILES = manual_files(config)
 # not ask the hub (compute nodes often have no internet; each question is a timeout there).
 if workflow.remote_exec:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The conda envs' post-deploy step installs this checkout, wherever `--directory` runs the
+# workflow (envs/*.post-deploy.sh).
+os.environ["SIDPIPE_CHECKOUT"] = str(Path(workflow.basedir))
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
 NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative

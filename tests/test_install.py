@@ -1,5 +1,6 @@
 """The install: pinned, CPU torch kept, no CUDA or torchvision wheels, conda envs in step."""
 
+import os
 import re
 import subprocess
 from importlib import metadata
@@ -148,3 +149,36 @@ def test_a_plan_with_cuda_wheels_stops_the_install_before_torch_arrives(
     assert message in result.stderr
     assert not list(venv.glob("lib/python*/site-packages/torch"))
     assert not (venv / ".installed").exists()
+
+
+def test_the_post_deploy_step_installs_this_checkout_from_any_working_directory(tmp_path):
+    """Snakemake runs an env's post-deploy step in the working directory, which `--directory`
+    may put outside the checkout (results on scratch): the step installs the checkout the
+    workflow names (SIDPIPE_CHECKOUT, from rules/common.smk), and says so where there is none."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text('#!/bin/sh\necho "python $*"\n')  # records the pip call
+    (shim / "python").chmod(0o755)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
+    for name in ("cpu", "gpu"):
+        script = REPO / f"envs/{name}.post-deploy.sh"
+        done = subprocess.run(
+            ["bash", script],
+            cwd=scratch,
+            env={**env, "SIDPIPE_CHECKOUT": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=60,  # hang guard
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"python -m pip install --no-deps -e {REPO}"
+        lost = subprocess.run(
+            ["bash", script], cwd=scratch, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert lost.returncode == 1 and f"no sidpipe checkout at or above {scratch}" in lost.stderr
+    assert (
+        'os.environ["SIDPIPE_CHECKOUT"] = str(Path(workflow.basedir))'
+        in (REPO / "rules/common.smk").read_text()
+    )
