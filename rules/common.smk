@@ -112,7 +112,7 @@ if workflow.remote_exec:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The conda envs' post-deploy step installs this checkout, wherever `--directory` runs the
 # workflow (envs/*.post-deploy.sh).
-os.environ["SIDPIPE_CHECKOUT"] = str(Path(workflow.basedir))
+os.environ.update(SIDPIPE_CHECKOUT=str(Path(workflow.basedir)))
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
 NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative
