@@ -1,15 +1,21 @@
 """The install: pinned, CPU torch kept, no CUDA or torchvision wheels, conda envs in step."""
 
+import importlib.util
 import os
 import re
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+_SPEC = importlib.util.spec_from_file_location(
+    "pin_dependencies", REPO / "envs/pin_dependencies.py"
+)
+PIN_DEPENDENCIES = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(PIN_DEPENDENCIES)
 FORBIDDEN = {"torchvision", "open-clip-torch", "segment-anything", "groundingdino-py"}
 
 
@@ -82,15 +88,34 @@ def test_conda_envs_pin_the_same_versions():
         k: v for k, v in requirements.items() if not k.startswith(("snakemake", "pytest", "ruff"))
     }
     runtime.pop("snakefmt")
+    lock = _pins((REPO / "constraints.txt").read_text().splitlines())
     for name in ("cpu", "gpu"):
-        env = yaml.safe_load((REPO / f"envs/{name}.yaml").read_text())
-        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-        pins = _pins(pip)
+        text = (REPO / f"envs/{name}.yaml").read_text()
+        direct, brought = text.split(PIN_DEPENDENCIES.MARKER)
+        pins = _pins(line.split("- ", 1)[-1] for line in direct.splitlines())
         assert pins.pop("torch") == "2.13.0"
         assert pins == runtime, name
+        # what those bring: the lock's versions, not whatever is newest when the env is built
+        brought = _pins(line.split("- ", 1)[-1] for line in brought.splitlines())
+        assert len(brought) > 40 and {"numpy", "httpx2", "httpcore2", "regex"} <= set(brought)
+        assert all(lock[package] == version for package, version in brought.items()), name
         assert (REPO / f"envs/{name}.post-deploy.sh").exists(), "installs sidpipe into the env"
     gpu = (REPO / "envs/gpu.yaml").read_text()
     assert "download.pytorch.org/whl/cu" in gpu
+
+
+def test_the_envs_pin_what_this_install_brings_and_a_missing_pin_is_found():
+    check = subprocess.run(
+        [sys.executable, REPO / "envs/pin_dependencies.py", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,  # hang guard
+    )
+    assert check.returncode == 0, check.stderr
+    text = (REPO / "envs/gpu.yaml").read_text()
+    assert "      - numpy==" in text
+    without = "".join(line for line in text.splitlines(True) if "- numpy==" not in line)
+    assert PIN_DEPENDENCIES.pinned(without) == text
 
 
 def test_make_install_refuses_an_unknown_torch_build_before_creating_the_venv(tmp_path):
