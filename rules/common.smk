@@ -113,6 +113,9 @@ if workflow.remote_exec:
 # The conda envs' post-deploy step installs this checkout, wherever `--directory` runs the
 # workflow (envs/*.post-deploy.sh).
 os.environ.update(SIDPIPE_CHECKOUT=str(Path(workflow.basedir)))
+# Jobs in a conda env would otherwise import a researcher's `pip install --user` packages
+# (~/.local) before the env's pinned ones (a virtualenv leaves them out already).
+os.environ.update(PYTHONNOUSERSITE="1")
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
 NEVER = "(?!x)x"  # a regex that matches nothing, for an empty alternative
