@@ -294,27 +294,12 @@ def test_an_api_description_set_is_described_on_the_submitting_host(cluster, tmp
     nodes often cannot reach the internet: its jobs run on the submitting host (a local rule),
     while the other sets' still go through sbatch."""
     from test_vlm_openai import KEY_ENV, SECRET, FakeServer
+    from test_workflow import sid_from_an_api
 
     server = FakeServer(lambda body, n: ("text", "a [V] mug on a blue checkered tablecloth"))
     try:
         workdir = _workdir(tmp_path)
-        (workdir / "subjects/blue_mug/descriptions.yaml").unlink()  # it would override the API
-        (workdir / "subjects.tsv").write_text(
-            "subject\tclass\tkind\timages\tsource\tmask_backend\n"
-            "blue_mug\tmug\tobject\tsubjects/blue_mug\tlocal\tprovided\n"
-        )
-        config = yaml.safe_load((workdir / "config.yaml").read_text())
-        config["vlms"] = {
-            "api": {
-                "backend": "openai",
-                "model": "gpt-4o",
-                "base_url": server.url,
-                "api_key_env": KEY_ENV,
-            }
-        }
-        config["descriptions"] = {"case1": {"case": 1}, "sid": {"case": 3, "vlm": "api"}}
-        config["experiments"] = {"main": [{"methods": ["dreambooth"], "descriptions": ["sid"]}]}
-        del config["human_study"]  # its Case-1 arm is not in this grid
+        config = sid_from_an_api(workdir, server.url, KEY_ENV)
         (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         targets = [f"results/descriptions/{d}/blue_mug.csv" for d in ("sid", "case1")]
         env = {**cluster, KEY_ENV: SECRET}

@@ -893,6 +893,25 @@ def test_bad_reference_folder_fails_the_job_without_partial_output(tmp_path):
     )
 
 
+def sid_from_an_api(workdir: Path, base_url: str, key_env: str) -> dict:
+    """A copy of the demo cut to `blue_mug` (no hand-written descriptions, which would override
+    the VLM) whose SID set an OpenAI-compatible server at `base_url` writes: its config, for the
+    caller to adjust and write."""
+    for description_file in (workdir / "subjects").glob("*/descriptions.yaml"):
+        description_file.unlink()
+    (workdir / "subjects.tsv").write_text(
+        "subject\tclass\tkind\timages\tsource\tmask_backend\n"
+        "blue_mug\tmug\tobject\tsubjects/blue_mug\tlocal\tprovided\n"
+    )
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    api = {"backend": "openai", "model": "gpt-4o", "base_url": base_url, "api_key_env": key_env}
+    config["vlms"] = {"fake": {**api, "backoff_base": 0.01}}
+    config["descriptions"] = {"case1": {"case": 1}, "sid": {"case": 3, "vlm": "fake"}}
+    config["experiments"] = {"main": [{"methods": ["dreambooth"], "descriptions": ["sid"]}]}
+    del config["human_study"]  # its Case-1 arm is not in this grid
+    return config
+
+
 def test_api_key_never_reaches_any_output_or_the_report(tmp_path, monkeypatch):
     """SID through a real OpenAI-compatible server: the planted key is nowhere on disk after."""
     from test_vlm_openai import KEY_ENV, SECRET, FakeServer
@@ -900,25 +919,7 @@ def test_api_key_never_reaches_any_output_or_the_report(tmp_path, monkeypatch):
     server = FakeServer(lambda body, n: ("text", "a [V] mug on a blue checkered tablecloth"))
     try:
         workdir = copy_demo(tmp_path / "w")
-        for description_file in (workdir / "subjects").glob("*/descriptions.yaml"):
-            description_file.unlink()  # manual entries would override the VLM
-        (workdir / "subjects.tsv").write_text(
-            "subject\tclass\tkind\timages\tsource\tmask_backend\n"
-            "blue_mug\tmug\tobject\tsubjects/blue_mug\tlocal\tprovided\n"
-        )
-        config = yaml.safe_load((workdir / "config.yaml").read_text())
-        config["vlms"] = {
-            "fake": {
-                "backend": "openai",
-                "model": "gpt-4o",
-                "base_url": server.url,
-                "api_key_env": KEY_ENV,
-                "backoff_base": 0.01,
-            }
-        }
-        config["descriptions"] = {"case1": {"case": 1}, "sid": {"case": 3, "vlm": "fake"}}
-        config["experiments"] = {"main": [{"methods": ["dreambooth"], "descriptions": ["sid"]}]}
-        del config["human_study"]  # its Case-1 arm is not in this grid
+        config = sid_from_an_api(workdir, server.url, KEY_ENV)
         config["inference"] = {"standard": {}}
         # what the key could reach is every stage's output, not how well the arm trains
         config["methods"]["dreambooth"]["steps"] = 20
