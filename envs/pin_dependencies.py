@@ -25,24 +25,49 @@ def direct_pins(text: str) -> list[str]:
     return [line.split("- ", 1)[1].split("==")[0] for line in head.splitlines() if "==" in line]
 
 
+def _left_out(key: str, roots: set[str]) -> bool:
+    """The roots; the packaging tools an env brings itself (pip freeze leaves them out too); and
+    a CUDA torch's own wheels (nvidia-*, triton), which torch pins exactly for its build, so
+    that a CUDA install writes the same pins as a CPU one."""
+    return (
+        key in roots
+        or key in {"pip", "setuptools", "wheel"}
+        or key.startswith(("nvidia-", "triton"))
+    )
+
+
 def dependency_pins(roots: list[str]) -> list[str]:
     """`name==version` for every installed distribution the roots need (markers evaluated for
-    this interpreter and platform, no extras), less the roots themselves."""
+    this interpreter and platform, no extras), less `_left_out`. A package needed only under a
+    marker (hf-xet: some machines) keeps that marker, so other platforms skip it as pip would."""
     found: dict[str, tuple[str, str]] = {}
-    stack = list(roots)
+    markers: dict[str, set[str] | None] = {}  # None: needed unconditionally somewhere
+    stack: list[tuple[str, str | None]] = [(root, None) for root in roots]
     while stack:
-        key = canonicalize_name(stack.pop())
+        name, marker = stack.pop()
+        key = canonicalize_name(name)
+        if marker is None or markers.get(key, set()) is None:
+            markers[key] = None
+        else:
+            markers.setdefault(key, set()).add(marker)
         if key in found:
             continue
         dist = metadata.distribution(key)
         found[key] = (dist.metadata["Name"], dist.version)
         for line in dist.requires or []:
             requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                stack.append(requirement.name)
-    # the roots, and the packaging tools the env brings itself (pip freeze leaves them out too)
-    left_out = {canonicalize_name(root) for root in roots} | {"pip", "setuptools", "wheel"}
-    pins = [f"{name}=={version}" for key, (name, version) in found.items() if key not in left_out]
+            if requirement.marker is None:
+                stack.append((requirement.name, None))
+            elif requirement.marker.evaluate({"extra": ""}):
+                stack.append((requirement.name, str(requirement.marker)))
+    root_keys = {canonicalize_name(root) for root in roots}
+    pins = []
+    for key, (name, version) in found.items():
+        if _left_out(key, root_keys):
+            continue
+        only = markers[key]
+        condition = "" if only is None else "; " + " or ".join(f"({m})" for m in sorted(only))
+        pins.append(f"{name}=={version}{condition}")
     return sorted(pins, key=str.lower)
 
 

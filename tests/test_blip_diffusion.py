@@ -228,6 +228,8 @@ def test_a_plain_prompt_splits_into_the_target_subject_and_its_context() -> None
     assert subject_and_context("a cube shaped teapot", "teapot") == ("cube shaped teapot", "")
     assert subject_and_context("a dog wearing a red hat", "dog") == ("dog", "wearing a red hat")
     assert subject_and_context("an old teapot on a table", "teapot") == ("old teapot", "on a table")
+    assert subject_and_context("the teapot at night", "teapot") == ("teapot", "at night")
+    assert subject_and_context("two teapots on a shelf", "teapot") == ("two teapots", "on a shelf")
     with pytest.raises(SidpipeError, match="does not name the subject's class 'teapot'"):
         subject_and_context("a cup on the beach", "teapot")
 

@@ -378,3 +378,21 @@ def test_a_missing_or_gated_model_on_the_hub_is_named_with_its_fix(tmp_path: Pat
     for done in (missing, gated):
         assert token not in done.stdout + done.stderr
     assert not (tmp_path / "out" / "record.json").exists()
+
+
+def test_a_cache_whose_ref_cannot_be_written_is_named(tmp_path: Path) -> None:
+    """Without refs/main the jobs cannot find the model offline: a cache where it cannot be
+    written (here a file stands where its folder goes) fails the fetch with the way out, not a
+    traceback, and leaves no record."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text("{}")
+    storage = tmp_path / "hf" / "hub" / "models--org--clip"
+    storage.mkdir(parents=True)
+    (storage / "refs").write_text("not a folder")
+    with LocalHub({"org/clip": repo}, "1" * 40) as hub:
+        done = _fetch(tmp_path, "org/clip", HF_ENDPOINT=hub.url)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"cannot write {storage / 'refs' / 'main'}" in done.stdout
+    assert "use a Hugging Face cache you can write (HF_HOME)" in done.stdout
+    assert not (tmp_path / "out" / "record.json").exists()

@@ -23,7 +23,7 @@ def _pins(lines) -> dict[str, str]:
     pins = {}
     for line in lines:
         line = line.split("#", 1)[0].strip()
-        if match := re.fullmatch(r"([A-Za-z0-9_.-]+)==([^\s;]+)", line):
+        if match := re.fullmatch(r"([A-Za-z0-9_.-]+)==([^\s;]+)\s*(?:;.*)?", line):  # a marker
             pins[match.group(1).lower().replace("_", "-")] = match.group(2)
     return pins
 

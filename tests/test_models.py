@@ -452,9 +452,10 @@ def test_a_gpu_given_but_unusable_fails_instead_of_running_on_the_cpu(monkeypatc
     that CUDA cannot use (a driver older than the wheels) fails naming what to check, instead
     of "auto" running it on the CPU until its time limit; a CPU build of torch (this machine's,
     the demo's, the test cluster's fake GPU) runs on the CPU as before."""
-    assert not torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # whatever this machine has
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert pick_device("auto").type == "cpu"  # this machine's CPU build
+    assert pick_device("auto").type == "cpu"
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     with pytest.raises(SidpipeError) as err:
         pick_device("auto")

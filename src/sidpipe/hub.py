@@ -186,9 +186,16 @@ def _record_default_branch(snapshot: Path) -> None:
     from huggingface_hub import constants
 
     ref = snapshot.parent.parent / "refs" / constants.DEFAULT_REVISION
-    if not ref.is_file() or ref.read_text().strip() != snapshot.name:
+    if ref.is_file() and ref.read_text().strip() == snapshot.name:
+        return
+    try:
         with atomic_file(ref) as handle:
             handle.write(snapshot.name)
+    except OSError as err:
+        raise SidpipeError(
+            f"cannot write {ref} ({err.strerror}): the jobs find the model offline through it; "
+            "use a Hugging Face cache you can write (HF_HOME), or ask its owner to fetch the model"
+        ) from err
 
 
 def fetch_model(repo_id: str, out: Path, used_by: list[str]) -> dict[str, Any]:

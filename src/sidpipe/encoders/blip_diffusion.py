@@ -347,13 +347,14 @@ def subject_and_context(prompt_plain: str, class_name: str) -> tuple[str, str]:
     noun, less the article: "red mug") and the context after it ("on the beach"). The pipeline
     writes "a {target subject} {context}" itself and puts the reference's subject embedding
     after its "a"; the whole plain prompt would read "a mug a mug on the beach"."""
+    noun = rf"{re.escape(class_name)}(?:e?s)?"  # plural allowed ("two mugs")
     match = re.fullmatch(
-        rf"(?:an?\s+)?(.*?\b{re.escape(class_name)})\b\s*(.*)", prompt_plain.strip(), re.IGNORECASE
+        rf"(?:(?:an?|the)\s+)?(.*?\b{noun})\b\s*(.*)", prompt_plain.strip(), re.IGNORECASE
     )
     if match is None:
         raise SidpipeError(
             f"BLIP-Diffusion: the prompt {prompt_plain!r} does not name the subject's class "
-            f"{class_name!r}; its templates need `{{class}}`"
+            f"{class_name!r} as a word"
         )
     return match[1], match[2]
 
