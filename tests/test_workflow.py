@@ -98,7 +98,8 @@ def test_paper_grid_dry_run_has_the_expected_jobs_per_rule(profile):
         "check_manual_file": 2,
         "prepare_references": 15,
         "segment_references": 15,
-        "describe_references": 15 * 6,  # case1, case2, sid, case4, sid_llava, sid_blip2
+        "describe_references": 15 * 3,  # case1, sid_llava, sid_blip2 (on the nodes)
+        "describe_references_api": 15 * 3,  # GPT-4o's case2, sid, case4 (submitting host)
         "descriptions_report": 15,
         "class_images": 11,  # one per class noun, shared by its subjects and methods
         # dreambooth x 6 description sets + dreambooth_masked + dreambooth--first1 x 2
@@ -132,6 +133,15 @@ def test_every_job_loading_a_hub_model_waits_for_its_fetch_on_the_submitting_hos
     run = paper_grid_dry_run("--profile", "slurm", "--sdm=env-modules", "all")
     out = run.stdout
     assert "asks for mem_mb" not in run.stdout + run.stderr
+    # GPU jobs get CPUs beside the GPU (the profile's set-threads), CPU jobs one
+    threads = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
+        if head := re.match(r"(?:local)?rule (\w+):", block):
+            found = re.search(r"^\s+threads: (\d+)$", block, re.MULTILINE)
+            threads.setdefault(head.group(1), set()).add(int(found.group(1)) if found else 1)
+    for rule in ("train", "train_full_finetune", "sample_and_attention", "score", "class_images"):
+        assert threads[rule] == {4}, (rule, threads[rule])
+    assert threads["prepare_references"] == threads["fetch_model"] == {1}
     waits: dict[str, set[str]] = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
         head = re.match(r"(local)?rule (\w+):", block)
