@@ -70,10 +70,9 @@ class LocalHub:
                 for name, p in self._files(tree[1]).items()
             ]
             self._send(handler, json.dumps(entries))
-        elif file and file[2] in self._files(file[1]):
-            data = self._files(file[1])[file[2]].read_bytes()
-            headers = {"X-Repo-Commit": self.commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
-            self._send(handler, data, headers, body, "application/octet-stream")
+        elif file and (found := self._files(file[1]).get(file[2])):
+            headers = {"X-Repo-Commit": self.commit, "ETag": f'"{_blob(found)}"'}
+            self._send(handler, found.read_bytes(), headers, body, "application/octet-stream")
         else:
             self._refuse(handler, 404, "EntryNotFound" if file else "RepoNotFound", "Not found")
 

@@ -133,21 +133,20 @@ def test_every_job_loading_a_hub_model_waits_for_its_fetch_on_the_submitting_hos
     run = paper_grid_dry_run("--profile", "slurm", "--sdm=env-modules", "all")
     out = run.stdout
     assert "asks for mem_mb" not in run.stdout + run.stderr
-    # GPU jobs get CPUs beside the GPU (the profile's set-threads), CPU jobs one
-    threads = {}
+    waits: dict[str, set[str]] = {}
+    threads: dict[str, set[int]] = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
-        if head := re.match(r"(?:local)?rule (\w+):", block):
-            found = re.search(r"^\s+threads: (\d+)$", block, re.MULTILINE)
-            threads.setdefault(head.group(1), set()).add(int(found.group(1)) if found else 1)
+        if not (head := re.match(r"(local)?rule (\w+):", block)):
+            continue
+        found = re.search(r"^\s+threads: (\d+)$", block, re.MULTILINE)
+        threads.setdefault(head.group(2), set()).add(int(found.group(1)) if found else 1)
+        if inputs := re.search(r"^\s+input: (.*)$", block, re.MULTILINE):
+            hub = set(re.findall(r"results/models/hub/([\w.-]+)\.json", inputs.group(1)))
+            waits.setdefault(head.group(2), set()).update(hub)
+    # GPU jobs get CPUs beside the GPU (the profile's set-threads), CPU jobs one
     for rule in ("train", "train_full_finetune", "sample_and_attention", "score", "class_images"):
         assert threads[rule] == {4}, (rule, threads[rule])
     assert threads["prepare_references"] == threads["fetch_model"] == {1}
-    waits: dict[str, set[str]] = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
-        head = re.match(r"(local)?rule (\w+):", block)
-        if head and (inputs := re.search(r"^\s+input: (.*)$", block, re.MULTILINE)):
-            hub = set(re.findall(r"results/models/hub/([\w.-]+)\.json", inputs.group(1)))
-            waits.setdefault(head.group(2), set()).update(hub)
     sd, clip, dino = (
         "sd2-community--stable-diffusion-2-1-base",
         "openai--clip-vit-base-patch32",

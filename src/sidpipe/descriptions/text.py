@@ -148,7 +148,7 @@ def clean_text(text: str) -> str:
     return normalise_text(text)[0]
 
 
-def _noun_regex(noun: str) -> str:
+def noun_regex(noun: str) -> str:
     """The noun as a whole word (or words), any case, plural allowed."""
     body = r"[\s-]+".join(re.escape(word) for word in noun.split())
     return rf"(?<![\w\-]){body}(?:e?s)?(?![\w\-])"
@@ -198,7 +198,7 @@ def _is_head(text: str, match: re.Match) -> bool:
 def _place_placeholder(text: str, noun: str) -> tuple[str, str | None]:
     """Insert "[V]" before the noun when that is unambiguous: the noun occurs once, as the head
     of its noun phrase. Otherwise the reason to ask again."""
-    mentions = list(re.finditer(_noun_regex(noun), text, re.IGNORECASE))
+    mentions = list(re.finditer(noun_regex(noun), text, re.IGNORECASE))
     if not mentions:
         return text, f'it does not contain the word "{noun}"; write "{PLACEHOLDER} {noun}"'
     if len(mentions) > 1:
@@ -236,7 +236,7 @@ def check_description(text: str, noun: str) -> tuple[str, str | None]:
             f'"{PLACEHOLDER}" appears {count} times; '
             f'write it exactly once, directly before "{noun}"'
         )
-    if not re.search(re.escape(PLACEHOLDER) + r"\s+" + _noun_regex(noun), text, re.IGNORECASE):
+    if not re.search(re.escape(PLACEHOLDER) + r"\s+" + noun_regex(noun), text, re.IGNORECASE):
         return (
             text,
             f'"{PLACEHOLDER}" is not directly before "{noun}"; write "{PLACEHOLDER} {noun}"',

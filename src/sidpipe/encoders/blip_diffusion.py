@@ -82,6 +82,7 @@ from transformers.modeling_outputs import (
 from transformers.models.blip_2.configuration_blip_2 import Blip2Config
 from transformers.models.blip_2.modeling_blip_2 import Blip2PreTrainedModel, Blip2QFormerEncoder
 
+from sidpipe.descriptions.text import noun_regex
 from sidpipe.encoders import QFORMER_DEFAULT_TOKENIZER
 from sidpipe.io import SidpipeError, expand_home, log
 from sidpipe.models import pick_device, torch_dtype
@@ -347,9 +348,9 @@ def subject_and_context(prompt_plain: str, class_name: str) -> tuple[str, str]:
     noun, less the article: "red mug") and the context after it ("on the beach"). The pipeline
     writes "a {target subject} {context}" itself and puts the reference's subject embedding
     after its "a"; the whole plain prompt would read "a mug a mug on the beach"."""
-    noun = rf"{re.escape(class_name)}(?:e?s)?"  # plural allowed ("two mugs")
+    noun = noun_regex(class_name)  # a whole word, plural allowed ("two mugs")
     match = re.fullmatch(
-        rf"(?:(?:an?|the)\s+)?(.*?\b{noun})\b\s*(.*)", prompt_plain.strip(), re.IGNORECASE
+        rf"(?:(?:an?|the)\s+)?(.*?{noun})\s*(.*)", prompt_plain.strip(), re.IGNORECASE
     )
     if match is None:
         raise SidpipeError(
