@@ -53,14 +53,21 @@ def test_zip_is_verified_stripped_and_listed(tmp_path, archive):
 
 
 def test_single_files_and_unpinned_checksum_is_logged(tmp_path, caplog):
-    source = tmp_path / "1.jpeg"
-    source.write_bytes(b"toy")
-    entry = {"url": source.as_uri(), "sha256": None, "path": "cat_toy/1.jpeg"}
+    entries = []
+    for stem, data in (("1", b"toy"), ("2", b"toy2")):
+        source = tmp_path / f"{stem}.jpeg"
+        source.write_bytes(data)
+        entries.append({"url": source.as_uri(), "sha256": None, "path": f"cat_toy/{stem}.jpeg"})
     with caplog.at_level("WARNING"):
-        fetch_dataset("ti", [entry], tmp_path / "out", tmp_path / "out.csv")
+        fetch_dataset("ti", entries, tmp_path / "out", tmp_path / "out.csv")
     assert (tmp_path / "out/cat_toy/1.jpeg").read_bytes() == b"toy"
-    digest = hashlib.sha256(b"toy").hexdigest()
-    assert digest in caplog.text and "datasets.ti.downloads[0].sha256" in caplog.text
+    # Every file's pinning hint names the dataset's own field, the second file's too.
+    for index, data in enumerate((b"toy", b"toy2")):
+        digest = hashlib.sha256(data).hexdigest()
+        assert f"{digest}; pin it in the config as datasets.ti.downloads[{index}].sha256" in (
+            caplog.text
+        )
+    assert {row["dataset"] for row in read_csv(tmp_path / "out.csv")} == {"ti"}
 
 
 def test_checksum_mismatch_fails_and_leaves_nothing(tmp_path, archive):

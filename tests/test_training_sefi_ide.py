@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,47 @@ def test_attention_weight_zero_is_the_plain_loss(subject) -> None:
     assert float(loss_w) == pytest.approx(
         float(expected) + 0.5 * parts_w["attention_loss"], rel=1e-5
     )
+
+
+@pytest.mark.parametrize("target", ["class_word", "mask"])
+def test_the_mask_target_fits_the_whole_image(subject, target: str) -> None:
+    """The masks are the face-wise attention term's target; the reconstruction stays the whole
+    image's. With class_word, `masked: true` keeps the loop's masked reconstruction."""
+    trainer = make_trainer(subject.sd, attention_weight=0.5, attention_target=target)
+    batch, noise, timesteps = fixed_batch(trainer, masks=True)
+    hidden = trainer.encode_text(batch.input_ids)
+    args = (trainer.c.unet, trainer.c.noise_scheduler)
+    whole, _ = diffusion_loss(*args, replace(batch, masks=None), hidden, noise, timesteps)
+    masked, _ = diffusion_loss(*args, batch, hidden, noise, timesteps)
+    _, parts = step_loss(trainer, (batch, noise, timesteps))
+    expected = whole if target == "mask" else masked
+    assert parts["instance_loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert abs(float(whole) - float(masked)) > 1e-3  # the two readings differ on this batch
+
+
+def test_gradient_checkpointing_trains_the_same(subject, tmp_path: Path) -> None:
+    """The attention term's recorded pass under checkpointing (its recompute in backward once
+    took the other attention branch and failed)."""
+    weights = []
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        train_subject(
+            "sefi_ide",
+            {"steps": 2, "learning_rate": 1e-2, "attention_weight": 0.5},
+            subject.sd,
+            subject.refs,
+            subject.csv,
+            out / "run",
+            out / "ckpt",
+            identifier="sks",
+            class_name="mug",
+            device="cpu",
+            gradient_checkpointing=checkpointing,
+        )
+        weights.append(load_file(out / "run" / "weights" / "sefi_ide.safetensors"))
+        assert float(read_csv(out / "run" / "training_log.csv")[-1]["attention_loss"]) > 0
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("target", ["class_word", "mask"])

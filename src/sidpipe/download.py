@@ -106,8 +106,8 @@ def fetch_dataset(
                 _extract(fetched, tmp_dest, int(entry.get("strip_components", 0)), url)
             else:
                 # The URL's own file name, without a query (a presigned token) or %-escapes.
-                name = PurePosixPath(unquote(urlsplit(url).path)).name
-                rel = _strip(entry.get("path") or name, 0)
+                file_name = PurePosixPath(unquote(urlsplit(url).path)).name
+                rel = _strip(entry.get("path") or file_name, 0)
                 (tmp_dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(fetched, tmp_dest / rel)
             log.info("fetched %s (sha256 %s)", redact_url(url), digest)

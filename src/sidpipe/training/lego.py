@@ -4,13 +4,17 @@ on a subject without being its appearance ("frozen", "striped", "upside down").
 There is no public code; every part below is a named setting (defaults in brackets).
 
 The paper's ideas:
-- a *multi-embedding* concept: `num_tokens` [3] new tokens; only their input-embedding rows train;
+- a *multi-embedding* concept: several new tokens (the paper picks their number on a validation
+  set); only their input-embedding rows train;
 - *subject separation*: the subject's appearance, which a known subject description already
   accounts for, must not leak into the concept tokens;
-- a *context loss*: the concept tokens combined with random subject descriptions must stay
-  semantically close to words naming the concept and far from unrelated ones.
+- a *context loss*: the concept combined with random subject descriptions must stay
+  semantically consistent with the concept.
 
 Our readings of them:
+- `num_tokens` [3], fixed (no validation-set selection: a researcher sweeps it as arms);
+- consistency with the concept read as closeness, in the text encoder's states, to words naming
+  it and distance from unrelated ones (the InfoNCE below); no generated image is involved;
 - tokens `<{identifier}_1> ... <{identifier}_k>` (so several arms never collide; angle brackets
   of the identifier are dropped), token i initialised from the mean embedding of
   `initializer_words`[i mod len] [the class name]; `[V]` becomes the tokens joined by spaces;

@@ -20,7 +20,8 @@ Our readings (each a setting):
     The same code runs in training and in any diffusers pipeline (`load_into`).
   * `attention_target: class_word` (default, after the project page): the identifier's maps
     under "a photo of [V] {class}" are pulled towards the class word's maps under "a photo of a
-    {class}" (frozen target); `mask`: towards the subject's mask (the face-wise variant).
+    {class}" (frozen target); `mask`: towards the subject's mask (the face-wise variant; the
+    masks are this term's target only, the reconstruction fits the whole image).
     Maps are averaged over heads and over the cross-attention layers of one resolution
     (`attention_resolution`: "middle", the middle one of the UNet's, 16x16 on SD at 512 px, or
     a number), each divided by its maximum; the loss is their mean squared difference.
@@ -35,6 +36,7 @@ Load a result over a base pipeline::
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -385,11 +387,20 @@ class SeFiIdeTrainer(Trainer):
     def _maps(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, ids: torch.Tensor, at: torch.Tensor
     ) -> torch.Tensor:
+        unet = self.c.unet
+        # Gradient checkpointing would recompute this pass in backward without the record, so
+        # through the other attention branch (a different graph): this pass keeps its
+        # activations.
+        checkpointing = unet.is_gradient_checkpointing
+        if checkpointing:
+            unet.disable_gradient_checkpointing()
         self.state.record, self.state.maps = at, {}
         try:
-            self.c.unet(noisy, timesteps, self.encode_text(ids))
+            unet(noisy, timesteps, self.encode_text(ids))
         finally:
             self.state.record = None
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
         return normalised_map([self.state.maps[name] for name in self._layers])
 
     def compute_loss(
@@ -400,8 +411,15 @@ class SeFiIdeTrainer(Trainer):
         timesteps: torch.Tensor,
         prior_loss_weight: float,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        # The masks are the face-wise attention term's target; the reconstruction fits the whole
+        # image as the paper's does (class_word keeps `masked: true`'s masked reconstruction).
+        whole = self.settings["attention_target"] == "mask"
         loss, parts = super().compute_loss(
-            batch, encoder_hidden_states, noise, timesteps, prior_loss_weight
+            dataclasses.replace(batch, masks=None) if whole else batch,
+            encoder_hidden_states,
+            noise,
+            timesteps,
+            prior_loss_weight,
         )
         weight = float(self.settings["attention_weight"])
         instance = ~batch.is_prior
