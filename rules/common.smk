@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sidpipe.config import (
     ConfigError,
+    check_config_files,
     check_mask_models,
     check_model_folders,
     load_subjects,
@@ -53,6 +54,7 @@ from snakemake.logging import logger
 SCHEMA_DIR = Path(workflow.basedir) / "rules" / "schemas"
 CONFIG_SOURCE = ", ".join(map(str, workflow.overwrite_configfiles)) or "config.yaml"
 
+check_config_files(workflow.configfiles)
 validate_config(config, CONFIG_SOURCE, SCHEMA_DIR)
 check_model_folders(config, CONFIG_SOURCE)
 SUBJECTS = {

@@ -536,6 +536,26 @@ def test_config_syntax_error_names_file_line_and_column(tmp_path):
     assert "not valid YAML" in message and "fix the syntax there" in message
 
 
+def test_config_layer_with_a_repeated_key_or_a_leading_zero_is_refused(tmp_path):
+    """What Snakemake's own reading lets pass, checked by the workflow (check_config_files)
+    and the config checker: the second key would win silently; `03` is the count 3."""
+    from sidpipe.config import check_config_files, main
+
+    layer = tmp_path / "layer.yaml"
+    layer.write_text(
+        "experiments:\n  single:\n    - methods: [dreambooth]\n"
+        "      descriptions: [sid]\n      references: 03\n"
+    )
+    with pytest.raises(ConfigError, match=r"line 5, column 19: 03 has a leading zero"):
+        check_config_files([REPO / "config.yaml", layer])
+    demo = ["--directory", str(REPO / "demo")]
+    assert main([*demo, str(REPO / "demo" / "config.yaml"), str(layer)]) == 1
+    layer.write_text("sampling:\n  seeds: 2\nsampling:\n  steps: 10\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 1: 'sampling' is written twice"):
+        check_config_files([layer])
+    check_config_files([REPO / "config.yaml", REPO / "demo" / "lego.yaml"])  # merges override
+
+
 def test_config_checker_command(tmp_path, capsys):
     from sidpipe.config import main
 

@@ -184,6 +184,36 @@ def test_manual_missing_entry_names_file_image_and_case(tmp_path: Path, base: st
     assert not (tmp_path / "out" / "descriptions.csv").exists()
 
 
+@pytest.mark.parametrize("key", ["Case3", "case 3", "sid", "case5"])
+def test_manual_entry_with_a_mistyped_case_is_refused(tmp_path: Path, base: str, key: str) -> None:
+    """Its image would otherwise go to the template (or the VLM, at a cost) unnoticed."""
+    manual_file = tmp_path / "descriptions.yaml"
+    manual_file.write_text(f'"01":\n  {key}: a [V] mug on a table\n')
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with pytest.raises(SidpipeError) as err:
+        run(tmp_path, base, make_references(tmp_path), case=3, vlm=vlm, manual_file=manual_file)
+    assert str(err.value) == (
+        f"{manual_file}: entry '01' has the key {key!r}; its keys are the cases case1, case2, "
+        "case3, case4 (lower case): rename it"
+    )
+
+
+def test_manual_text_with_the_identifier_written_out_is_refused(tmp_path: Path, base: str) -> None:
+    """Training writes the identifier where [V] is: "a sks mug" would train as "a sks sks mug"."""
+    manual_file = tmp_path / "descriptions.yaml"
+    manual_file.write_text('"01":\n  case3: a sks mug on a table\n')
+    vlm = {"name": "manual", "backend": "manual", "model": "descriptions.yaml"}
+    with pytest.raises(
+        SidpipeError, match=r"case3: the identifier 'sks' is written out; write \[V\]"
+    ):
+        run(tmp_path, base, make_references(tmp_path), case=3, vlm=vlm, manual_file=manual_file)
+    # a word that only contains it is no identifier
+    manual_file.write_text('"01":\n  case1: a [V] mug on asks table\n')
+    refs = make_references(tmp_path / "again")
+    rows = run(tmp_path / "again", base, refs, case=1, manual_file=manual_file)  # + template
+    assert rows[0]["description"] == "a [V] mug on asks table" and rows[0]["source"] == "manual"
+
+
 def test_manual_entry_for_no_reference_image_is_named(
     tmp_path: Path, base: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -424,13 +454,12 @@ def test_instructions_are_filled_for_every_case() -> None:
     plain = fill_instruction(3, "dog")
     with_expression = fill_instruction(3, "dog", expression=True)
     assert with_expression.startswith(plain) and "facial expression" in with_expression
-    with pytest.raises(SidpipeError):
+    with pytest.raises(SidpipeError, match=r"case 1 has no instruction \(Case 1 is a template"):
         fill_instruction(1, "mug")
 
 
 def test_instruction_sha_changes_with_the_class() -> None:
     assert sha256_text(fill_instruction(3, "mug")) != sha256_text(fill_instruction(3, "cup"))
-    assert sha256_text(fill_instruction(3, "mug")) == sha256_text(fill_instruction(3, "mug"))
 
 
 def test_retry_instruction_quotes_answer_and_reason() -> None:

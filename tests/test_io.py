@@ -192,6 +192,50 @@ def test_read_yaml_accepts_a_byte_order_mark_and_names_errors(tmp_path: Path) ->
         read_yaml(tmp_path / "nope.yaml")
 
 
+def test_read_yaml_refuses_a_key_written_twice(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys silently (a pasted prompt list, a description)."""
+    path = tmp_path / "p.yaml"
+    path.write_text("object:\n  - a {}\nlive:\n  - b {}\nobject:\n  - c {}\n")
+    with pytest.raises(SidpipeError) as err:
+        read_yaml(path, "prompts file")
+    assert str(err.value).startswith(f"{path}, line 5, column 1: 'object' is written twice")
+    assert "mapping of the prompts file (first at line 1)" in str(err.value)
+    # nested mappings too; the same key in two mappings, and a merge's override, are fine
+    path.write_text('"01":\n  case1: a\n  case1: b\n')
+    with pytest.raises(SidpipeError, match="line 3, column 3: 'case1' is written twice"):
+        read_yaml(path)
+    path.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\nthird: {x: 4}\n")
+    assert read_yaml(path) == {
+        "base": {"x": 1, "y": 2},
+        "other": {"x": 3, "y": 2},
+        "third": {"x": 4},
+    }
+
+
+def test_read_yaml_refuses_leading_zeros_where_asked(tmp_path: Path) -> None:
+    """YAML 1.1 reads 03 as 3 and 010 as 8 (but 08 as text): in a config `references: 03`
+    would train on the first three images, not image 03."""
+    path = tmp_path / "c.yaml"
+    path.write_text("experiments:\n  single:\n    - references: 03\n")
+    assert read_yaml(path) == {"experiments": {"single": [{"references": 3}]}}
+    with pytest.raises(SidpipeError) as err:
+        read_yaml(path, "config file", refuse_leading_zeros=True)
+    assert str(err.value) == (
+        f"{path}, line 3, column 19: 03 has a leading zero, which YAML reads as the number 3; "
+        "quote it ('03') for a name or an image id, or drop the zero for a number"
+    )
+    path.write_text("a: '03'\nb: 0\nc: 30\nd: -0\ne: 0.5\n")
+    assert read_yaml(path, refuse_leading_zeros=True) == {
+        "a": "03",
+        "b": 0,
+        "c": 30,
+        "d": 0,
+        "e": 0.5,
+    }
+    with pytest.raises(SidpipeError, match="cannot be read .*; name a file"):
+        read_yaml(tmp_path, "prompts file")
+
+
 def test_looks_local_tells_hub_ids_from_folders(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     for hub_id in ("openai/clip-vit-base-patch32", "bert-base-uncased"):

@@ -232,10 +232,21 @@ def validate_config(config: dict, source: str = "config", schema_dir: Path = SCH
     return config
 
 
+def check_config_files(paths: list[str | Path]) -> None:
+    """What Snakemake's own reading of the config files lets pass: a key written twice in one
+    mapping (the last one silently wins) and a number with a leading zero (`references: 03` is
+    the count 3, not image 03); each a ConfigError naming the file, line and column."""
+    for path in paths:
+        try:
+            read_yaml(path, "config file", refuse_leading_zeros=True)
+        except SidpipeError as err:
+            raise ConfigError(str(err)) from None
+
+
 def load_config(path: str | Path, schema_dir: Path = SCHEMA_DIR) -> dict:
     """Read (a syntax error names the line and column) and validate a config file."""
     try:
-        data = read_yaml(path, "config file")
+        data = read_yaml(path, "config file", refuse_leading_zeros=True)
     except SidpipeError as err:
         raise ConfigError(str(err)) from None
     return validate_config(data, str(path), schema_dir)
@@ -421,7 +432,7 @@ def check_files(config_paths: list[str | Path], base_dir: str | Path = ".") -> d
     config: dict = {}
     for path in config_paths:
         try:
-            layer = read_yaml(path, "config file")
+            layer = read_yaml(path, "config file", refuse_leading_zeros=True)
         except SidpipeError as err:
             raise ConfigError(str(err)) from None
         if not isinstance(layer, dict):

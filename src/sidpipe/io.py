@@ -223,17 +223,70 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+def _yaml_loader(path: Path, what: str, refuse_leading_zeros: bool) -> type:
+    """yaml.SafeLoader refusing a key written twice in one mapping (YAML keeps the last one
+    silently) and, with `refuse_leading_zeros`, a number written with a leading zero (YAML 1.1
+    reads 03 as 3 and 010 as 8, but 08 as the text "08")."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def where(mark: Any) -> str:
+        return f"{path}, line {mark.line + 1}, column {mark.column + 1}"
+
+    def mapping(loader: Loader, node: Any, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
+                continue  # `<<: *anchor` may be overridden: that is what a merge is for
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise SidpipeError(
+                    f"{where(key_node.start_mark)}: {key_node.value!r} is written twice in one "
+                    f"mapping of the {what} (first at line {seen[key]}); YAML would keep only "
+                    "the last one: merge the two or rename one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    if refuse_leading_zeros:
+
+        def integer(loader: Loader, node: Any) -> int:
+            value = loader.construct_yaml_int(node)
+            digits = node.value.lstrip("+-").replace("_", "")
+            if len(digits) > 1 and digits.startswith("0") and digits.isdigit():
+                raise SidpipeError(
+                    f"{where(node.start_mark)}: {node.value} has a leading zero, which YAML "
+                    f"reads as the number {value}; quote it ('{node.value}') for a name or an "
+                    "image id, or drop the zero for a number"
+                )
+            return value
+
+        Loader.add_constructor("tag:yaml.org,2002:int", integer)
+    return Loader
+
+
+def read_yaml(
+    path: str | os.PathLike, what: str = "YAML file", *, refuse_leading_zeros: bool = False
+) -> Any:
     """Parse a YAML file (a UTF-8 byte-order mark is fine); a syntax error names the file, the
-    line and the column (1-based), as an editor shows them."""
+    line and the column (1-based), as an editor shows them. A key written twice in one mapping
+    is an error; so is a number with a leading zero with `refuse_leading_zeros` (config files:
+    `references: 03` would be the count 3, not image 03)."""
     import yaml
 
     path = Path(path)
     try:
         with open(path, encoding="utf-8-sig") as handle:
-            return yaml.safe_load(handle)
+            return yaml.load(handle, Loader=_yaml_loader(path, what, refuse_leading_zeros))
     except FileNotFoundError:
         raise SidpipeError(f"{what} {path} does not exist") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise SidpipeError(f"{what} {path} cannot be read ({err.strerror}); name a file") from None
     except UnicodeDecodeError as err:
         raise SidpipeError(
             f"{path}: byte {err.start} is not UTF-8 ({err.reason}); save the {what} as UTF-8"

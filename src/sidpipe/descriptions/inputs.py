@@ -41,6 +41,9 @@ def read_references(references_dir: Path, subject: str) -> list[Reference]:
     return references
 
 
+MANUAL_CASES = ("case1", "case2", "case3", "case4")
+
+
 def load_manual(path: Path) -> dict[str, dict[str, str]]:
     """A hand-written descriptions file: image stem -> {case1: text, ..., case4: text}."""
     data = read_yaml(path, "descriptions file") or {}
@@ -56,6 +59,12 @@ def load_manual(path: Path) -> dict[str, dict[str, str]]:
         if not isinstance(entry, dict):
             raise SidpipeError(f"{path}: entry {stem!r} must map case1..case4 to descriptions")
         for case, text in entry.items():
+            if case not in MANUAL_CASES:
+                # A mistyped case would leave its image to the template or the VLM unnoticed.
+                raise SidpipeError(
+                    f"{path}: entry {stem!r} has the key {case!r}; its keys are the cases "
+                    f"{', '.join(MANUAL_CASES)} (lower case): rename it"
+                )
             if not isinstance(text, str):
                 raise SidpipeError(f"{path}: {stem}.{case} must be a string, not {text!r}")
         manual[str(stem)] = {str(k): v for k, v in entry.items()}

@@ -3,6 +3,7 @@ from the template, a hand-written file or a vision-language model asked in round
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,13 @@ def describe_references(
         text = manual.get(ref.stem, {}).get(f"case{case}")
         if text is not None:
             where = f"{manual_file}: image {ref.stem} (reference {ref.image_id}), case{case}"
+            if re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", text):
+                # Training writes the identifier where [V] stands: written out, it would be
+                # there twice ("a sks [V] mug" trains as "a sks sks mug").
+                raise SidpipeError(
+                    f"{where}: the identifier {identifier!r} is written out; write {PLACEHOLDER} "
+                    f"where it goes instead: {quote(text)}"
+                )
             fixed, problem = check_description(text, noun)
             n_tokens = count_tokens(base_tokenizer, fixed, identifier)
             if problem is None and n_tokens > max_text_tokens:
