@@ -345,6 +345,15 @@ def _table(tmp_path, body, header=HEADER):
             r"line 2: 4 tab-separated field\(s\), the header has 5 \(a space instead of a tab\?\)"
             r"$",
         ),
+        # an unclosed quote swallows the rest of the table into one value
+        (
+            'a\t"dog\tlive\timgs\tlocal\nb\tcat\tlive\timgs\tlocal\n',
+            r"line 2: class runs over several lines: a double quote \(\"\) opens",
+        ),
+        (
+            'a\tdog\tlive\timgs\tlocal\nb\t"cat\nx"\tlive\timgs\tlocal\nNA\tdog\tlive\tx\tlocal\n',
+            r"line 3: class runs over .*\n  line 5: subject 'NA' reads as a missing value",
+        ),
         # a copy-paste slip: the mug would train on the robot's photos
         (
             "a\tdog\tlive\timgs\tlocal\nb\tcat\tlive\timgs/\tlocal\n",
@@ -356,6 +365,19 @@ def test_broken_subject_tables_are_rejected(tmp_path, real, body, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_subjects(_table(tmp_path, body), real, base_dir=tmp_path)
     assert "subjects.tsv: invalid subjects table" in str(info.value)
+
+
+def test_a_subjects_table_not_in_utf8_or_with_a_column_twice_is_named(tmp_path, real):
+    (tmp_path / "imgs").mkdir()
+    path = tmp_path / "subjects.tsv"
+    path.write_bytes((HEADER + "a\tdog\tlive\timgs\tlocal\n").encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"byte 0 is not UTF-8 .*save the subjects table as"):
+        load_subjects(path, real, base_dir=tmp_path)
+    path.write_text(
+        "subject\t" + HEADER.replace("\n", "\tclass\n") + "x\ta\tdog\tlive\timgs\tlocal\tcat\n"
+    )
+    with pytest.raises(ConfigError, match=r"line 1: column\(s\) 'class', 'subject' appear twice"):
+        load_subjects(path, real, base_dir=tmp_path)
 
 
 def test_a_trimmed_tab_before_an_empty_last_column_is_no_error(tmp_path, real):

@@ -252,6 +252,10 @@ def load_config(path: str | Path, schema_dir: Path = SCHEMA_DIR) -> dict:
     return validate_config(data, str(path), schema_dir)
 
 
+# The names the subject pattern allows that pandas reads as missing (its default NA strings).
+MISSING_VALUE_NAMES = frozenset({"NA", "NULL", "NaN", "None", "nan", "null"})
+
+
 def load_subjects(
     path: str | Path, config: dict, base_dir: str | Path = ".", schema_dir: Path = SCHEMA_DIR
 ) -> list[dict[str, str]]:
@@ -265,11 +269,22 @@ def load_subjects(
         raise ConfigError(f"subjects table {path} does not exist (config key `subjects`)")
     schema = load_schema("subjects", schema_dir)
     # utf-8-sig: spreadsheet programs often save a byte-order mark before the header
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        # restkey None collects surplus fields (tabs inside a value): reported below
-        raw = list(reader)
-        header = reader.fieldnames or []
+    raw, starts = [], []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter="\t")
+            # restkey None collects surplus fields (tabs inside a value): reported below
+            end = 1
+            for row in reader:
+                raw.append(row)
+                starts.append(end + 1)  # a quoted value may span lines: its row's first
+                end = reader.line_num
+            header = reader.fieldnames or []
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: byte {err.start} is not UTF-8 ({err.reason}); save the subjects table as "
+            "UTF-8 text, tab-separated (a spreadsheet's 'Unicode text' is UTF-16)"
+        ) from None
     # restval None marks the fields a short row lacks: a missing required one is reported
     # below; trailing optional ones (an editor trims the tab before an empty last column)
     # read as ""
@@ -282,6 +297,8 @@ def load_subjects(
             f"tab-separated: {chr(9).join(schema['required'])}"
         )
     problems, seen, folders = [], {}, {}
+    if repeated := sorted({c for c in header if header.count(c) > 1}):
+        problems.append(f"line 1: column(s) {', '.join(map(repr, repeated))} appear twice")
     # An unknown column is named once, against the header, not on every row.
     unknown = [c for c in header if c not in schema["properties"]]
     if unknown:
@@ -290,9 +307,16 @@ def load_subjects(
             f"{', '.join(schema['properties'])})"
         )
     datasets = config.get("datasets") or {}
-    for line, (row, absent) in enumerate(zip(rows, lacking, strict=True), start=2):
+    for line, row, absent, read in zip(starts, rows, lacking, raw, strict=True):
         if None in row:
             problems.append(f"line {line}: more fields than columns (tabs inside a value?)")
+            continue
+        if spanning := [k for k, v in read.items() if v and ("\n" in v or "\r" in v)]:
+            problems.append(
+                f"line {line}: {', '.join(spanning)} runs over several lines: a double quote "
+                '(") opens a quoted value there and swallows the lines up to the next one; '
+                "remove it or close it"
+            )
             continue
         if set(absent) & set(schema["required"]):
             problems.append(
@@ -304,6 +328,11 @@ def load_subjects(
         for error in _Validator(schema).iter_errors(known):
             problems.append(f"line {line}: " + _describe(error))
         name = row.get("subject", "")
+        if name in MISSING_VALUE_NAMES:
+            problems.append(
+                f"line {line}: subject {name!r} reads as a missing value in the result tables "
+                "(pandas); rename it"
+            )
         if row.get("kind") == "concept" and not row.get("concept"):
             problems.append(
                 f"line {line}: subject {name!r} is of kind concept but has no `concept` (add the "
