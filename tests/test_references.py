@@ -444,6 +444,23 @@ def test_colour_and_jpeg_masks_are_errors(src: Path, out: Path) -> None:
     assert_clean(out)
 
 
+def test_a_cut_out_mask_with_transparency_is_refused(src: Path, out: Path) -> None:
+    """White everywhere, the subject only opaque: read by brightness it was the whole photo."""
+    solid(src / "a.png")
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[4:12, 3:11] = 255
+    cut_out = np.dstack([np.full((16, 16, 3), 255, np.uint8), alpha])
+    Image.fromarray(cut_out, "RGBA").save(src / "a.mask.png")
+    with pytest.raises(SidpipeError, match=r"a\.mask\.png: the mask's transparency varies"):
+        run(src, out)
+    assert_clean(out)
+    # fully opaque RGBA is an ordinary black-and-white mask
+    opaque = np.dstack([np.repeat(alpha[..., None], 3, axis=2), np.full((16, 16), 255, np.uint8)])
+    Image.fromarray(opaque, "RGBA").save(src / "a.mask.png")
+    rows = run(src, out)
+    assert pixels(out / rows[0]["mask_path"]).mean() == pytest.approx(255 * 64 / 256)
+
+
 def test_mask_follows_its_own_exif_orientation(src: Path, out: Path) -> None:
     # Image stored 40x20 with Orientation=6 (displayed 20x40); mask drawn on the displayed
     # image (20x40, no EXIF): sizes agree after orientation, so it is accepted.
@@ -520,6 +537,21 @@ def test_too_few_images(src: Path, out: Path) -> None:
     with pytest.raises(SidpipeError, match=r"found 2 .*at least 3.*references\.min_images"):
         run(src, out, min_images=3)
     assert_clean(out)
+
+
+def test_windows_jpeg_suffixes_are_read_and_unread_photos_named(
+    src: Path, out: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Chrome on Windows saves .jfif; a phone's .heic is not read: named in the log, not
+    dropped unnoticed."""
+    solid(src / "00.jfif", (255, 0, 0), format="JPEG")
+    solid(src / "01.JPE", (0, 255, 0), format="JPEG")
+    solid(src / "02.jpg", (0, 0, 255))
+    (src / "03.HEIC").write_bytes(b"ftypheic")
+    with caplog.at_level(logging.WARNING, logger="sidpipe"):
+        rows = run(src, out)
+    assert [Path(r["source_path"]).name for r in rows] == ["00.jfif", "01.JPE", "02.jpg"]
+    assert f"{src}: not read as references (format not supported): 03.HEIC; convert" in caplog.text
 
 
 def test_text_file_with_image_suffix(src: Path, out: Path) -> None:

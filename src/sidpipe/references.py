@@ -33,7 +33,11 @@ from sidpipe.io import (
     write_csv,
 )
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = {
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"
+}  # fmt: skip
+# Photos a phone or camera writes that the references are not read from: named, not skipped.
+UNREAD_PHOTO_SUFFIXES = {".heic", ".heif", ".avif", ".dng", ".cr2", ".cr3", ".nef", ".arw"}
 MASK_SUFFIX = ".mask.png"
 MANIFEST_FIELDS = [
     "subject",
@@ -283,6 +287,15 @@ def _prepare(
     min_side: int,
 ) -> list[dict]:
     images = list_reference_images(source_dir)
+    if unread := [
+        p.name for p in _visible(source_dir) if p.suffix.lower() in UNREAD_PHOTO_SUFFIXES
+    ]:
+        log.warning(
+            "%s: not read as references (format not supported): %s; convert them to JPEG or "
+            "PNG to use them",
+            source_dir,
+            ", ".join(unread),
+        )
     links = broken_links(source_dir)
     skipped = (
         "; skipped broken link(s): "
