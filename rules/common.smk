@@ -25,7 +25,12 @@ from sidpipe.grid import (
     subjects_by_arm,
     expand_experiments,
 )
-from sidpipe.prompts import load_prompts, repeated_prompt_warnings, subject_templates
+from sidpipe.prompts import (
+    load_prompts,
+    repeated_prompt_warnings,
+    subject_templates,
+    unmatched_concept_prompts,
+)
 from sidpipe.references import reference_inputs
 from sidpipe.human_study.design import (
     check_recorded_responses,
@@ -84,6 +89,16 @@ if _unmatched:
     logger.warning(
         f"concept_words for no subject's concept: {', '.join(_unmatched)} (the subjects "
         "table's `concept` column must spell the concept the same way)"
+    )
+_unmatched = unmatched_concept_prompts(
+    config["prompts"],
+    {row["concept"] for row in SUBJECTS.values() if row.get("concept")},
+)
+if _unmatched:
+    logger.warning(
+        f"{config['prompts']}: concepts: list(s) for no subject's concept: "
+        f"{', '.join(_unmatched)} (those subjects get their kind's list; the subjects table's "
+        "`concept` column must spell the concept the same way)"
     )
 for _warning in lego_without_context_words(config, SUBJECTS, ARM_SUBJECTS):
     logger.warning(_warning)

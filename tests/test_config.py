@@ -234,6 +234,10 @@ def _broken(real, edit):
             lambda c: c["inference"]["negative_prompt"].update(negative_prompt_from="nope"),
             r"inference\.negative_prompt\.negative_prompt_from: unknown description set 'nope'",
         ),
+        (
+            lambda c: c["inference"]["negative_prompt"].update(negative_prompt_from="case1"),
+            r"negative_prompt_from: 'case1' is a Case-1 set, whose descriptions name nothing",
+        ),
         (lambda c: c["methods"].update({"bad name": c["methods"]["svdiff"]}), r"'bad name'"),
         (
             lambda c: c["attention"].update(experiments=["mian"]),

@@ -11,6 +11,7 @@ from sidpipe.prompts import (
     repeated_prompt_warnings,
     repeated_prompts,
     subject_templates,
+    unmatched_concept_prompts,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,15 @@ def test_a_concept_may_have_its_own_prompts(tmp_path, real):
     path.write_text(yaml.safe_dump({"concepts": hat}))
     with pytest.raises(ConfigError, match=r"p.yaml: `concepts:` must map concept words"):
         load_prompts(path, real, {"concept"}, {"wearing a hat"})
+
+
+def test_a_concept_list_no_subject_spells_is_found(tmp_path):
+    """`wearing a red hats` in the table: the concept silently got the kind's list."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"concepts": {"wearing a red hat": ["a {token} dog"]}}))
+    assert unmatched_concept_prompts(path, {"wearing a red hats"}) == ["wearing a red hat"]
+    assert unmatched_concept_prompts(path, {"wearing a red hat", "frozen"}) == []
+    assert unmatched_concept_prompts(path, set()) == []  # no concept subject: nothing to miss
 
 
 def test_prompts_syntax_error_names_the_file(tmp_path, real):

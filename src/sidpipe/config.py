@@ -181,11 +181,16 @@ def _check_references(config: dict, source: str) -> None:
             )
     for name, entry in config["inference"].items():
         if "negative_prompt_from" in entry:
-            check(
-                "descriptions",
-                entry["negative_prompt_from"],
-                f"inference.{name}.negative_prompt_from",
-            )
+            field = f"inference.{name}.negative_prompt_from"
+            check("descriptions", entry["negative_prompt_from"], field)
+            chosen = config["descriptions"].get(entry["negative_prompt_from"]) or {}
+            if chosen.get("case") == 1:
+                # "a [V] mug" has no non-subject part: the negative prompt would be empty and
+                # the arm the standard one.
+                problems.append(
+                    f"{field}: {entry['negative_prompt_from']!r} is a Case-1 set, whose "
+                    "descriptions name nothing beside the subject; name a set of Case 2-4"
+                )
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -66,6 +66,15 @@ def load_prompts(
     return {key: templates[:need] for key, (_, templates) in lists.items()}
 
 
+def unmatched_concept_prompts(path: str | Path, concepts: set[str]) -> list[str]:
+    """The prompts file's `concepts:` lists that no concept subject spells (never used: the
+    subject gets its kind's list instead); none when the table has no concept subject."""
+    if not concepts:
+        return []
+    own = (read_yaml(path, "prompts file") or {}).get("concepts") or {}
+    return sorted(set(own) - concepts)
+
+
 def _template_problems(label: str, templates: Any, need: int) -> list[str]:
     """What is wrong with one template list (`label`: its place in the prompts file)."""
     if not isinstance(templates, list) or len(templates) < need:

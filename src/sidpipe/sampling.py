@@ -481,4 +481,10 @@ def arm_prompts(
             tokenizer = load_base_tokenizer(base_model)
         max_tokens = tokenizer.model_max_length if tokenizer is not None else 77
         negative = negative_prompt_from_descriptions(texts, class_name, tokenizer, max_tokens)
+        if not negative:
+            log.warning(
+                "%s: the descriptions name nothing beside the subject, so the negative prompt "
+                "is empty and this arm samples as the standard one",
+                negative_csv,
+            )
     return token, expand_prompts(templates, class_name, token, concept), negative
