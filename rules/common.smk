@@ -902,6 +902,22 @@ def missing_manual_descriptions():
     return missing
 
 
+_downloaded_manual = sorted(
+    f"{subject} (dataset {SUBJECTS[subject]['source']}; sets {', '.join(sets)})"
+    for subject in sorted({s for _, s in ARM_SUBJECTS})
+    if SUBJECTS[subject]["source"] != "local"
+    and (
+        sets := [d for d in description_sets_of(subject) if vlm_backend(d) == "manual"]
+    )
+)
+if _downloaded_manual:
+    raise ConfigError(
+        f"{CONFIG_SOURCE}: description sets of the manual backend read hand-written "
+        "descriptions next to a local subject's images, but these subjects are downloaded: "
+        + "; ".join(_downloaded_manual)
+        + ". Copy the subject's images into a folder of your own (source local in the "
+        "subjects table) with its descriptions.yaml, or run it without those sets"
+    )
 _missing_manual = missing_manual_descriptions()
 if _missing_manual:
     raise ConfigError(

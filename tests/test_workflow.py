@@ -872,6 +872,25 @@ def test_missing_hand_written_descriptions_are_a_load_error(tmp_path):
     )
 
 
+def test_hand_written_descriptions_for_a_downloaded_subject_are_a_load_error(tmp_path):
+    """A downloaded subject's folder is the dataset's: no descriptions.yaml is read there, so a
+    manual set on it failed in its job naming a file "None"."""
+    workdir = copy_demo(tmp_path / "w")
+    table = workdir / "subjects.tsv"
+    table.write_text(
+        table.read_text().replace("subjects/blue_mug\tlocal", "dataset/blue_mug\tmine")
+    )
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["datasets"] = {"mine": {"downloads": [{"url": "https://example.org/m.zip", "sha256": None}]}}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert (
+        "these subjects are downloaded: blue_mug (dataset mine; sets case2, case4, sid). Copy "
+        in result.stdout + result.stderr
+    )
+
+
 def test_experiments_that_run_on_no_subject_are_a_load_error(tmp_path):
     """Otherwise the arms table's job would fail on an empty grid, after the references ran."""
     workdir = copy_demo(tmp_path / "w")
