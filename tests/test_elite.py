@@ -110,6 +110,28 @@ def test_tiny_checkpoints_have_the_official_layout(tiny):
         )
 
 
+def test_a_mapper_file_that_is_a_web_page_is_named(tiny, tmp_path):
+    """A Drive link saves its confirmation page: the check job names it before any ELITE job,
+    and the loader names a file torch cannot read instead of torch's unpickling advice."""
+    from sidpipe.hub import check_manual_file
+
+    page = tmp_path / "global_mapper.pt"
+    page.write_text("\n<!DOCTYPE html><html><title>Google Drive - Virus scan warning</title>")
+    with pytest.raises(
+        SidpipeError, match=r"global_mapper\.pt \(methods\.elite\.global_mapper\) is a web page"
+    ):
+        check_manual_file(
+            str(page), "methods.elite.global_mapper", "the ELITE repo", tmp_path / "r.json"
+        )
+    assert not (tmp_path / "r.json").exists()
+    check_manual_file(
+        tiny["global_mapper"], "methods.elite.global_mapper", "x", tmp_path / "r.json"
+    )
+    page.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SidpipeError, match=r"global_mapper\.pt: not a readable PyTorch checkpoint"):
+        E.load_elite(tiny["sd"], tiny["image_encoder"], str(page), tiny["local_mapper"])
+
+
 def test_generate_sizes_determinism_and_batch_independence(model):
     images = _gen(model, PROMPTS, [0, 1])
     assert [x.shape for x in images] == [(64, 64, 3)] * 4

@@ -315,6 +315,15 @@ def check_manual_file(path: str, key: str, source: str, out: Path) -> dict[str, 
             f"{path} ({key}) does not exist: it is not on the hub; download it from {source} to "
             f"that path (or point {key} at it), or leave its arms out of `experiments`"
         )
+    with open(file, "rb") as handle:
+        start = handle.read(512).lstrip().lower()
+    if start.startswith((b"<!doctype html", b"<html")):
+        # Google Drive and the like answer a large file's link with a confirmation page.
+        raise SidpipeError(
+            f"{path} ({key}) is a web page, not the file: the download saved the page its link "
+            f"shows (a confirmation or sign-in page); download it again from {source}, "
+            "through the page's own download button"
+        )
     record = {"path": str(file), "key": key, "bytes": file.stat().st_size}
     record["sha256"] = sha256_file(file)
     log.info("%s (%s): %d bytes, sha256 %s", file, key, record["bytes"], record["sha256"])

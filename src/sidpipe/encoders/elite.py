@@ -51,6 +51,7 @@ Our reading (identical to the official code in its own setting unless said):
 from __future__ import annotations
 
 import math
+import pickle
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,13 @@ def load_mapper(cls: type, path: Path, unet: nn.Module, input_dim: int, output_d
     path = Path(path)
     if not path.is_file():
         raise SidpipeError(f"ELITE {cls.__name__} checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise SidpipeError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); download the "
+            f"ELITE {cls.__name__} file again (see README, ELITE)"
+        ) from None
     first, last = state.get("mapping_0.0.weight"), state.get("mapping_0.6.weight")
     got = None if first is None or last is None else (first.shape[1], last.shape[0])
     if got != (input_dim, output_dim):
