@@ -157,6 +157,16 @@ def test_bootstrap_resamples_participants_reproducibly():
     assert np.array_equal(single[1], single[2])
 
 
+def test_share_interval_has_the_nominal_width():
+    """400 participants with one judgement each, 30 % for A: a 95 % interval is about
+    2 x 1.96 binomial standard errors wide."""
+    counts = np.zeros((400, 2))
+    counts[:120, 0] = counts[120:, 1] = 1
+    share, low, high = share_intervals(counts, 4000, np.random.default_rng(0))
+    assert share[0] == pytest.approx(0.3)
+    assert high[0] - low[0] == pytest.approx(2 * 1.96 * np.sqrt(0.3 * 0.7 / 400), rel=0.1)
+
+
 def test_metric_agreement_compares_the_human_majority_with_the_metric_sign(tmp_path):
     study = build_fixture_study(tmp_path, participants=6)
     records = synthetic_responses(

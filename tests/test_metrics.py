@@ -203,6 +203,30 @@ def test_scores_match_direct_encoding(
     np.testing.assert_allclose(value(df, "DINO"), (dino_g @ dino_r.T).mean(1), atol=1e-5)
 
 
+def test_embeddings_match_the_raw_models(models: dict[str, str], encoders: Encoders) -> None:
+    """DINO: the L2-normalised CLS token of the last hidden state; CLIP: the projected pooled
+    image / text features, L2-normalised."""
+    from transformers import CLIPModel, ViTModel
+
+    images, texts = [noise(50), reference_set(3)[0]], [p[2] for p in PROMPTS]
+    dino = ViTModel.from_pretrained(models["dino"], add_pooling_layer=False).eval()
+    clip = CLIPModel.from_pretrained(models["clip"]).eval()
+    pixels = encoders.dino_processor(images=images, return_tensors="pt")["pixel_values"]
+    clip_pixels = encoders.clip_processor(images=images, return_tensors="pt")["pixel_values"]
+    tokens = encoders.clip_processor(text=texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        cls = dino(pixel_values=pixels).last_hidden_state[:, 0]
+        image = clip.visual_projection(clip.vision_model(pixel_values=clip_pixels).pooler_output)
+        text_out = clip.text_model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        )
+        text = clip.text_projection(text_out.pooler_output)
+    unit = torch.nn.functional.normalize
+    torch.testing.assert_close(encoders.encode_dino(images), unit(cls, dim=-1))
+    torch.testing.assert_close(encoders.encode_images(images), unit(image, dim=-1))
+    torch.testing.assert_close(encoders.encode_texts(texts), unit(text, dim=-1))
+
+
 class Spy:
     """Wraps an Encoders' methods, recording every item each one is given."""
 
@@ -281,6 +305,24 @@ def test_errors_name_the_problem(tmp_path: Path, models: dict[str, str], encoder
 
     with pytest.raises(SidpipeError, match="does not exist"):
         score((tmp_path / "none", dirs[1], dirs[2]), models, encoders=encoders)
+
+
+def test_manifests_of_another_subject_are_refused(
+    tmp_path: Path, models: dict[str, str], encoders: Encoders
+) -> None:
+    """Masks or references made for another subject must not be scored as this one's."""
+    for i, (name, columns) in enumerate(
+        [
+            ("masks", ["subject", "image_id", "subject_segment_path", "non_subject_segment_path"]),
+            ("refs", ["subject", "image_id", "path"]),
+        ]
+    ):
+        dirs = make_arm(tmp_path / str(i), [noise(1)], [reference_set(0)])
+        manifest = tmp_path / str(i) / name / "manifest.csv"
+        rows = pd.read_csv(manifest).assign(subject="cat").to_dict("records")
+        write_csv(manifest, rows, columns)
+        with pytest.raises(SidpipeError, match=f"{name}/manifest.csv belongs to subject.s. cat,"):
+            score(dirs, models, encoders=encoders)
 
 
 def test_gather_metrics(tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
+from matplotlib.text import Annotation
 
+from sidpipe import plots
 from sidpipe.io import SidpipeError
 from sidpipe.plots import interval_colours, plot_improvements, plot_pareto, plot_subjects
 from sidpipe.stats import arm_summary, paired_improvement, subject_summary
@@ -73,6 +76,42 @@ def test_improvements_bar_chart(metrics_df: pd.DataFrame, tmp_path: Path) -> Non
     imp = paired_improvement(metrics_df, subjects_df=subjects, n_boot=20)
     assert_figures(plot_improvements(imp, tmp_path / "improvements"))
     assert_figures(plot_improvements(imp, tmp_path / "clothing", bias="clothing", metrics=["SA"]))
+
+
+def drawn_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """The figures the plot functions save from now on (then nothing is written)."""
+    figures: list[Figure] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or [])
+    return figures
+
+
+def test_bars_are_the_differences_and_arrows_go_from_baseline_to_sid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = drawn_figures(monkeypatch)
+    imp = pd.DataFrame({"method": ["a", "b"], "metric": "SA", "bias": "all", "diff": [0.1, -0.2]})
+    imp = imp.assign(ci_low=imp["diff"] - 0.05, ci_high=imp["diff"] + 0.05)
+    imp = imp.assign(subjects_improved=[2, 0], n_subjects=2, higher_is_better=True)
+    plot_improvements(imp, tmp_path / "bars")
+    bars = figures[0].axes[0].patches
+    assert [bar.get_height() for bar in bars] == pytest.approx([0.1, -0.2])
+
+    means = {("a", "case1"): (0.3, 0.6), ("a", "sid"): (0.5, 0.7)}
+    means |= {("b", "case1"): (0.6, 0.4), ("b", "sid"): (0.4, 0.5)}  # SID costs b some SA
+    summary = pd.DataFrame(
+        [
+            {"arm": f"{m}/{d}/standard", "method": m, "descriptions": d, "inference": "standard"}
+            | {"metric": metric, "mean": v, "ci_low": v - 0.01, "ci_high": v + 0.01}
+            for (m, d), xy in means.items()
+            for metric, v in zip(("SA", "TA"), xy, strict=True)
+        ]
+    )
+    plot_pareto(summary, tmp_path / "pareto", pairs=[("SA", "TA")])
+    arrows = [t for t in figures[1].axes[0].texts if isinstance(t, Annotation)]
+    assert sorted((tuple(a.xyann), tuple(a.xy)) for a in arrows) == [
+        (means["a", "case1"], means["a", "sid"]),
+        (means["b", "case1"], means["b", "sid"]),
+    ]
 
 
 def test_empty_inputs_still_write_placeholders(tmp_path: Path) -> None:

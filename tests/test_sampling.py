@@ -149,6 +149,20 @@ def test_arm_negative_prompt_fits_the_base_models_text_window(
     assert unbounded.startswith(fitted + ", ")  # whole parts, in order
 
 
+def test_an_empty_negative_prompt_is_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Descriptions that name nothing beside the subject: the arm samples as the standard one."""
+    write_csv(tmp_path / "d.csv", [{"description": "a [V] mug"}], ["description"])
+    (tmp_path / "train_info.json").write_text('{"token": "sks"}')
+    with caplog.at_level("WARNING", logger="sidpipe"):
+        _, _, negative = arm_prompts(
+            ["a {token} {class}"], "mug", tmp_path / "train_info.json", tmp_path / "d.csv"
+        )
+    assert negative == ""
+    assert f"{tmp_path / 'd.csv'}: the descriptions name nothing beside the subject" in caplog.text
+
+
 # --- sampling ------------------------------------------------------------------------------
 
 
@@ -240,7 +254,9 @@ def test_loading_the_base_model_and_bad_arguments(models: dict[str, str], tmp_pa
     prompts = expand_prompts(TEMPLATES[:1], "dog", "sks")
     kwargs = {"steps": STEPS, "resolution": RES, "dtype": "float16", "device": "cpu"}
     rows = sample_arm(models["sd"], tmp_path, prompts, [0], None, None, "sks", **kwargs)
-    assert (tmp_path / rows[0]["path"]).is_file()  # float16 on CPU fell back to float32
+    assert (tmp_path / rows[0]["path"]).is_file()
+    recorded = json.loads((tmp_path / ".sampling.json").read_text())["global"]["dtype"]
+    assert recorded == "float32"  # float16 on CPU fell back to float32
     with pytest.raises(SidpipeError, match="without an algorithm"):
         sample_arm(models["sd"], tmp_path / "x", prompts, [5], None, tmp_path, "sks", **kwargs)
     with pytest.raises(SidpipeError, match="seeds"):

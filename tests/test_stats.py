@@ -81,6 +81,8 @@ def test_bootstrap_estimate_weights_subjects_equally_and_is_seeded() -> None:
     assert mean == pytest.approx(0.5)  # mean of subject means, not of rows (which is 0.2)
     assert 0 <= lo <= mean <= hi <= 1
     assert bootstrap_ci(df, "SA", n_boot=300, seed=1) == (mean, lo, hi)
+    noisy = long_df(ARMS[:1], 5, 4, 2, metrics=("SA",))
+    assert bootstrap_ci(noisy, "SA", n_boot=50, seed=1) != bootstrap_ci(noisy, "SA", n_boot=50)
     with pytest.raises(SidpipeError, match="no rows"):
         bootstrap_ci(df, "TA")
 
@@ -158,6 +160,19 @@ def test_paired_improvement_sign_and_share_of_subjects() -> None:
     back_sa = back[(back["method"] == "dreambooth") & (back["metric"] == "SA")].iloc[0]
     assert back_sa["diff"] == pytest.approx(-sa_db["diff"])
     assert back_sa["subjects_improved"] == 1
+
+
+def test_a_falling_leak_counts_as_an_improvement() -> None:
+    """For a lower-is-better measure (a leak) the subjects whose mean fell are the improved."""
+
+    def leak(arm, metric, s, p, k) -> float:
+        return -planted(arm, metric, s, p, k)  # SID lowers the leak on every subject but s3
+
+    df = long_df(ARMS[:2], 5, 4, 2, metrics=("leak_background",), value=leak)
+    row = paired_improvement(df, n_boot=50).iloc[0]
+    assert not row["higher_is_better"]
+    assert row["diff"] == pytest.approx(-(4 * 0.1 - 0.05) / 5)
+    assert row["subjects_improved"] == 4 and row["share_improved"] == pytest.approx(0.8)
 
 
 def test_paired_improvement_breaks_down_by_bias() -> None:

@@ -82,6 +82,17 @@ def test_only_an_unreadable_checkpoint_starts_from_scratch(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_past_the_steps_asked_for_is_not_resumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rerun asking for fewer steps than a checkpoint holds starts from scratch."""
+    path = save_checkpoint(tmp_path, 8, state(8))
+    with caplog.at_level(logging.WARNING, logger="sidpipe"):
+        assert load_latest(tmp_path, FINGERPRINT, steps=5) is None
+    assert f"{path} is past the 5 steps asked for" in caplog.text
+    assert load_latest(tmp_path, FINGERPRINT, steps=8) is not None  # as many steps: resumed
+
+
 @pytest.mark.parametrize(
     "error",
     [

@@ -135,6 +135,8 @@ def test_dreambooth_resume_restores_the_full_model(
     run(subject, tmp_path / "full", "dreambooth", settings, checkpoint_every=1)
     run(subject, tmp_path / "killed", "dreambooth", settings, checkpoint_every=3, stop_after=2)
     run(subject, tmp_path / "killed", "dreambooth", settings, checkpoint_every=3)
+    info = json.loads((tmp_path / "killed" / "run" / "train_info.json").read_text())
+    assert info["resumed_from_step"] == 2
     for part, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")]:
         a = load_file(tmp_path / "full" / "run" / "weights" / part / f"{name}.safetensors")
         b = load_file(tmp_path / "killed" / "run" / "weights" / part / f"{name}.safetensors")

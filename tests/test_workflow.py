@@ -881,7 +881,9 @@ def test_hand_written_descriptions_for_a_downloaded_subject_are_a_load_error(tmp
         table.read_text().replace("subjects/blue_mug\tlocal", "dataset/blue_mug\tmine")
     )
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["datasets"] = {"mine": {"downloads": [{"url": "https://example.org/m.zip", "sha256": None}]}}
+    config["datasets"] = {
+        "mine": {"downloads": [{"url": "https://example.org/m.zip", "sha256": None}]}
+    }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(workdir, "--dry-run", check=False)
     assert result.returncode != 0
