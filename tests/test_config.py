@@ -355,8 +355,8 @@ def _table(tmp_path, body, header=HEADER):
             r"line 2: class runs over several lines: a double quote \(\"\) opens",
         ),
         (
-            'a\tdog\tlive\timgs\tlocal\nb\t"cat\nx"\tlive\timgs\tlocal\nNA\tdog\tlive\tx\tlocal\n',
-            r"line 3: class runs over .*\n  line 5: subject 'NA' reads as a missing value",
+            'a\tdog\tlive\timgs\tlocal\nb\t"cat\nx"\tlive\timgs\tlocal\n\nNA\tdog\tlive\tx\tlocal\n',
+            r"line 3: class runs over .*\n  line 6: subject 'NA' reads as a missing value",
         ),
         # a copy-paste slip: the mug would train on the robot's photos
         (

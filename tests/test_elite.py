@@ -128,7 +128,9 @@ def test_a_mapper_file_that_is_a_web_page_is_named(tiny, tmp_path):
         tiny["global_mapper"], "methods.elite.global_mapper", "x", tmp_path / "r.json"
     )
     page.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(SidpipeError, match=r"global_mapper\.pt: not a readable PyTorch checkpoint"):
+    with pytest.raises(
+        SidpipeError, match=r"global_mapper\.pt: not a readable ELITE Mapper checkpoint \(\w"
+    ):
         E.load_elite(tiny["sd"], tiny["image_encoder"], str(page), tiny["local_mapper"])
 
 

@@ -204,6 +204,11 @@ def test_read_yaml_refuses_a_key_written_twice(tmp_path: Path) -> None:
     path.write_text('"01":\n  case1: a\n  case1: b\n')
     with pytest.raises(SidpipeError, match="line 3, column 3: 'case1' is written twice"):
         read_yaml(path)
+    path.write_text("a:\n  <<: {b: 1, b: 2}\n")  # a merge's source is checked too
+    with pytest.raises(SidpipeError, match="line 2, column 14: 'b' is written twice"):
+        read_yaml(path)
+    path.write_text("top: {<<: &m {<<: {x: 1}, x: 2}, y: 3}\nother: *m\n")  # merged, then reused
+    assert read_yaml(path) == {"top": {"x": 2, "y": 3}, "other": {"x": 2}}
     path.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\nthird: {x: 4}\n")
     assert read_yaml(path) == {
         "base": {"x": 1, "y": 2},

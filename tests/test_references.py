@@ -451,14 +451,23 @@ def test_a_cut_out_mask_with_transparency_is_refused(src: Path, out: Path) -> No
     alpha[4:12, 3:11] = 255
     cut_out = np.dstack([np.full((16, 16, 3), 255, np.uint8), alpha])
     Image.fromarray(cut_out, "RGBA").save(src / "a.mask.png")
-    with pytest.raises(SidpipeError, match=r"a\.mask\.png: the mask's transparency varies"):
+    with pytest.raises(SidpipeError, match=r"a\.mask\.png: the mask has transparent pixels that"):
         run(src, out)
     assert_clean(out)
-    # fully opaque RGBA is an ordinary black-and-white mask
-    opaque = np.dstack([np.repeat(alpha[..., None], 3, axis=2), np.full((16, 16), 255, np.uint8)])
-    Image.fromarray(opaque, "RGBA").save(src / "a.mask.png")
-    rows = run(src, out)
-    assert pixels(out / rows[0]["mask_path"]).mean() == pytest.approx(255 * 64 / 256)
+    # read as it looks: fully opaque, or transparent where black (RGBA, or a palette's entry)
+    white_subject = np.repeat(alpha[..., None], 3, axis=2)
+    opaque = np.dstack([white_subject, np.full((16, 16), 255, np.uint8)])
+    black_transparent = np.dstack([white_subject, alpha])
+    palette = Image.fromarray(alpha).convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    for mask in (
+        Image.fromarray(opaque, "RGBA"),
+        Image.fromarray(black_transparent, "RGBA"),
+        palette,
+    ):
+        mask.save(src / "a.mask.png")
+        rows = run(src, out)
+        assert pixels(out / rows[0]["mask_path"]).mean() == pytest.approx(255 * 64 / 256)
 
 
 def test_mask_follows_its_own_exif_orientation(src: Path, out: Path) -> None:

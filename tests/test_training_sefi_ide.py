@@ -186,6 +186,24 @@ def test_gradient_checkpointing_trains_the_same(subject, tmp_path: Path) -> None
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_with_class_images_gives_the_same_gradient(subject) -> None:
+    """With prior preservation the attention pass covers the instance rows only; the main
+    pass's recompute in backward must still read the whole batch's stages."""
+    grads = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(subject.sd, attention_weight=0.5)
+        if checkpointing:
+            trainer.c.unet.enable_gradient_checkpointing()
+        trainer.c.unet.train()
+        batch, noise, timesteps = fixed_batch(trainer)
+        batch = replace(batch, is_prior=torch.tensor([False, True]))
+        loss, _ = step_loss(trainer, (batch, noise, timesteps))
+        loss.backward()
+        grads.append(trainer.c.text_encoder.get_input_embeddings().weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("target", ["class_word", "mask"])
 def test_loss_falls_and_only_the_stage_rows_train(subject, target: str) -> None:
     trainer = make_trainer(subject.sd, attention_weight=0.5, attention_target=target)

@@ -8,6 +8,7 @@ researcher can fix a config without reading this code.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -277,14 +278,21 @@ def load_subjects(
     raw, starts = [], []
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter="\t")
-            # restkey None collects surplus fields (tabs inside a value): reported below
-            end = 1
-            for row in reader:
-                raw.append(row)
-                starts.append(end + 1)  # a quoted value may span lines: its row's first
-                end = reader.line_num
-            header = reader.fieldnames or []
+            text = handle.read()
+        lines = io.StringIO(text, newline="").readlines()  # split as the reader splits
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+        # restkey None collects surplus fields (tabs inside a value): reported below
+        header = reader.fieldnames or []
+        end = reader.line_num  # the header's line
+        for row in reader:
+            # The row's first line: after the last row's (a quoted value may span lines),
+            # past the blank lines the reader skips.
+            start = end + 1
+            while start <= len(lines) and not lines[start - 1].strip("\r\n"):
+                start += 1
+            raw.append(row)
+            starts.append(start)
+            end = reader.line_num
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{path}: byte {err.start} is not UTF-8 ({err.reason}); save the subjects table as "

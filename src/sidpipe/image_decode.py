@@ -165,14 +165,15 @@ def to_binary_mask(img: Image.Image, path: Path) -> Image.Image:
     masks also 0 and their maximum (65535). Anything else (grey anti-aliased or JPEG edges, a
     colour drawing) is an error: thresholding it silently would guess the subject's outline.
     """
-    if img.mode in {"LA", "RGBA", "PA", "La", "RGBa"} or "transparency" in img.info:
-        alpha = np.asarray(img.convert("RGBA"))[..., 3]
-        if alpha.min() != alpha.max():
-            # A cut-out (subject opaque, the rest transparent) reads as all white by brightness.
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"))
+        # A cut-out (subject opaque, the rest transparent but white) would read as all subject
+        # by brightness; transparent black is read as it looks.
+        if ((rgba[..., 3] < 255) & (rgba[..., :3].max(axis=-1) > 0)).any():
             raise SidpipeError(
-                f"{path}: the mask's transparency varies; masks are read by brightness (white = "
-                "subject), so flatten it: save the subject white and the rest black, without "
-                "transparency"
+                f"{path}: the mask has transparent pixels that are not black; masks are read by "
+                "brightness (white = subject), so flatten it: save the subject white and the "
+                "rest black, without transparency"
             )
     try:
         if img.mode in _SIXTEEN_BIT_MODES or img.mode in {"I", "F"}:

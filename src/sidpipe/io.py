@@ -229,30 +229,33 @@ def _yaml_loader(path: Path, what: str, refuse_leading_zeros: bool) -> type:
     reads 03 as 3 and 010 as 8, but 08 as the text "08")."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
+    checked: set[int] = set()
 
     def where(mark: Any) -> str:
         return f"{path}, line {mark.line + 1}, column {mark.column + 1}"
 
-    def mapping(loader: Loader, node: Any, deep: bool = False) -> dict:
-        seen: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
-                key_node, yaml.ScalarNode
-            ):
-                continue  # `<<: *anchor` may be overridden: that is what a merge is for
-            key = loader.construct_object(key_node)
-            if key in seen:
-                raise SidpipeError(
-                    f"{where(key_node.start_mark)}: {key_node.value!r} is written twice in one "
-                    f"mapping of the {what} (first at line {seen[key]}); YAML would keep only "
-                    "the last one: merge the two or rename one"
-                )
-            seen[key] = key_node.start_mark.line + 1
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+    class Loader(yaml.SafeLoader):
+        def flatten_mapping(self, node: Any) -> None:
+            # Every mapping passes here before its merges are spliced in (a merge's source
+            # first, from its parent's call): its own keys, as written, are checked once.
+            if id(node) not in checked:
+                checked.add(id(node))
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                        key_node, yaml.ScalarNode
+                    ):
+                        continue  # `<<: *anchor` may be overridden: that is what a merge is for
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise SidpipeError(
+                            f"{where(key_node.start_mark)}: {key_node.value!r} is written twice "
+                            f"in one mapping of the {what} (first at line {seen[key]}); YAML "
+                            "would keep only the last one: merge the two or rename one"
+                        )
+                    seen[key] = key_node.start_mark.line + 1
+            super().flatten_mapping(node)
 
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     if refuse_leading_zeros:
 
         def integer(loader: Loader, node: Any) -> int:

@@ -151,9 +151,10 @@ def load_mapper(cls: type, path: Path, unet: nn.Module, input_dim: int, output_d
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SidpipeError(
-            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}); download the "
-            f"ELITE {cls.__name__} file again (see README, ELITE)"
+            f"{path}: not a readable ELITE {cls.__name__} checkpoint ({reason}); download it "
+            "again (see README, ELITE)"
         ) from None
     first, last = state.get("mapping_0.0.weight"), state.get("mapping_0.6.weight")
     got = None if first is None or last is None else (first.shape[1], last.shape[0])

@@ -390,15 +390,17 @@ class SeFiIdeTrainer(Trainer):
         unet = self.c.unet
         # Gradient checkpointing would recompute this pass in backward without the record, so
         # through the other attention branch (a different graph): this pass keeps its
-        # activations.
+        # activations. The main pass's recompute reads the stage this pass would leave behind
+        # (the pre-hook does not run again): it is put back.
         checkpointing = unet.is_gradient_checkpointing
         if checkpointing:
             unet.disable_gradient_checkpointing()
+        stage = self.state.stage
         self.state.record, self.state.maps = at, {}
         try:
             unet(noisy, timesteps, self.encode_text(ids))
         finally:
-            self.state.record = None
+            self.state.record, self.state.stage = None, stage
             if checkpointing:
                 unet.enable_gradient_checkpointing()
         return normalised_map([self.state.maps[name] for name in self._layers])
