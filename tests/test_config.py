@@ -263,6 +263,19 @@ def test_broken_configs_are_rejected_with_the_key_path(real, edit, message):
     assert str(info.value).startswith("my.yaml: invalid configuration")
 
 
+def test_a_case1_negative_prompt_is_refused_only_where_an_experiment_samples_it(real):
+    """Unsampled, it changes nothing (e.g. an ablation that makes `sid` Case 1 for DreamBooth
+    alone, as tests/test_world_science.py's broken arm does)."""
+    config = _broken(real, lambda c: c["descriptions"].update(sid={"case": 1}))
+    with pytest.raises(ConfigError, match=r"negative_prompt_from: 'sid' is a Case-1 set"):
+        validate_config(config, "my.yaml")
+    for grids in config["experiments"].values():
+        for grid in grids:
+            grid["inference"] = ["standard"]
+    config.pop("comparisons", None)
+    validate_config(config, "my.yaml")
+
+
 def test_a_key_pasted_where_its_variables_name_belongs_is_never_echoed(real):
     secret = "sk-proj-SECRETVALUE123"
     name = next(n for n, v in real["vlms"].items() if v["backend"] == "openai")

@@ -180,12 +180,18 @@ def _check_references(config: dict, source: str) -> None:
                 f"attention.{key}: {', '.join(map(str, outside))} not sampled (sampling."
                 f"{setting} is {count}: ids 0-{count - 1}); choose among those"
             )
+    sampled = {
+        inference
+        for grids in config["experiments"].values()
+        for grid in grids
+        for inference in grid.get("inference", ["standard"])
+    }
     for name, entry in config["inference"].items():
         if "negative_prompt_from" in entry:
             field = f"inference.{name}.negative_prompt_from"
             check("descriptions", entry["negative_prompt_from"], field)
             chosen = config["descriptions"].get(entry["negative_prompt_from"]) or {}
-            if chosen.get("case") == 1:
+            if chosen.get("case") == 1 and name in sampled:
                 # "a [V] mug" has no non-subject part: the negative prompt would be empty and
                 # the arm the standard one.
                 problems.append(
