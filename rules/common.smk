@@ -885,31 +885,34 @@ def metric_csvs():
     ]
 
 
+def manual_description_sets():
+    """Subject -> its description sets of the `manual` backend, for the subjects that run."""
+    sets = {}
+    for subject in sorted({s for _, s in ARM_SUBJECTS}):
+        manual = [d for d in description_sets_of(subject) if vlm_backend(d) == "manual"]
+        if manual:
+            sets[subject] = manual
+    return sets
+
+
 def missing_manual_descriptions():
     """Hand-written description files (the `manual` backend) the arms need but that are not
     there, path -> (subject, its description sets that read it): named at load, not as a
     missing input."""
     missing = {}
-    for subject in sorted({s for _, s in ARM_SUBJECTS}):
-        for descriptions in description_sets_of(subject):
+    for subject, sets in manual_description_sets().items():
+        for descriptions in sets:
             path = manual_descriptions_file(subject, descriptions)
-            if (
-                vlm_backend(descriptions) == "manual"
-                and path
-                and not Path(path).exists()
-            ):
+            if path and not Path(path).exists():
                 missing.setdefault(path, (subject, []))[1].append(descriptions)
     return missing
 
 
-_downloaded_manual = sorted(
+_downloaded_manual = [
     f"{subject} (dataset {SUBJECTS[subject]['source']}; sets {', '.join(sets)})"
-    for subject in sorted({s for _, s in ARM_SUBJECTS})
+    for subject, sets in manual_description_sets().items()
     if SUBJECTS[subject]["source"] != "local"
-    and (
-        sets := [d for d in description_sets_of(subject) if vlm_backend(d) == "manual"]
-    )
-)
+]
 if _downloaded_manual:
     raise ConfigError(
         f"{CONFIG_SOURCE}: description sets of the manual backend read hand-written "

@@ -70,6 +70,23 @@ def fixed_batch(
     return batch, torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([150, 850])
 
 
+def train(subject, out: Path, checkpoints: Path, settings: dict, **kwargs) -> dict:
+    """train_subject: sefi_ide on the module's subject."""
+    return train_subject(
+        "sefi_ide",
+        settings,
+        subject.sd,
+        subject.refs,
+        subject.csv,
+        out,
+        checkpoints,
+        identifier="sks",
+        class_name="mug",
+        device="cpu",
+        **kwargs,
+    )
+
+
 def step_loss(trainer: SeFiIdeTrainer, inputs) -> tuple[torch.Tensor, dict]:
     batch, noise, timesteps = inputs
     return trainer.compute_loss(batch, trainer.encode_text(batch.input_ids), noise, timesteps, 1.0)
@@ -167,19 +184,8 @@ def test_gradient_checkpointing_trains_the_same(subject, tmp_path: Path) -> None
     weights = []
     for checkpointing in (False, True):
         out = tmp_path / str(checkpointing)
-        train_subject(
-            "sefi_ide",
-            {"steps": 2, "learning_rate": 1e-2, "attention_weight": 0.5},
-            subject.sd,
-            subject.refs,
-            subject.csv,
-            out / "run",
-            out / "ckpt",
-            identifier="sks",
-            class_name="mug",
-            device="cpu",
-            gradient_checkpointing=checkpointing,
-        )
+        settings = {"steps": 2, "learning_rate": 1e-2, "attention_weight": 0.5}
+        train(subject, out / "run", out / "ckpt", settings, gradient_checkpointing=checkpointing)
         weights.append(load_file(out / "run" / "weights" / "sefi_ide.safetensors"))
         assert float(read_csv(out / "run" / "training_log.csv")[-1]["attention_loss"]) > 0
     for key in weights[0]:
@@ -256,18 +262,8 @@ def test_the_attention_term_pulls_the_identifier_map_to_its_target(subject, targ
 
 def test_mask_target_needs_masks(subject, tmp_path: Path) -> None:
     with pytest.raises(SidpipeError, match="masked: true"):
-        train_subject(
-            "sefi_ide",
-            {"steps": 1, "learning_rate": 1e-2, "attention_target": "mask"},
-            subject.sd,
-            subject.refs,
-            subject.csv,
-            tmp_path / "run",
-            tmp_path / "ckpt",
-            identifier="sks",
-            class_name="mug",
-            device="cpu",
-        )
+        settings = {"steps": 1, "learning_rate": 1e-2, "attention_target": "mask"}
+        train(subject, tmp_path / "run", tmp_path / "ckpt", settings)
 
 
 def _image(pipe, prompt: str) -> np.ndarray:
@@ -284,18 +280,8 @@ def _image(pipe, prompt: str) -> np.ndarray:
 
 def test_trained_result_loads_back_samples_and_draws_maps(subject, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = train_subject(
-        "sefi_ide",
-        {"steps": 4, "learning_rate": 5e-2, "stages": 3, "attention_weight": 0.1},
-        subject.sd,
-        subject.refs,
-        subject.csv,
-        out,
-        tmp_path / "ckpt",
-        identifier="sks",
-        class_name="mug",
-        device="cpu",
-    )
+    settings = {"steps": 4, "learning_rate": 5e-2, "stages": 3, "attention_weight": 0.1}
+    summary = train(subject, out, tmp_path / "ckpt", settings)
     assert summary["finished"]
     log_rows = read_csv(out / "training_log.csv")
     assert len(log_rows) == 4 and all(float(r["attention_loss"]) > 0 for r in log_rows)
@@ -346,18 +332,7 @@ def test_the_sample_stage_loads_and_samples_an_arm_with_a_negative_prompt(
     from sidpipe.sampling import expand_prompts, sample_arm
 
     out = tmp_path / "run"
-    train_subject(
-        "sefi_ide",
-        {"steps": 2, "learning_rate": 5e-2, "stages": 2},
-        subject.sd,
-        subject.refs,
-        subject.csv,
-        out,
-        tmp_path / "ckpt",
-        identifier="sks",
-        class_name="mug",
-        device="cpu",
-    )
+    train(subject, out, tmp_path / "ckpt", {"steps": 2, "learning_rate": 5e-2, "stages": 2})
     prompts = expand_prompts(
         ["a {token} {class}", "a {token} {class} on the beach"], "mug", "<sks>"
     )
