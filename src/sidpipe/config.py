@@ -23,6 +23,12 @@ from sidpipe.subsets import SEPARATOR
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rules" / "schemas"
 TINY_MODELS_DIR = "results/models/tiny"
+DEFAULT_INFERENCE = "standard"  # a grid that names no inference setting samples this one
+
+
+def grid_inference(grid: dict) -> list[str]:
+    """The inference settings an experiment grid samples."""
+    return grid.get("inference", [DEFAULT_INFERENCE])
 
 
 class ConfigError(SidpipeError):
@@ -184,7 +190,7 @@ def _check_references(config: dict, source: str) -> None:
         inference
         for grids in config["experiments"].values()
         for grid in grids
-        for inference in grid.get("inference", ["standard"])
+        for inference in grid_inference(grid)
     }
     for name, entry in config["inference"].items():
         if "negative_prompt_from" in entry:

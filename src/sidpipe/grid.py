@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidpipe.config import ConfigError
+from sidpipe.config import DEFAULT_INFERENCE, ConfigError, grid_inference
 from sidpipe.subsets import split_name, subset_name
 
 
@@ -16,7 +16,7 @@ class Arm:
 
     method: str
     descriptions: str
-    inference: str = "standard"
+    inference: str = DEFAULT_INFERENCE
 
     @property
     def name(self) -> str:
@@ -56,7 +56,7 @@ def expand_experiments(
                 chosen = [s for s in subjects if kinds.get(s) not in OPT_IN_KINDS]
             for method in grid["methods"]:
                 for descriptions in grid["descriptions"]:
-                    for inference in grid.get("inference", ["standard"]):
+                    for inference in grid_inference(grid):
                         for subject in chosen:
                             arm_method = method
                             if "references" in grid:
